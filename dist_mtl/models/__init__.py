@@ -1,0 +1,51 @@
+"""Model assembly: the two EBCs at the top level (so TrainPipelineSparseDist finds and redistributes
+them) and a head chosen by name from the config."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from dist_mtl.config import ModelConfig
+from dist_mtl.data.batch import GroupedBatch
+from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
+from dist_mtl.losses import ModelOutput
+from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, gather_pooled
+from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
+from dist_mtl.models.mmoe import MMOEHead, SharedBottomHead
+from dist_mtl.tasks import TaskConfig
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_sizes: Mapping[str, int], tasks: Sequence[TaskConfig],
+                 sparse_device: torch.device | str = "meta"):
+        super().__init__()
+        self.user_ebc = build_ebc(USER_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
+        self.item_ebc = build_ebc(ITEM_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
+        self.head = HEADS[cfg.head](embedding_output_dim(cfg.embedding_dim, cfg.field_dims), cfg, tasks)
+
+    def forward(self, batch: GroupedBatch) -> ModelOutput:
+        x = gather_pooled(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features), batch.user_index)
+        return self.head(x)
+
+
+def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+    check_esmm_tasks(tasks)
+    return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout)
+
+
+def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+    return MMOEHead(in_dim, tasks, cfg.num_experts, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout)
+
+
+def _shared_bottom(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+    return SharedBottomHead(in_dim, tasks, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout)
+
+
+HEADS: dict[str, Callable[[int, ModelConfig, Sequence[TaskConfig]], nn.Module]] = {
+    "esmm": _esmm,
+    "mmoe": _mmoe,
+    "shared_bottom": _shared_bottom,
+}

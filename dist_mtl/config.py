@@ -1,0 +1,361 @@
+"""The one configuration object: a dataclass tree, loaded as defaults < TOML file < ``key=value`` overrides.
+
+Every field carries a docstring (the string literal under it). ``load_config`` validates the result;
+``JobConfig.to_toml`` writes the resolved config into the run directory so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from dist_mtl.tasks import TaskConfig, default_esmm_tasks
+
+SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+HEADS = ("esmm", "mmoe", "shared_bottom")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data_out/synthetic/parquet"
+    """Dataset directory written by the converter (holds metadata.json)."""
+    train_split: str = "train"
+    """Split trained on."""
+    val_split: str = ""
+    """Split for periodic evaluation and early stopping; "" uses eval_split (the ESMM paper's data has
+    only train and test)."""
+    eval_split: str = "test"
+    """Split of the final evaluation."""
+    batch_size: int = 4096
+    """Impressions per batch per rank."""
+    eval_batch_size: int = 16384
+    """Impressions per evaluation batch per rank."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    shuffle: bool = True
+    """Shuffle block order and user groups inside the buffer window, per (seed, epoch)."""
+    window_blocks: int = 4
+    """Blocks held in the shuffle buffer at once (bounds reader memory)."""
+    weight_transform: str = "log1p"
+    """Transform of multi-valued feature weights (count weights): "log1p" or "none"."""
+    grouped: bool = True
+    """Pool user features once per user (True) or copy them onto impressions first (the reference path;
+    for tests and benchmarks)."""
+
+
+@dataclass
+class ModelConfig:
+    head: str = "esmm"
+    """Multi-task head: "esmm", "mmoe" or "shared_bottom"."""
+    embedding_dim: int = 16
+    """Embedding dimension of every table; must be divisible by 4 (fbgemm's fused kernel). The ESMM
+    paper's 18 is not allowed: 16 or 20 are the nearest."""
+    field_dims: dict[str, int] = field(default_factory=dict)
+    """Per-field embedding dimension overrides, e.g. {"205" = 32}."""
+    tower_dims: list[int] = field(default_factory=lambda: [360, 200, 80])
+    """Hidden layer sizes of each task tower (ESMM paper: 360x200x80)."""
+    expert_dims: list[int] = field(default_factory=lambda: [256, 128])
+    """Hidden layer sizes of each MMOE expert (and of the shared bottom)."""
+    num_experts: int = 4
+    """MMOE experts."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer."""
+    activation: str = "relu"
+    """Hidden activation: relu, gelu, silu, tanh or sigmoid."""
+
+
+@dataclass
+class ShardingConfig:
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
+    sharding_type: str = ""
+    """Sharding type forced on every table ("" lets the planner choose among those the device supports)."""
+    table_sharding: dict[str, str] = field(default_factory=dict)
+    """Per-field sharding type, e.g. {"205" = "row_wise"}; overrides sharding_type."""
+    compute_kernel: str = "fused"
+    """Embedding compute kernel: "fused" (fbgemm TBE, optimizer in backward) or "dense"."""
+
+
+@dataclass
+class OptimizerConfig:
+    sparse: str = "rowwise_adagrad"
+    """Optimizer fused into the embedding backward: sgd, adagrad, rowwise_adagrad (adam on CUDA only)."""
+    sparse_lr: float = 0.05
+    """Learning rate of the embedding tables."""
+    dense: str = "adam"
+    """Optimizer of the dense (tower, expert, gate) parameters: adam, adagrad or sgd."""
+    dense_lr: float = 1e-3
+    """Learning rate of the dense parameters."""
+    weight_decay: float = 0.0
+    """Weight decay of the dense parameters."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Passes over the train split."""
+    max_steps: int = 0
+    """Stop after this many steps in total (0: no limit)."""
+    eval_every_steps: int = 0
+    """Evaluate on the validation split every N steps as well as after each epoch (0: epochs only)."""
+    early_stop_metric: str = "ctcvr/auc"
+    """Metric watched for early stopping and for choosing the best model (higher is better)."""
+    early_stop_patience: int = 2
+    """Evaluations without improvement before training stops."""
+    seed: int = 0
+    """Seed of model initialisation and data order."""
+    log_every_steps: int = 50
+    """Steps between loss / throughput logs."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+    pipeline: bool = True
+    """Train through TorchRec's TrainPipelineSparseDist, which overlaps the next batches' input
+    distribution and host-to-device copy with this step's compute (it runs on CPU too, with the same
+    losses as the plain loop); False runs the plain loop."""
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    """Directory of this run: resolved config, TensorBoard events, best model, summary.json."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = field(default_factory=default_esmm_tasks)
+    """Prediction targets; see dist_mtl.tasks.TaskConfig. ESMM needs binary tasks ctr, cvr, ctcvr."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return _to_toml(self.to_dict())
+
+    def validate(self) -> None:
+        _validate(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Defaults, then the TOML file (if any), then ``section.key=value`` overrides (TOML values)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} not found") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(raw, key.strip(), _parse_value(text.strip()))
+    cfg = _build(JobConfig, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string: head=mmoe
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(_join(where, k)) for k in unknown)}; valid keys{' in [' + where + ']' if where else ''}: "
+            f"{sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, _join(where, name))
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {str(k): _coerce(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _validate(cfg: JobConfig) -> None:
+    def positive(where: str, v: int | float) -> None:
+        if not v > 0:
+            raise ConfigError(f"{where} must be > 0, got {v}")
+
+    positive("data.batch_size", cfg.data.batch_size)
+    positive("data.eval_batch_size", cfg.data.eval_batch_size)
+    positive("data.window_blocks", cfg.data.window_blocks)
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.weight_transform not in ("log1p", "none"):
+        raise ConfigError(f"data.weight_transform must be 'log1p' or 'none', got {cfg.data.weight_transform!r}")
+
+    m = cfg.model
+    if m.head not in HEADS:
+        raise ConfigError(f"model.head must be one of {HEADS}, got {m.head!r}")
+    for where, dim in [("model.embedding_dim", m.embedding_dim)] + [
+        (f"model.field_dims.{k}", v) for k, v in m.field_dims.items()
+    ]:
+        if dim <= 0 or dim % 4:
+            raise ConfigError(
+                f"{where} = {dim}: embedding dims must be positive multiples of 4 (fbgemm's fused kernel "
+                f"asserts it; the ESMM paper's 18 is not allowed, use 16 or 20)"
+            )
+    for where, dims in (("model.tower_dims", m.tower_dims), ("model.expert_dims", m.expert_dims)):
+        if not dims or any(d <= 0 for d in dims):
+            raise ConfigError(f"{where} must be a non-empty list of positive sizes, got {dims}")
+    positive("model.num_experts", m.num_experts)
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    from dist_mtl.models.layers import ACTIVATIONS
+
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {m.activation!r}")
+
+    s = cfg.sharding
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"sharding.device must be auto, cpu or cuda, got {s.device!r}")
+    for where, st in [("sharding.sharding_type", s.sharding_type)] + [
+        (f"sharding.table_sharding.{k}", v) for k, v in s.table_sharding.items()
+    ]:
+        if st and st not in SHARDING_TYPES:
+            raise ConfigError(f"{where} must be one of {SHARDING_TYPES}, got {st!r}")
+    if s.compute_kernel not in ("fused", "dense"):
+        raise ConfigError(f"sharding.compute_kernel must be 'fused' or 'dense', got {s.compute_kernel!r}")
+
+    o = cfg.optimizer
+    if o.sparse not in SPARSE_OPTIMIZERS:
+        raise ConfigError(f"optimizer.sparse must be one of {SPARSE_OPTIMIZERS}, got {o.sparse!r}")
+    if o.dense not in DENSE_OPTIMIZERS:
+        raise ConfigError(f"optimizer.dense must be one of {DENSE_OPTIMIZERS}, got {o.dense!r}")
+    positive("optimizer.sparse_lr", o.sparse_lr)
+    positive("optimizer.dense_lr", o.dense_lr)
+
+    t = cfg.train
+    positive("train.epochs", t.epochs)
+    if t.max_steps < 0 or t.eval_every_steps < 0:
+        raise ConfigError("train.max_steps and train.eval_every_steps must be >= 0")
+    positive("train.log_every_steps", t.log_every_steps)
+
+    if not cfg.tasks:
+        raise ConfigError("tasks: at least one task is needed")
+    names = [task.name for task in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tasks: duplicate task names in {names}")
+    for task in cfg.tasks:
+        try:
+            task.validate()
+        except ValueError as e:
+            raise ConfigError(f"tasks: {e}") from e
+    if not any(task.loss_weight > 0 for task in cfg.tasks):
+        raise ConfigError("tasks: every task has loss_weight 0, nothing would be trained")
+    metric_task = t.early_stop_metric.split("/")[0]
+    if metric_task not in names:
+        raise ConfigError(f"train.early_stop_metric {t.early_stop_metric!r} names no task in {names}")
+    if m.head == "esmm":
+        from dist_mtl.models.esmm import check_esmm_tasks
+
+        try:
+            check_esmm_tasks(cfg.tasks)
+        except ValueError as e:
+            raise ConfigError(f"tasks: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- TOML out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _to_toml(d: dict) -> str:
+    # JobConfig's table-valued fields are all sections (nested dataclasses) and its list of tables is
+    # [[tasks]]; maps inside a section (field_dims, table_sharding) are written inline.
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, (dict, list))]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+        elif isinstance(v, list):
+            for item in v:
+                lines.append(f"\n[[{k}]]")
+                lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items()]
+    return "\n".join(lines) + "\n"

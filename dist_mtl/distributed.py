@@ -1,0 +1,226 @@
+"""Everything that knows the backend: process group, device, topology, planner, DMP, optimizers.
+
+The trainer asks for a ``DistContext`` and a sharded model; it never names gloo, nccl or a sharding type.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.model_parallel import get_default_sharders
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from dist_mtl.config import OptimizerConfig, ShardingConfig
+
+# What fbgemm's CPU kernels and TorchRec's gloo path support (row-wise sharding is GPU-only).
+CPU_SHARDING_TYPES = (
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+)
+CPU_SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext:
+    """Join the job's process group: torchrun's env:// rendezvous, or a 1-process group when run plainly.
+
+    A 1-process group keeps one code path: DMP, the planner and metric sync behave as on N ranks.
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("sharding.device = 'cuda' but CUDA is not available on this machine")
+    backend = "nccl" if use_cuda else "gloo"
+    # The variables torchrun sets; nothing else is read from the environment.
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else 1
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if launched:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=local_world,
+        device=dev,
+        backend=backend,
+    )
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sparse_optimizer(name: str, device: torch.device) -> type[torch.optim.Optimizer]:
+    if device.type == "cpu" and name not in CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"optimizer.sparse = {name!r} has no CPU kernel in fbgemm; use one of {CPU_SPARSE_OPTIMIZERS}"
+        )
+    # torch.optim.Adagrad means full Adagrad to TorchRec; the row-wise variant is torchrec's own class.
+    return {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "rowwise_adagrad": RowWiseAdagrad,
+        "adam": torch.optim.Adam,
+    }[name]
+
+
+def sparse_modules(model: nn.Module) -> list[nn.Module]:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+
+
+def table_constraints(
+    model: nn.Module, cfg: ShardingConfig, device: torch.device
+) -> dict[str, ParameterConstraints]:
+    allowed = CPU_SHARDING_TYPES if device.type == "cpu" else None
+    constraints = {}
+    for ebc in sparse_modules(model):
+        for table in ebc.embedding_bag_configs():
+            feature = table.feature_names[0]
+            forced = cfg.table_sharding.get(feature) or cfg.sharding_type
+            if forced and allowed is not None and forced not in allowed:
+                raise ValueError(
+                    f"sharding type {forced!r} for table {table.name} is GPU-only; on CPU use one of {allowed}"
+                )
+            types = [forced] if forced else (list(allowed) if allowed else None)
+            if forced == ShardingType.DATA_PARALLEL.value:
+                kernels = [EmbeddingComputeKernel.DENSE.value]
+            else:
+                kernels = [
+                    EmbeddingComputeKernel.FUSED.value
+                    if cfg.compute_kernel == "fused"
+                    else EmbeddingComputeKernel.DENSE.value
+                ]
+                if types is not None and ShardingType.DATA_PARALLEL.value in types:
+                    kernels.append(EmbeddingComputeKernel.DENSE.value)
+            constraints[table.name] = ParameterConstraints(
+                sharding_types=types, compute_kernels=kernels, is_weighted=True
+            )
+    return constraints
+
+
+def shard_model(
+    model: nn.Module,
+    ctx: DistContext,
+    sharding: ShardingConfig,
+    optimizer: OptimizerConfig,
+    batch_size: int,
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Fused table optimizer in backward, a planner over the real topology, then DMP."""
+    opt_cls = sparse_optimizer(optimizer.sparse, ctx.device)
+    opt_kwargs: dict[str, Any] = {"lr": optimizer.sparse_lr}
+    if optimizer.sparse == "adagrad":
+        opt_kwargs["eps"] = 1e-8
+    for ebc in sparse_modules(model):
+        apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
+
+    # local_world_size lets the planner price intra-node links above inter-node ones.
+    topology = Topology(
+        world_size=ctx.world_size,
+        compute_device=ctx.device.type,
+        local_world_size=ctx.local_world_size,
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=table_constraints(model, sharding, ctx.device),
+    )
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=ctx.device,
+        plan=plan,
+        sharders=sharders,
+    )
+    return dmp, plan
+
+
+def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> KeyedOptimizerWrapper:
+    """The optimizer of everything not stepped inside the embedding backward."""
+    params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    factories = {
+        "adam": lambda p: torch.optim.Adam(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+        "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+        "sgd": lambda p: torch.optim.SGD(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+    }
+    return KeyedOptimizerWrapper(params, factories[cfg.dense])
+
+
+def _table_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def init_embedding_tables(dmp: nn.Module, seed: int) -> None:
+    """Give every table the same values whatever the world size and sharding.
+
+    TorchRec initialises each shard on its own, so a 1-rank and a 2-rank job would start from different
+    tables; generating the whole table from a per-table seed and copying each rank's slice makes runs
+    comparable across world sizes (and resharding testable). Uniform(+-sqrt(1/rows)), TorchRec's default.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in dmp.state_dict().items():
+        if "embedding_bags" not in key or not key.endswith(".weight"):
+            continue
+        rows, cols = (value.size() if isinstance(value, ShardedTensor) else value.shape)
+        bound = (1.0 / rows) ** 0.5
+        gen = torch.Generator().manual_seed(_table_seed(seed, key))
+        full = torch.empty(rows, cols).uniform_(-bound, bound, generator=gen)
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                r0, c0 = shard.metadata.shard_offsets
+                nr, nc = shard.metadata.shard_sizes
+                shard.tensor.copy_(full[r0 : r0 + nr, c0 : c0 + nc])
+        else:
+            value.copy_(full)
+
+
+def describe_plan(plan: ShardingPlan) -> str:
+    return str(plan)

@@ -1,0 +1,152 @@
+"""What the model returns, and the weighted sum of per-task losses computed from it.
+
+A task's loss (see ``MultiTaskLoss``) is a mean over the task's rows of per-row losses scaled by the
+optional per-sample weight: ``loss_t = sum_i(w_i * l_i) / n_t`` with ``i`` over the task's rows and
+``n_t`` their count. Dividing by the row count rather than by ``sum_i(w_i)`` makes weights absolute, so
+``w = 2`` on every row doubles the loss (and the gradient) instead of cancelling out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dist_mtl.tasks import TaskConfig
+
+PROBABILITY_EPS = 1e-7
+"""Probabilities are clamped to [eps, 1 - eps] before a log: BCE on a probability (a task without a
+logit) and the log-loss metric. 1e-7 keeps 1 - eps below 1.0 in float32."""
+
+
+@dataclass
+class ModelOutput:
+    """Per-task model outputs, keyed by task name."""
+
+    predictions: dict[str, torch.Tensor]
+    """[B] per task: a probability for binary tasks, the predicted value for regression tasks."""
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    """[B] logit of a binary task whose head has one. ESMM's ctcvr (pCTR x pCVR) has none, so its
+    loss is BCE on the clamped probability."""
+
+
+def _column(labels: Mapping[str, torch.Tensor], task: TaskConfig, role: str, name: str) -> torch.Tensor:
+    if name not in labels:
+        raise ValueError(
+            f"task '{task.name}': {role} column '{name}' is missing from the batch labels "
+            f"(have: {sorted(labels)})"
+        )
+    return labels[name]
+
+
+def _check_rows(task: TaskConfig, what: str, tensor: torch.Tensor, expected: torch.Size) -> None:
+    if tensor.shape != expected:
+        raise ValueError(
+            f"task '{task.name}': {what} has shape {tuple(tensor.shape)}, expected {tuple(expected)} "
+            f"(one value per impression)"
+        )
+
+
+def binary_cross_entropy_on_probability(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row BCE of a probability clamped to [eps, 1 - eps].
+
+    Written out rather than ``F.binary_cross_entropy`` because that one is refused under autocast and
+    asserts on the device (killing a CUDA context) for a target outside [0, 1].
+    """
+    p = probability.clamp(PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+    return -(target * torch.log(p) + (1.0 - target) * torch.log1p(-p))
+
+
+class MultiTaskLoss(torch.nn.Module):
+    """``total = sum_t loss_weight_t * loss_t`` over the configured tasks.
+
+    Per task: binary tasks use BCE-with-logits when the model gives the task a logit (numerically
+    stable), else BCE on the probability clamped to [``PROBABILITY_EPS``, 1 - ``PROBABILITY_EPS``] (the
+    clamp stops the gradient of saturated rows); regression tasks use squared error. The task's loss is
+    ``sum_i(w_i * l_i) / n_t`` over its rows (all rows, or those whose ``rows`` column is 1), ``w_i``
+    the ``weight_column`` value or 1, ``n_t`` the number of such rows; a batch without any of the task's
+    rows gives 0 with a valid graph and zero gradients.
+
+    Tasks with ``loss_weight`` 0 are computed and reported but left out of the total, so their heads
+    get no gradient from this loss. Rows outside a task's mask may hold anything (NaN labels included):
+    they are replaced before the per-row loss so neither the value nor the gradient sees them.
+
+    Label values are not range-checked here (that would cost a device sync every step); the reader
+    guarantees click/buy in {0, 1} and ``TaskMetrics`` rejects bad labels in evaluation. Register this
+    module as a child of the trained module: TorchRec's pipeline tracer then keeps it a leaf and its
+    Python checks run eagerly.
+    """
+
+    def __init__(self, tasks: Sequence[TaskConfig]):
+        super().__init__()
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("MultiTaskLoss needs at least one task")
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+        for task in self.tasks:
+            task.validate()
+        if not any(t.loss_weight > 0 for t in self.tasks):
+            raise ValueError(f"every task in {names} has loss_weight 0: the total loss would train nothing")
+
+    def forward(
+        self, output: ModelOutput, labels: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the weighted total and every task's loss (detached, weight-0 tasks included)."""
+        weighted: list[torch.Tensor] = []
+        task_losses: dict[str, torch.Tensor] = {}
+        for task in self.tasks:
+            loss = self.task_loss(task, output, labels)
+            task_losses[task.name] = loss.detach()
+            if task.loss_weight > 0:
+                weighted.append(loss * task.loss_weight)
+        # __init__ guarantees at least one task with a positive weight, so the stack is never empty.
+        return torch.stack(weighted).sum(), task_losses
+
+    @staticmethod
+    def task_loss(task: TaskConfig, output: ModelOutput, labels: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One task's unweighted loss as defined in the class docstring (a 0-dim float32 tensor)."""
+        if task.name not in output.predictions:
+            raise ValueError(
+                f"task '{task.name}': the model output has no prediction for it "
+                f"(has: {sorted(output.predictions)})"
+            )
+        prediction = output.predictions[task.name]
+        if prediction.dim() != 1:
+            raise ValueError(f"task '{task.name}': prediction has shape {tuple(prediction.shape)}, expected [B]")
+        target = _column(labels, task, "label", task.label).float()
+        _check_rows(task, f"label column '{task.label}'", target, prediction.shape)
+
+        row_weight: torch.Tensor | None = None
+        if task.weight_column:
+            row_weight = _column(labels, task, "weight", task.weight_column).float()
+            _check_rows(task, f"weight column '{task.weight_column}'", row_weight, prediction.shape)
+        if task.rows == "all":
+            num_rows: torch.Tensor | int = max(prediction.shape[0], 1)
+        else:
+            rows_column = _column(labels, task, "rows", task.rows)
+            _check_rows(task, f"rows column '{task.rows}'", rows_column, prediction.shape)
+            in_rows = rows_column == 1
+            # Replace rather than multiply: 0 * NaN is NaN, and labels outside the rows may be undefined.
+            target = torch.where(in_rows, target, torch.zeros_like(target))
+            mask = in_rows.to(target.dtype)
+            row_weight = mask if row_weight is None else torch.where(in_rows, row_weight, torch.zeros_like(mask))
+            # A tensor count, not int(): no device-to-host sync in the training step.
+            num_rows = mask.sum().clamp(min=1.0)
+
+        if task.type == "binary":
+            logit = output.logits.get(task.name)
+            if logit is not None:
+                _check_rows(task, "logit", logit, prediction.shape)
+                per_row = F.binary_cross_entropy_with_logits(logit.float(), target, reduction="none")
+            else:
+                per_row = binary_cross_entropy_on_probability(prediction.float(), target)
+        else:
+            per_row = (prediction.float() - target) ** 2
+        if row_weight is not None:
+            per_row = per_row * row_weight
+        return per_row.sum() / num_rows

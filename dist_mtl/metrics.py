@@ -1,0 +1,261 @@
+"""Per-task evaluation metrics, synchronised across ranks, and the rank-0 TensorBoard / JSON-lines logger.
+
+Metrics per task, over the task's rows only (CVR: clicked impressions):
+
+- binary: ``<task>/auc`` (exact ROC AUC, torchmetrics ``BinaryAUROC(thresholds=None)`` on the
+  probabilities; ties count half as in sklearn), ``<task>/logloss`` (mean BCE of the probability
+  clamped to [``PROBABILITY_EPS``, 1 - ``PROBABILITY_EPS``]), ``<task>/calibration`` (mean prediction /
+  mean label), ``<task>/count`` (rows), ``<task>/positives``.
+- regression: ``<task>/mse``, ``<task>/mae``, ``<task>/count``.
+
+Undefined values are NaN, never a stand-in: AUC when the rows hold only one class (TorchRec's AUC
+says 0.5 there, which reads like a trained-but-useless model), calibration without positives, and
+every mean over zero rows. Sample weights (``weight_column``) shape the loss only: the metrics weigh
+every row equally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence, TextIO
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from torchmetrics.classification import BinaryAUROC
+
+from dist_mtl.losses import PROBABILITY_EPS
+from dist_mtl.tasks import TaskConfig
+
+METRICS_JSONL = "metrics.jsonl"
+"""File in the logger's directory holding one JSON object per ``MetricsLogger.log`` call."""
+
+# Columns of the per-task running sums. Binary: count, positives, sum of predictions, sum of log-loss.
+# Regression: count, sum of squared errors, sum of absolute errors (last column unused).
+_NUM_SUMS = 4
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class TaskMetrics:
+    """Accumulates every task's metrics over batches; ``compute`` merges all ranks.
+
+    ``compute`` is a collective: every rank must call it, in the same order relative to other
+    collectives, even a rank that saw no batch. Ranks may hold different numbers of rows, or none,
+    for any task. Counts and sums are float64 and all-reduced; the AUC gathers every rank's
+    predictions (torchmetrics' own sync), so each rank returns the same values, equal to the metric
+    of one process over all rows.
+    """
+
+    def __init__(self, tasks: Sequence[TaskConfig], device: torch.device | None = None):
+        self.tasks = list(tasks)
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for task in self.tasks:
+            task.validate()
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._sums = torch.zeros(len(self.tasks), _NUM_SUMS, dtype=torch.float64, device=self.device)
+        # validate_args=False: update() checks labels and predictions itself, once, with row numbers.
+        self._auroc = {
+            t.name: BinaryAUROC(thresholds=None, validate_args=False).to(self.device)
+            for t in self.tasks
+            if t.type == "binary"
+        }
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums.zero_()
+        for auroc in self._auroc.values():
+            auroc.reset()
+            # Every rank must reach the sync with one state tensor per list, of the same dtype. A rank
+            # without rows would have an empty list: torchmetrics then sends a float32 stand-in for the
+            # uint8 targets (1.9) or skips the gather and hangs the others (1.0.x). An empty update
+            # gives that rank a correctly typed zero-length state instead.
+            auroc.update(
+                torch.empty(0, dtype=torch.float32, device=self.device),
+                torch.empty(0, dtype=torch.uint8, device=self.device),
+            )
+
+    @torch.no_grad()
+    def update(
+        self,
+        predictions: Mapping[str, torch.Tensor],
+        labels: Mapping[str, torch.Tensor],
+        source: str = "",
+    ) -> None:
+        """Adds one batch. ``source`` (the batch's origin) is quoted in error messages.
+
+        Raises ValueError naming the task, column and batch row for a missing column, a shape
+        mismatch, a binary label other than 0/1, a binary prediction outside [0, 1] (logits passed by
+        mistake) or a non-finite value.
+        """
+        where = f" (batch from {source})" if source else ""
+        for index, task in enumerate(self.tasks):
+            prediction, target = self._task_rows(task, predictions, labels, where)
+            sums = self._sums[index]
+            sums[0] += prediction.numel()
+            if task.type == "binary":
+                p = prediction.double()
+                clamped = p.clamp(PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+                logloss = -(target * torch.log(clamped) + (1.0 - target) * torch.log1p(-clamped))
+                sums[1] += target.sum()
+                sums[2] += p.sum()
+                sums[3] += logloss.sum()
+                self._auroc[task.name].update(prediction.float(), target.to(torch.uint8))
+            else:
+                error = prediction.double() - target
+                sums[1] += (error * error).sum()
+                sums[2] += error.abs().sum()
+
+    def _task_rows(
+        self,
+        task: TaskConfig,
+        predictions: Mapping[str, torch.Tensor],
+        labels: Mapping[str, torch.Tensor],
+        where: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's validated (prediction, float64 target) on its rows, on the metrics' device."""
+        if task.name not in predictions:
+            raise ValueError(f"task '{task.name}': no prediction for it{where} (have: {sorted(predictions)})")
+        prediction = predictions[task.name].detach().to(self.device)
+        if prediction.dim() != 1:
+            raise ValueError(
+                f"task '{task.name}': prediction has shape {tuple(prediction.shape)}, expected [B]{where}"
+            )
+        columns = {"label": task.label}
+        if task.rows != "all":
+            columns["rows"] = task.rows
+        values = {}
+        for role, name in columns.items():
+            if name not in labels:
+                raise ValueError(
+                    f"task '{task.name}': {role} column '{name}' is missing from the batch labels{where} "
+                    f"(have: {sorted(labels)})"
+                )
+            values[role] = labels[name].to(self.device)
+            if values[role].shape != prediction.shape:
+                raise ValueError(
+                    f"task '{task.name}': {role} column '{name}' has shape {tuple(values[role].shape)}, "
+                    f"prediction has {tuple(prediction.shape)}{where}"
+                )
+        target = values["label"].double()
+        in_rows = values["rows"] == 1 if "rows" in values else torch.ones_like(target, dtype=torch.bool)
+
+        if task.type == "binary":
+            bad_label = in_rows & (target != 0) & (target != 1)
+            bad_prediction = in_rows & ~((prediction >= 0) & (prediction <= 1))
+            label_rule, prediction_rule = "0 or 1", "a probability in [0, 1]"
+        else:
+            bad_label = in_rows & ~torch.isfinite(target)
+            bad_prediction = in_rows & ~torch.isfinite(prediction)
+            label_rule, prediction_rule = "finite", "finite"
+        # One device-to-host sync for both checks.
+        any_bad_label, any_bad_prediction = torch.stack([bad_label.any(), bad_prediction.any()]).tolist()
+        if any_bad_label:
+            row = int(torch.nonzero(bad_label)[0])
+            raise ValueError(
+                f"task '{task.name}': label column '{task.label}' is {float(target[row])!r} at batch row "
+                f"{row}, expected {label_rule}{where}"
+            )
+        if any_bad_prediction:
+            row = int(torch.nonzero(bad_prediction)[0])
+            raise ValueError(
+                f"task '{task.name}': prediction is {float(prediction[row])!r} at batch row {row}, "
+                f"expected {prediction_rule}{where}"
+            )
+        if "rows" in values:
+            return prediction[in_rows], target[in_rows]
+        return prediction, target
+
+    def compute(self) -> dict[str, float]:
+        """Every task's metrics over all rows seen on all ranks since ``reset`` (a collective)."""
+        sums = self._sums.clone()
+        if _distributed():
+            dist.all_reduce(sums)
+        totals = sums.tolist()
+        results: dict[str, float] = {}
+        for index, task in enumerate(self.tasks):
+            count, a, b, c = totals[index]
+            name = task.name
+            if task.type == "binary":
+                positives, sum_prediction, sum_logloss = a, b, c
+                # Decided on global counts, identical on every rank: ranks skip the AUC's gather together.
+                has_both_classes = 0 < positives < count
+                auc = float(self._auroc[name].compute()) if has_both_classes else math.nan
+                results[f"{name}/auc"] = auc
+                results[f"{name}/logloss"] = _ratio(sum_logloss, count)
+                results[f"{name}/calibration"] = _ratio(sum_prediction, positives)
+                results[f"{name}/count"] = count
+                results[f"{name}/positives"] = positives
+            else:
+                results[f"{name}/mse"] = _ratio(a, count)
+                results[f"{name}/mae"] = _ratio(b, count)
+                results[f"{name}/count"] = count
+        return results
+
+
+class MetricsLogger:
+    """Scalars to TensorBoard and to ``metrics.jsonl`` in ``log_dir``, on rank 0 only.
+
+    Other ranks create no file and ``log`` does nothing there, so every rank can call it alike. The
+    JSON-lines file is appended to (a resumed run continues it); each line is
+    ``{"step": step, "<prefix><key>": value, ...}`` with NaN and infinities written as null, which
+    strict JSON readers accept.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, rank: int):
+        self.log_dir = Path(log_dir)
+        self.rank = rank
+        self._closed = False
+        self._writer: SummaryWriter | None = None
+        self._jsonl: TextIO | None = None
+        if rank == 0:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._jsonl = open(self.log_dir / METRICS_JSONL, "a", encoding="utf-8")
+
+    def log(self, values: Mapping[str, float], step: int, prefix: str = "") -> None:
+        """Writes each value under the tag ``prefix + key`` (e.g. prefix "eval/test/" + "ctr/auc")."""
+        if self._closed:
+            raise RuntimeError(f"MetricsLogger for {self.log_dir} is closed")
+        if self._writer is None or self._jsonl is None:
+            return
+        record: dict[str, float | int | None] = {"step": int(step)}
+        for key, value in values.items():
+            tag = f"{prefix}{key}"
+            try:
+                number = float(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"metric '{tag}' at step {step}: {value!r} is not a number") from e
+            self._writer.add_scalar(tag, number, global_step=int(step))
+            record[tag] = number if math.isfinite(number) else None
+        self._jsonl.write(json.dumps(record) + "\n")
+        # Flushed per call: calls are rare (every log_every_steps or evaluation) and a killed job
+        # should not lose its last minutes of curves.
+        self._jsonl.flush()
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,68 @@
+"""The sparse part every head shares: a user-side and an item-side EmbeddingBagCollection.
+
+The user side is pooled once per distinct user in the batch and gathered to impressions with
+``index_select`` (see dist_mtl.data.batch.GroupedBatch); the item side is pooled per impression.
+Pooled embeddings are read by feature name (``KeyedTensor.regroup`` with a fixed key order), never by
+position: a sharded EBC returns its keys in its own order.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
+
+
+def table_name(feature: str) -> str:
+    return f"t_{feature}"
+
+
+def build_ebc(
+    fields: Sequence[FieldSpec],
+    vocab_sizes: Mapping[str, int],
+    embedding_dim: int,
+    field_dims: Mapping[str, int],
+    device: torch.device | str = "meta",
+) -> EmbeddingBagCollection:
+    """One table per field, sum pooling, weighted (count weights on lists, 1.0 on single ids).
+
+    Built on the meta device by default: DistributedModelParallel materialises only each rank's shards.
+    """
+    tables = [
+        EmbeddingBagConfig(
+            name=table_name(f.name),
+            embedding_dim=field_dims.get(f.name, embedding_dim),
+            num_embeddings=int(vocab_sizes[f.name]),
+            feature_names=[f.name],
+            pooling=PoolingType.SUM,
+        )
+        for f in fields
+    ]
+    return EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device(device))
+
+
+def embedding_output_dim(embedding_dim: int, field_dims: Mapping[str, int]) -> int:
+    return sum(field_dims.get(f.name, embedding_dim) for f in USER_FIELDS + ITEM_FIELDS)
+
+
+def gather_pooled(
+    user_pooled: KeyedTensor,
+    item_pooled: KeyedTensor,
+    user_index: torch.Tensor,
+) -> torch.Tensor:
+    """[B, sum of dims]: user rows (pooled once per user) gathered to impressions, then item fields.
+
+    Columns follow schema field order whatever order a sharded EBC returned its keys in.
+    """
+    user = KeyedTensor.regroup([user_pooled], [USER_KEYS])[0]
+    item = KeyedTensor.regroup([item_pooled], [ITEM_KEYS])[0]
+    return torch.cat([user.index_select(0, user_index), item], dim=1)
+
+
+USER_KEYS = [f.name for f in USER_FIELDS]
+ITEM_KEYS = [f.name for f in ITEM_FIELDS]

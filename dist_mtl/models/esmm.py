@@ -1,0 +1,52 @@
+"""ESMM (Ma et al., SIGIR 2018): CTR and CVR towers over shared embeddings, pCTCVR = pCTR x pCVR.
+
+Trained on CTR and CTCVR over all impressions, so the CVR tower learns from the whole impression space
+(no sample selection bias) and gets gradient only through pCTCVR; CVR is evaluated on clicked rows.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dist_mtl.losses import ModelOutput
+from dist_mtl.models.layers import Tower
+from dist_mtl.tasks import TaskConfig
+
+ESMM_TASKS = ("ctr", "cvr", "ctcvr")
+
+
+def check_esmm_tasks(tasks: Sequence[TaskConfig]) -> None:
+    """ESMM's structure fixes its tasks: binary ctr, cvr and ctcvr (weights and columns are free)."""
+    by_name = {t.name: t for t in tasks}
+    if set(by_name) != set(ESMM_TASKS):
+        raise ValueError(
+            f"the esmm head predicts exactly the tasks {list(ESMM_TASKS)}; got {sorted(by_name)} "
+            f"(use head = \"mmoe\" or \"shared_bottom\" for other tasks)"
+        )
+    for t in tasks:
+        if t.type != "binary":
+            raise ValueError(
+                f"task '{t.name}' is {t.type}, but the esmm head carries only binary tasks "
+                f"(pCTCVR = pCTR x pCVR); use head = \"mmoe\" for regression tasks"
+            )
+
+
+class ESMMHead(nn.Module):
+    def __init__(self, in_dim: int, tower_dims: Sequence[int], activation: str = "relu", dropout: float = 0.0):
+        super().__init__()
+        self.ctr_tower = Tower(in_dim, tower_dims, activation, dropout)
+        self.cvr_tower = Tower(in_dim, tower_dims, activation, dropout)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        ctr_logit = self.ctr_tower(x)
+        cvr_logit = self.cvr_tower(x)
+        p_ctr = torch.sigmoid(ctr_logit)
+        p_cvr = torch.sigmoid(cvr_logit)
+        return ModelOutput(
+            predictions={"ctr": p_ctr, "cvr": p_cvr, "ctcvr": p_ctr * p_cvr},
+            # pCTCVR is a product of probabilities and has no logit: its BCE is taken on the probability.
+            logits={"ctr": ctr_logit, "cvr": cvr_logit},
+        )

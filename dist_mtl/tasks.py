@@ -1,0 +1,55 @@
+"""Tasks as data: what a head predicts, against which label, with which loss and on which rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TASK_TYPES = ("binary", "regression")
+
+
+@dataclass
+class TaskConfig:
+    """One prediction target.
+
+    A task's loss and metrics run over its ``rows``: every impression ("all"), or those whose
+    ``rows`` column is 1 (e.g. "click" for CVR, the ESMM paper's evaluation set for conversion).
+    """
+
+    name: str
+    """Key of the prediction in the model output and prefix of its metrics, e.g. "ctr"."""
+    label: str
+    """Column of ``GroupedBatch.labels`` holding the target: "click", "buy" (a purchase; the converter
+    drops click=0/buy=1 rows, so it is click-and-buy) or an extra column of the dataset."""
+    type: str = "binary"
+    """"binary" (BCE, AUC / log-loss / calibration) or "regression" (MSE, MSE / MAE)."""
+    loss_weight: float = 1.0
+    """Multiplies this task's loss in the total; 0 trains nothing directly (ESMM's CVR)."""
+    weight_column: str = ""
+    """Optional per-sample weight column of ``GroupedBatch.labels`` (e.g. dwell time); "" = all 1."""
+    rows: str = "all"
+    """"all", or a label column whose rows equal to 1 are the task's loss and evaluation rows."""
+
+    def validate(self, available_columns: set[str] | None = None) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"task name {self.name!r} must be a non-empty identifier")
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task '{self.name}': unknown type {self.type!r} (expected one of {TASK_TYPES})")
+        if not (self.loss_weight >= 0.0):
+            raise ValueError(f"task '{self.name}': loss_weight must be >= 0, got {self.loss_weight}")
+        if available_columns is not None:
+            for what, col in (("label", self.label), ("weight_column", self.weight_column),
+                              ("rows", "" if self.rows == "all" else self.rows)):
+                if col and col not in available_columns:
+                    raise ValueError(
+                        f"task '{self.name}': {what} column {col!r} is not in the dataset "
+                        f"(available: {sorted(available_columns)})"
+                    )
+
+
+def default_esmm_tasks() -> list[TaskConfig]:
+    """The ESMM paper's three tasks; CVR has no direct loss and is evaluated on clicked impressions."""
+    return [
+        TaskConfig(name="ctr", label="click"),
+        TaskConfig(name="cvr", label="buy", loss_weight=0.0, rows="click"),
+        TaskConfig(name="ctcvr", label="buy"),
+    ]

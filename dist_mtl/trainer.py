@@ -1,0 +1,352 @@
+"""The training job: a fixed build order, a short train loop, evaluation and early stopping.
+
+Build order (as torchtitan and TorchRec's examples do it): process group and device; dataset metadata;
+model with tables on the meta device; fused table optimizer in backward; planner + DMP; deterministic
+table init; dense optimizer; readers; metrics and logger. ``train()`` then runs epochs, evaluates each
+epoch (and every ``eval_every_steps``), keeps the best model by ``early_stop_metric`` and finally reports
+the best model's metrics on the evaluation split.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from dist_mtl.config import JobConfig
+from dist_mtl.data.batch import GroupedBatch
+from dist_mtl.data.reader import ParquetGroupReader, make_dataloader
+from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata
+from dist_mtl.distributed import (
+    DistContext,
+    dense_optimizer,
+    init_distributed,
+    init_embedding_tables,
+    shard_model,
+)
+from dist_mtl.losses import ModelOutput, MultiTaskLoss
+from dist_mtl.metrics import MetricsLogger, TaskMetrics
+from dist_mtl.models import MultiTaskModel
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
+
+
+class TrainStep(nn.Module):
+    """Model plus loss, the module DMP wraps.
+
+    ``forward(batch)`` returns ``(loss, (task_losses, predictions))``, the shape TorchRec's train
+    pipelines expect. ``expand_users`` switches to the reference path that copies user rows onto
+    impressions before pooling (tests and benchmarks only).
+    """
+
+    def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss, expand_users: bool = False):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.expand_users = expand_users
+
+    def forward(self, batch: GroupedBatch) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], ModelOutput]]:
+        if self.expand_users:
+            batch = batch.expanded()
+        output = self.model(batch)
+        loss, task_losses = self.loss(output, batch.labels)
+        return loss, (task_losses, output)
+
+
+def task_columns(cfg: JobConfig) -> list[str]:
+    """Dataset columns the tasks read beyond click and buy."""
+    cols = []
+    for t in cfg.tasks:
+        for c in (t.label, t.weight_column, "" if t.rows == "all" else t.rows):
+            if c and c not in LABEL_COLUMNS and c not in cols:
+                cols.append(c)
+    return cols
+
+
+def check_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{platform.node()}-{id(path)}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"run directory {path} is not writable: {e}") from e
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, ctx: DistContext | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed(cfg.sharding.device)
+        self.run_dir = Path(cfg.run_dir)
+        if self.ctx.is_main:
+            check_run_dir(self.run_dir)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
+        dist.barrier()
+
+        self.metadata = DatasetMetadata.load(cfg.data.path)
+        available = set(LABEL_COLUMNS) | set(self.metadata.extra_columns)
+        for t in cfg.tasks:
+            t.validate(available)
+
+        torch.manual_seed(cfg.train.seed)
+        model = MultiTaskModel(cfg.model, self.metadata.vocab_sizes, cfg.tasks, sparse_device="meta")
+        step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
+        self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size)
+        init_embedding_tables(self.model, cfg.train.seed)
+        self.optimizer = dense_optimizer(self.model, cfg.optimizer)
+        self.pipeline = (
+            TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device) if cfg.train.pipeline else None
+        )
+
+        self.train_reader = self._reader(cfg.data.train_split, cfg.data.batch_size, shuffle=cfg.data.shuffle)
+        self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device)
+        self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
+        self.global_step = 0
+        self.samples_trained = 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _reader(self, split: str, batch_size: int, shuffle: bool) -> ParquetGroupReader:
+        return ParquetGroupReader(
+            self.cfg.data.path,
+            split,
+            batch_size,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            shuffle=shuffle,
+            seed=self.cfg.train.seed,
+            window_blocks=self.cfg.data.window_blocks,
+            extra_columns=task_columns(self.cfg),
+            weight_transform=self.cfg.data.weight_transform,
+        )
+
+    def _batches(self, reader: ParquetGroupReader) -> Iterator[GroupedBatch]:
+        """Host batches (pinned on CUDA); the pipeline or the plain step moves them to the device."""
+        return iter(make_dataloader(
+            reader, num_workers=self.cfg.data.num_workers, pin_memory=self.ctx.device.type == "cuda"
+        ))
+
+    # ------------------------------------------------------------------------------------------ train
+
+    def train_step(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
+        """One step of the plain loop (train.pipeline = false)."""
+        batch = batch.to(self.ctx.device, non_blocking=True)
+        loss, (task_losses, _) = self.model(batch)
+        self.optimizer.zero_grad()
+        loss.backward()  # also steps the embedding tables (optimizer fused into the backward)
+        self.optimizer.step()
+        return task_losses
+
+    def _check_finite(self, task_losses: dict[str, torch.Tensor], source: str) -> None:
+        bad = {k: float(v) for k, v in task_losses.items() if not math.isfinite(float(v))}
+        if bad:
+            raise TrainingError(
+                f"non-finite loss at step {self.global_step} (task losses {bad}) on batch from {source}"
+            )
+
+    def _train_epoch(self, fetched: "_FetchLog") -> Iterator[dict[str, torch.Tensor]]:
+        """Yields each trained step's task losses; ``fetched.trained()`` describes its batch."""
+        if self.pipeline is None:
+            for batch in fetched:
+                yield self.train_step(batch)
+            return
+        self.model.train()
+        self.pipeline.attach(self.model)
+        while True:
+            try:
+                task_losses, _ = self.pipeline.progress(fetched)
+            except StopIteration:
+                return
+            yield task_losses
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        wall_start = time.perf_counter()
+        best_value, best_step, bad_evals = -math.inf, -1, 0
+        stop = False
+        steps_per_epoch = self.train_reader.steps_per_epoch()
+        self._print(self._header(steps_per_epoch))
+        for epoch in range(cfg.train.epochs):
+            self.train_reader.set_epoch(epoch)
+            bar = self._progress(steps_per_epoch, f"epoch {epoch}")
+            t0, window_samples = time.perf_counter(), 0
+            fetched = _FetchLog(self._batches(self.train_reader))
+            step_start = time.perf_counter()
+            for task_losses in self._train_epoch(fetched):
+                num_impressions, source = fetched.trained()
+                self._check_finite(task_losses, source)
+                self.train_seconds += time.perf_counter() - step_start
+                self.global_step += 1
+                # Readers balance ranks to within one impression, so local x world is the global count.
+                n = num_impressions * self.ctx.world_size
+                self.samples_trained += n
+                window_samples += n
+                if bar is not None:
+                    bar.update(1)
+                if self.global_step % cfg.train.log_every_steps == 0:
+                    losses = {f"loss/{k}": float(v) for k, v in task_losses.items()}
+                    rate = window_samples / max(time.perf_counter() - t0, 1e-9)
+                    self.logger.log({**losses, "samples_per_s": rate,
+                                     "lr/dense": self.optimizer.param_groups[0]["lr"]},
+                                    self.global_step, prefix="train/")
+                    if bar is not None:
+                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()},
+                                         "samples/s": f"{rate:,.0f}"})
+                    t0, window_samples = time.perf_counter(), 0
+                if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0:
+                    best_value, best_step, bad_evals, stop = self._evaluate_and_track(
+                        best_value, best_step, bad_evals, epoch)
+                if stop or (cfg.train.max_steps and self.global_step >= cfg.train.max_steps):
+                    stop = True
+                    break
+                step_start = time.perf_counter()
+            if bar is not None:
+                bar.close()
+            if not cfg.train.eval_every_steps or self.global_step % cfg.train.eval_every_steps:
+                best_value, best_step, bad_evals, stop_now = self._evaluate_and_track(
+                    best_value, best_step, bad_evals, epoch)
+                stop = stop or stop_now
+            if stop:
+                break
+
+        if best_step >= 0 and best_step != self.global_step:
+            self._load_best()
+        final = self.evaluate(cfg.data.eval_split)
+        self._print(f"final {cfg.data.eval_split} (model of step {best_step}): {self._fmt(final)}")
+        self.logger.log(final, self.global_step, prefix=f"final/{cfg.data.eval_split}/")
+        summary = {
+            "config": cfg.to_dict(),
+            "world_size": self.ctx.world_size,
+            "device": str(self.ctx.device),
+            "steps": self.global_step,
+            "best_step": best_step,
+            "samples_trained": self.samples_trained,
+            "train_seconds": self.train_seconds,
+            "train_samples_per_s": self.samples_trained / max(self.train_seconds, 1e-9),
+            "wall_seconds": time.perf_counter() - wall_start,
+            "eval_split": cfg.data.eval_split,
+            "metrics": final,
+            "history": self.history,
+            "versions": _versions(),
+        }
+        if self.ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        self.logger.close()
+        return summary
+
+    # ------------------------------------------------------------------------------------------- eval
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        if self.pipeline is not None:
+            # The pipeline rewrote the EBCs' forward for its own input distribution; give the plain
+            # forward back (batches in flight are kept, and attach() resumes them).
+            self.pipeline.detach()
+        self.model.eval()
+        self.metrics.reset()
+        reader = self._reader(split, self.cfg.data.eval_batch_size, shuffle=False)
+        for batch in self._batches(reader):
+            batch = batch.to(self.ctx.device, non_blocking=True)
+            _, (_, output) = self.model(batch)
+            self.metrics.update(output.predictions, batch.labels)
+        return self.metrics.compute()
+
+    def _evaluate_and_track(self, best_value: float, best_step: int, bad_evals: int, epoch: int):
+        split = self.cfg.data.val_split or self.cfg.data.eval_split
+        metrics = self.evaluate(split)
+        self.history.append({"step": self.global_step, "epoch": epoch, "split": split, **metrics})
+        self.logger.log(metrics, self.global_step, prefix=f"eval/{split}/")
+        value = metrics.get(self.cfg.train.early_stop_metric, math.nan)
+        improved = value > best_value
+        if improved:
+            best_value, best_step, bad_evals = value, self.global_step, 0
+            self._save_best()
+        else:
+            bad_evals += 1
+        self._print(f"step {self.global_step} {split}: {self._fmt(metrics)}" + ("  (best)" if improved else ""))
+        return best_value, best_step, bad_evals, bad_evals >= self.cfg.train.early_stop_patience
+
+    def _save_best(self) -> None:
+        dcp.save(self.model.state_dict(), checkpoint_id=str(self.run_dir / "best"))
+
+    def _load_best(self) -> None:
+        state = self.model.state_dict()
+        dcp.load(state, checkpoint_id=str(self.run_dir / "best"))
+        self.model.load_state_dict(state)
+
+    # ---------------------------------------------------------------------------------------- printing
+
+    def _print(self, text: str) -> None:
+        if self.ctx.is_main:
+            print(text, flush=True)
+
+    def _progress(self, total: int, desc: str):
+        if not (self.ctx.is_main and self.cfg.train.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def _header(self, steps_per_epoch: int) -> str:
+        return (
+            f"dist_mtl: {self.cfg.model.head} on {self.cfg.data.path} | world {self.ctx.world_size} "
+            f"({self.ctx.backend}, {self.ctx.device.type}) | batch {self.cfg.data.batch_size}/rank | "
+            f"{steps_per_epoch} steps/epoch\nsharding plan:\n{self.plan}"
+        )
+
+    @staticmethod
+    def _fmt(metrics: dict[str, float]) -> str:
+        keys = [k for k in metrics if k.endswith(("/auc", "/logloss", "/mse"))]
+        return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+
+
+class _FetchLog:
+    """Iterator over batches that remembers the size and source of those fetched but not yet trained.
+
+    Pipelines fetch ahead of the step they train, so the batch a step trained is the oldest fetched.
+    """
+
+    def __init__(self, batches: Iterator[GroupedBatch]):
+        self._batches = batches
+        self._pending: collections.deque[tuple[int, str]] = collections.deque()
+
+    def __iter__(self) -> "_FetchLog":
+        return self
+
+    def __next__(self) -> GroupedBatch:
+        batch = next(self._batches)
+        self._pending.append((batch.num_impressions, batch.source))
+        return batch
+
+    def trained(self) -> tuple[int, str]:
+        return self._pending.popleft()
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import torchrec
+
+    out = {"torch": torch.__version__, "torchrec": torchrec.__version__, "pyarrow": pyarrow.__version__,
+           "python": platform.python_version()}
+    try:
+        import fbgemm_gpu
+
+        out["fbgemm_gpu"] = fbgemm_gpu.__version__
+    except ImportError:  # fbgemm is loaded through torchrec; its version attribute is informational
+        pass
+    return out

@@ -1,0 +1,45 @@
+"""Train ESMM / MMOE: ``torchrun --nproc_per_node=N launch/train.py --config configs/x.toml key=value ...``.
+
+Also runs as a plain ``python launch/train.py`` (one process). Overrides use the config's dotted names,
+e.g. ``model.head=mmoe data.batch_size=8192 'model.tower_dims=[16,8]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_mtl.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(cfg.to_toml())
+        return {}
+
+    from dist_mtl.distributed import init_distributed, shutdown_distributed
+    from dist_mtl.trainer import Trainer
+
+    ctx = init_distributed(cfg.sharding.device)
+    try:
+        if ctx.is_main:
+            print("resolved config:\n" + cfg.to_toml(), flush=True)
+        return Trainer(cfg, ctx).train()
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

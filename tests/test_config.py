@@ -1,0 +1,80 @@
+import pytest
+
+from dist_mtl.config import ConfigError, JobConfig, load_config
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
+    cfg = load_config()
+    assert cfg.model.head == "esmm" and [t.name for t in cfg.tasks] == ["ctr", "cvr", "ctcvr"]
+    path = tmp_path / "resolved.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('run_dir = "r1"\n[data]\nbatch_size = 128\n[model]\ntower_dims = [32, 16]\n')
+    cfg = load_config(path, ["data.batch_size=256", "model.head=mmoe", "model.field_dims={\"205\" = 32}"])
+    assert cfg.run_dir == "r1"
+    assert cfg.data.batch_size == 256  # command line beats file
+    assert cfg.model.tower_dims == [32, 16]  # file beats default
+    assert cfg.model.head == "mmoe" and cfg.model.field_dims == {"205": 32}
+    assert cfg.data.eval_batch_size == JobConfig().data.eval_batch_size  # default where both are silent
+
+
+def test_tasks_from_toml(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[model]\nhead = "mmoe"\n[train]\nearly_stop_metric = "ctr/auc"\n'
+        '[[tasks]]\nname = "ctr"\nlabel = "click"\n'
+        '[[tasks]]\nname = "price"\nlabel = "price"\ntype = "regression"\nloss_weight = 0.5\nweight_column = "dwell"\n'
+    )
+    cfg = load_config(path)
+    assert [(t.name, t.type, t.loss_weight, t.weight_column) for t in cfg.tasks] == [
+        ("ctr", "binary", 1.0, ""), ("price", "regression", 0.5, "dwell")]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batchsize=3", "unknown config key 'data.batchsize'"),
+        ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+        ("data.batch_size=0", "data.batch_size must be > 0"),
+        ("data.batch_size=\"many\"", "data.batch_size: expected an integer"),
+        ("model.embedding_dim=18", "multiples of 4"),
+        ("model.field_dims={\"205\" = 10}", "model.field_dims.205 = 10"),
+        ("model.head=transformer", "model.head must be one of"),
+        ("model.activation=swish", "model.activation must be one of"),
+        ("sharding.sharding_type=diagonal", "sharding.sharding_type must be one of"),
+        ("optimizer.sparse=lamb", "optimizer.sparse must be one of"),
+        ("train.early_stop_metric=\"nope/auc\"", "names no task"),
+        ("data.shuffle=3", "expected true or false"),
+        ("justaword", "not of the form"),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_task_errors(tmp_path):
+    def cfg_with(tasks_toml: str):
+        path = tmp_path / "t.toml"
+        path.write_text('[model]\nhead = "mmoe"\n[train]\nearly_stop_metric = "a/auc"\n' + tasks_toml)
+        return load_config(path)
+
+    with pytest.raises(ConfigError, match="unknown type 'ordinal'"):
+        cfg_with('[[tasks]]\nname = "a"\nlabel = "click"\ntype = "ordinal"\n')
+    with pytest.raises(ConfigError, match="loss_weight must be >= 0"):
+        cfg_with('[[tasks]]\nname = "a"\nlabel = "click"\nloss_weight = -1.0\n')
+    with pytest.raises(ConfigError, match="duplicate task names"):
+        cfg_with('[[tasks]]\nname = "a"\nlabel = "click"\n[[tasks]]\nname = "a"\nlabel = "buy"\n')
+    path = tmp_path / "esmm.toml"
+    path.write_text(
+        '[train]\nearly_stop_metric = "ctr/auc"\n'
+        '[[tasks]]\nname = "ctr"\nlabel = "click"\n'
+        '[[tasks]]\nname = "cvr"\nlabel = "price"\ntype = "regression"\n'
+        '[[tasks]]\nname = "ctcvr"\nlabel = "buy"\n'
+    )
+    with pytest.raises(ConfigError, match="esmm head carries only binary tasks"):
+        load_config(path)

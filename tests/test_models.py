@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
+from dist_mtl.losses import MultiTaskLoss
+from dist_mtl.models import MultiTaskModel
+from dist_mtl.models.embeddings import gather_pooled
+from dist_mtl.tasks import TaskConfig, default_esmm_tasks
+from model_helpers import VOCAB_SIZES, random_batch, small_model_config
+
+MMOE_TASKS = [
+    TaskConfig("ctr", "click"),
+    TaskConfig("ctcvr", "buy"),
+    TaskConfig("price", "price", type="regression", loss_weight=0.5),
+]
+
+
+def build(head: str, tasks):
+    torch.manual_seed(0)
+    return MultiTaskModel(small_model_config(head), VOCAB_SIZES, tasks, sparse_device="cpu")
+
+
+@pytest.mark.parametrize("head,tasks", [("esmm", default_esmm_tasks()), ("mmoe", MMOE_TASKS),
+                                        ("shared_bottom", MMOE_TASKS)])
+def test_forward_backward_shapes(head, tasks):
+    model = build(head, tasks)
+    batch = random_batch(num_users=5, num_impressions=23, extra=("price",))
+    out = model(batch)
+    assert set(out.predictions) == {t.name for t in tasks}
+    for t in tasks:
+        p = out.predictions[t.name]
+        assert p.shape == (23,)
+        if t.type == "binary":
+            assert bool(((p >= 0) & (p <= 1)).all())
+    loss, per_task = MultiTaskLoss(tasks)(out, batch.labels)
+    loss.backward()
+    grads = [p.grad for p in model.head.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_esmm_ctcvr_is_product_and_loss_is_ctr_plus_ctcvr():
+    model = build("esmm", default_esmm_tasks())
+    batch = random_batch(num_users=4, num_impressions=30)
+    out = model(batch)
+    torch.testing.assert_close(out.predictions["ctcvr"], out.predictions["ctr"] * out.predictions["cvr"])
+    loss, _ = MultiTaskLoss(default_esmm_tasks())(out, batch.labels)
+    click, buy = batch.labels["click"], batch.labels["buy"]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits["ctr"], click)
+    expected = expected + torch.nn.functional.binary_cross_entropy(out.predictions["ctcvr"], buy)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_esmm_cvr_tower_gets_gradient_only_through_ctcvr():
+    tasks = default_esmm_tasks()
+    model = build("esmm", tasks)
+    batch = random_batch(num_users=4, num_impressions=30)
+
+    def cvr_grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                for p in model.head.cvr_tower.parameters()]
+
+    full = cvr_grads(MultiTaskLoss(tasks)(model(batch), batch.labels)[0])
+    only_ctcvr = cvr_grads(MultiTaskLoss([tasks[2]])(model(batch), batch.labels)[0])
+    only_ctr = cvr_grads(MultiTaskLoss([tasks[0]])(model(batch), batch.labels)[0])
+    for g_full, g_ctcvr, g_ctr in zip(full, only_ctcvr, only_ctr):
+        torch.testing.assert_close(g_full, g_ctcvr)
+        assert float(g_ctr.abs().max()) == 0.0
+    assert any(float(g.abs().max()) > 0 for g in full)
+
+
+def test_grouped_and_expanded_pool_identically():
+    model = build("esmm", default_esmm_tasks())
+    batch = random_batch(num_users=6, num_impressions=40)
+    expanded = batch.expanded()
+    assert expanded.num_users == 40 and batch.num_users == 6
+    grouped_x = gather_pooled(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
+                              batch.user_index)
+    expanded_x = gather_pooled(model.user_ebc(expanded.user_features), model.item_ebc(expanded.item_features),
+                               expanded.user_index)
+    torch.testing.assert_close(grouped_x, expanded_x, rtol=1e-6, atol=1e-6)
+    loss_g, _ = MultiTaskLoss(default_esmm_tasks())(model(batch), batch.labels)
+    loss_e, _ = MultiTaskLoss(default_esmm_tasks())(model(expanded), expanded.labels)
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-6, atol=1e-6)
+
+
+def test_pooled_columns_follow_schema_order_not_ebc_key_order():
+    model = build("esmm", default_esmm_tasks())
+    batch = random_batch(num_users=3, num_impressions=9)
+    user_kt = model.user_ebc(batch.user_features)
+    item_kt = model.item_ebc(batch.item_features)
+    x = gather_pooled(user_kt, item_kt, batch.user_index)
+    # Feed the same pooled values with the user keys reversed (what a sharded EBC may return).
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    d = user_kt.to_dict()
+    rev = list(reversed(list(d)))
+    permuted = KeyedTensor.from_tensor_list(rev, [d[k] for k in rev])
+    torch.testing.assert_close(gather_pooled(permuted, item_kt, batch.user_index), x)
+    dim = 8
+    first_user_key = USER_FIELDS[0].name
+    torch.testing.assert_close(x[:, :dim], d[first_user_key].index_select(0, batch.user_index))
+    last_item_key = ITEM_FIELDS[-1].name
+    torch.testing.assert_close(x[:, -dim:], item_kt.to_dict()[last_item_key])
+
+
+def test_batch_validate_names_the_source():
+    batch = random_batch(num_users=3, num_impressions=6)
+    batch.source = "train/impressions-00001.parquet rg 2"
+    batch.user_index[4] = 7
+    with pytest.raises(ValueError, match=r"user_index\[4\]=7 is outside the batch's 3 users in batch from "
+                                         r"train/impressions-00001\.parquet rg 2"):
+        batch.validate()
+    batch = random_batch(num_users=3, num_impressions=6)
+    batch.user_index[:] = torch.tensor([0, 0, 0, 2, 2, 2])
+    with pytest.raises(ValueError, match="user row 1 has no impression"):
+        batch.validate()

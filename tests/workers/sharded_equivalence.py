@@ -1,0 +1,77 @@
+"""torchrun worker: train a few steps on fixed batches and write the global loss trajectory.
+
+World size 1 trains on whole batches; world size 2 on their two halves (split at an impression, so a
+user straddling the cut is in both halves and the two ranks hold different numbers of users). With
+equal halves, the mean of the rank losses equals the whole-batch loss, and DDP's averaged dense
+gradients equal the whole-batch ones; table gradients are summed over ranks (2x), which row-wise
+Adagrad's update is invariant to. So both world sizes must follow the same trajectory.
+
+usage: sharded_equivalence.py OUT.json SHARDING_TYPE grouped|expanded STEPS
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from model_helpers import VOCAB_SIZES, random_batch  # noqa: E402
+
+from dist_mtl.config import load_config  # noqa: E402
+from dist_mtl.data.batch import GroupedBatch, gather_kjt_rows  # noqa: E402
+from dist_mtl.distributed import dense_optimizer, init_distributed, init_embedding_tables, shard_model  # noqa: E402
+from dist_mtl.losses import MultiTaskLoss  # noqa: E402
+from dist_mtl.models import MultiTaskModel  # noqa: E402
+from dist_mtl.trainer import TrainStep  # noqa: E402
+
+
+def impression_slice(batch: GroupedBatch, start: int, end: int) -> GroupedBatch:
+    u_lo, u_hi = int(batch.user_index[start]), int(batch.user_index[end - 1]) + 1
+    return GroupedBatch(
+        user_features=gather_kjt_rows(batch.user_features, torch.arange(u_lo, u_hi)),
+        item_features=gather_kjt_rows(batch.item_features, torch.arange(start, end)),
+        user_index=batch.user_index[start:end] - u_lo,
+        labels={k: v[start:end] for k, v in batch.labels.items()},
+    )
+
+
+def main() -> None:
+    out, sharding_type, path, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    ctx = init_distributed("cpu")
+    cfg = load_config(None, ["model.embedding_dim=8", "model.tower_dims=[16,8]",
+                             f'sharding.sharding_type="{sharding_type}"', "optimizer.sparse_lr=0.1",
+                             "optimizer.dense_lr=0.01"])
+    torch.manual_seed(0)
+    step = TrainStep(MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks), MultiTaskLoss(cfg.tasks),
+                     expand_users=path == "expanded")
+    dmp, _ = shard_model(step, ctx, cfg.sharding, cfg.optimizer, 64)
+    init_embedding_tables(dmp, 0)
+    opt = dense_optimizer(dmp, cfg.optimizer)
+    half = 32
+    trajectory, user_counts = [], []
+    for k in range(steps):
+        full = random_batch(num_users=5 + k % 4, num_impressions=2 * half, seed=100 + k)
+        batch = full if ctx.world_size == 1 else impression_slice(
+            full, ctx.rank * half, (ctx.rank + 1) * half)
+        batch.validate()
+        user_counts.append(batch.num_users)
+        loss, _ = dmp(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        trajectory.append(float(global_loss) / ctx.world_size)
+    counts = [None] * ctx.world_size
+    dist.all_gather_object(counts, user_counts)
+    if ctx.rank == 0:
+        Path(out).write_text(json.dumps({"losses": trajectory, "user_counts": counts}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
