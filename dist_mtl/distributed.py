@@ -143,6 +143,20 @@ def table_constraints(
     return constraints
 
 
+def build_topology(ctx: DistContext) -> Topology:
+    """The planner's view of the job: local_world_size lets it price intra-node links (NVLink, shared
+    memory) above inter-node ones, so it prefers placements whose traffic stays inside a node.
+
+    ``Topology(...)`` rather than 1.8's ``TopologyFactory``: the factory is missing from torchrec 1.6,
+    which the GPU machine runs.
+    """
+    return Topology(
+        world_size=ctx.world_size,
+        compute_device=ctx.device.type,
+        local_world_size=ctx.local_world_size,
+    )
+
+
 def shard_model(
     model: nn.Module,
     ctx: DistContext,
@@ -158,14 +172,8 @@ def shard_model(
     for ebc in sparse_modules(model):
         apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
 
-    # local_world_size lets the planner price intra-node links above inter-node ones.
-    topology = Topology(
-        world_size=ctx.world_size,
-        compute_device=ctx.device.type,
-        local_world_size=ctx.local_world_size,
-    )
     planner = EmbeddingShardingPlanner(
-        topology=topology,
+        topology=build_topology(ctx),
         batch_size=batch_size,
         constraints=table_constraints(model, sharding, ctx.device),
     )

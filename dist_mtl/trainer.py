@@ -232,6 +232,8 @@ class Trainer:
         summary = {
             "config": cfg.to_dict(),
             "world_size": self.ctx.world_size,
+            "local_world_size": self.ctx.local_world_size,
+            "num_nodes": self.ctx.num_nodes,
             "device": str(self.ctx.device),
             "steps": self.global_step,
             "best_step": best_step,
@@ -263,7 +265,7 @@ class Trainer:
         for batch in self._batches(reader):
             batch = batch.to(self.ctx.device, non_blocking=True)
             _, (_, output) = self.model(batch)
-            self.metrics.update(output.predictions, batch.labels)
+            self.metrics.update(output.predictions, batch.labels, source=batch.source)
         return self.metrics.compute()
 
     def _evaluate_and_track(self, best_value: float, best_step: int, bad_evals: int, epoch: int):
