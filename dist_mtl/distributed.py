@@ -21,7 +21,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -117,6 +117,11 @@ def table_constraints(
     model: nn.Module, cfg: ShardingConfig, device: torch.device
 ) -> dict[str, ParameterConstraints]:
     allowed = CPU_SHARDING_TYPES if device.type == "cpu" else None
+    if device.type == "cpu" and cfg.compute_kernel != "fused":
+        raise ValueError(
+            f"sharding.compute_kernel = {cfg.compute_kernel!r}: the planner finds no CPU kernel for it; "
+            f"use 'fused' on CPU"
+        )
     constraints = {}
     for ebc in sparse_modules(model):
         for table in ebc.embedding_bag_configs():
@@ -189,15 +194,33 @@ def shard_model(
     return dmp, plan
 
 
-def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> KeyedOptimizerWrapper:
-    """The optimizer of everything not stepped inside the embedding backward."""
+def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
+    """The optimizer of everything not stepped inside the embedding backward.
+
+    Data-parallel tables (small tables the planner replicates on every rank) come out of DMP as plain
+    parameters with all-reduced gradients and without the fused optimizer of the sharded tables; they
+    are stepped here by the configured *table* optimizer and learning rate, so that ``optimizer.sparse``
+    means the same for every table and no dense optimizer (Adam) ever steps an embedding table.
+    """
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    tables = {k: p for k, p in params.items() if _is_table_weight(k)}
+    dense = {k: p for k, p in params.items() if k not in tables}
     factories = {
         "adam": lambda p: torch.optim.Adam(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
         "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
         "sgd": lambda p: torch.optim.SGD(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
     }
-    return KeyedOptimizerWrapper(params, factories[cfg.dense])
+    optimizers = [("dense", KeyedOptimizerWrapper(dense, factories[cfg.dense]))]
+    if tables:
+        table_cls = sparse_optimizer(cfg.sparse, next(iter(tables.values())).device)
+        optimizers.append(
+            ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: table_cls(p, lr=cfg.sparse_lr)))
+        )
+    return CombinedOptimizer(optimizers)
+
+
+def _is_table_weight(name: str) -> bool:
+    return ".embedding_bags." in name and name.endswith(".weight")
 
 
 def _table_seed(seed: int, key: str) -> int:

@@ -1,0 +1,75 @@
+"""The training job in one process (a 1-rank gloo group): artifacts, early stopping, bad run dirs."""
+
+import json
+import math
+import os
+import tomllib
+
+import pytest
+from data_helpers import write_random_dataset
+
+from dist_mtl.config import load_config
+from dist_mtl.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_random_dataset(root, splits={"train": 120, "test": 50}, seed=5)
+    return root
+
+
+def small_config(dataset, run_dir, *extra):
+    return load_config(None, [f'data.path="{dataset}"', f'run_dir="{run_dir}"', "data.batch_size=64",
+                              "data.eval_batch_size=256", "model.embedding_dim=8", "model.tower_dims=[16,8]",
+                              "train.progress_bar=false", "train.log_every_steps=2", *extra])
+
+
+def test_train_writes_config_summary_and_tensorboard(dataset, tmp_path):
+    cfg = small_config(dataset, tmp_path / "run", "train.epochs=2")
+    summary = Trainer(cfg).train()
+    run = tmp_path / "run"
+    assert tomllib.loads((run / "config.toml").read_text())["data"]["batch_size"] == 64
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] > 0
+    meta_train = json.loads((dataset / "metadata.json").read_text())["splits"]["train"]["num_impressions"]
+    assert summary["samples_trained"] == 2 * meta_train  # two epochs, every impression once each
+    for task in ("ctr", "cvr", "ctcvr"):
+        assert 0.0 <= summary["metrics"][f"{task}/auc"] <= 1.0
+        assert math.isfinite(summary["metrics"][f"{task}/logloss"])
+    assert len(summary["history"]) == 2  # one evaluation per epoch
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
+    assert (run / "best" / ".metadata").exists()
+
+
+def test_early_stopping_keeps_the_best_model(dataset, tmp_path, monkeypatch):
+    cfg = small_config(dataset, tmp_path / "run", "train.epochs=6", "train.early_stop_patience=2")
+    trainer = Trainer(cfg)
+    scripted = iter([0.60, 0.70, 0.65, 0.64, 0.99, 0.99])  # best after epoch 2, then two worse ones
+    loaded = []
+    monkeypatch.setattr(trainer, "evaluate", lambda split: {"ctcvr/auc": next(scripted, 0.0)})
+    monkeypatch.setattr(trainer, "_load_best", lambda: loaded.append(trainer.global_step))
+    summary = trainer.train()
+    steps_per_epoch = trainer.train_reader.steps_per_epoch()
+    assert [h["ctcvr/auc"] for h in summary["history"]] == [0.60, 0.70, 0.65, 0.64]
+    assert summary["best_step"] == 2 * steps_per_epoch
+    assert summary["steps"] == 4 * steps_per_epoch  # stopped after 2 evaluations without improvement
+    assert loaded == [4 * steps_per_epoch]  # the best model was restored before the final evaluation
+
+
+def test_plain_loop_and_pipeline_train_the_same(dataset, tmp_path):
+    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true")).train()
+    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false")).train()
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_unwritable_run_dir_is_refused(dataset, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permission bits; a file in the way fails for everyone
+        locked.chmod(0o700)
+        (locked / "run").write_text("not a directory")
+    with pytest.raises(OSError, match=r"run directory .*locked/run is not writable"):
+        Trainer(small_config(dataset, locked / "run"))
