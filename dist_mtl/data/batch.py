@@ -22,7 +22,9 @@ class GroupedBatch(Pipelineable):
     user_features: KeyedJaggedTensor  # weighted, U rows (one per distinct user in the batch)
     item_features: KeyedJaggedTensor  # weighted, B rows (item, combination and context fields)
     user_index: torch.Tensor  # int64 [B]: row of user_features for each impression
-    labels: dict[str, torch.Tensor]  # float32 [B] each: "click", "buy" and any extra label/weight column
+    # [B] each: "click", "buy" and any extra label/weight column as float32; "sample_id" (when asked
+    # for) as int64, since float32 cannot hold ids above 2**24 exactly.
+    labels: dict[str, torch.Tensor]
     dense: Optional[torch.Tensor] = None  # float32 [B, d] when the dataset has dense features
     # Where the batch came from ("train/impressions-00003.parquet rg 5 rows 100-4196"), for error messages.
     source: str = field(default="", compare=False)

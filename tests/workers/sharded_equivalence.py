@@ -10,6 +10,7 @@ usage: sharded_equivalence.py OUT.json SHARDING_TYPE grouped|expanded STEPS
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def main() -> None:
     dist.all_gather_object(counts, user_counts)
     if ctx.rank == 0:
         Path(out).write_text(json.dumps({"losses": trajectory, "user_counts": counts}))
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Same teardown race as launch/train.py's exit_without_teardown describes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,158 @@
+"""Reader throughput: impressions/s into ready GroupedBatches, next to plain pyarrow iter_batches.
+
+Writes a synthetic dataset per case (tests/data_helpers.write_random_dataset), then times one epoch of
+``ParquetGroupReader`` through ``make_dataloader`` for each worker count, and a plain
+``ParquetFile.iter_batches`` pass over the same files and columns. Cases:
+
+- flat: no multi-valued content (empty history and combination lists), ~58 impressions per user;
+- multi: ~500 history ids per user (4 fields x ~125), ~58 impressions per user, 1-4 ids per
+  combination field per impression (Ali-CCP-like).
+
+    .venv/bin/python benchmarks/reader_bench.py            # writes benchmarks/results/reader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torchrec
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the dataset writer shared with the tests
+
+from data_helpers import write_random_dataset  # noqa: E402
+
+from dist_mtl.data import schema  # noqa: E402
+from dist_mtl.data.reader import ParquetGroupReader, make_dataloader  # noqa: E402
+
+CASES = {
+    "flat": {"history_len": (0, 0), "combination_len": (0, 0)},
+    "multi": {"history_len": (100, 150), "combination_len": (1, 4)},
+}
+IMPRESSIONS_PER_USER = (1, 115)  # mean 58, as in Ali-CCP
+
+
+def _reader_pass(root: Path, batch_size: int, num_workers: int, validate: bool) -> dict:
+    reader = ParquetGroupReader(root, "train", batch_size, validate=validate)
+    start = time.perf_counter()
+    impressions = users = batches = 0
+    for batch in make_dataloader(reader, num_workers=num_workers):
+        impressions += batch.num_impressions
+        users += batch.num_users
+        batches += 1
+    seconds = time.perf_counter() - start
+    return {"num_workers": num_workers, "validate": validate, "seconds": round(seconds, 3),
+            "impressions": impressions, "batches": batches, "mean_users_per_batch": round(users / batches, 1),
+            "impressions_per_s": round(impressions / seconds)}
+
+
+def _columns(fields) -> list[str]:
+    return [c for f in fields for c in ((f.name, f.weight_column) if f.multi_valued else (f.name,))]
+
+
+def _pyarrow_pass(root: Path) -> dict:
+    """iter_batches over the users and impressions files, reading the columns the reader reads."""
+    meta = schema.DatasetMetadata.load(root)
+    user_columns = _columns(schema.USER_FIELDS)
+    impression_columns = [schema.USER_COLUMN, *schema.LABEL_COLUMNS, *_columns(schema.ITEM_FIELDS)]
+    start = time.perf_counter()
+    impression_rows = user_rows = 0
+    for part in meta.split("train").parts:
+        for batch in pq.ParquetFile(root / part.users).iter_batches(batch_size=65536, columns=user_columns):
+            user_rows += batch.num_rows
+        for batch in pq.ParquetFile(root / part.impressions).iter_batches(
+                batch_size=65536, columns=impression_columns):
+            impression_rows += batch.num_rows
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 3), "impression_rows": impression_rows, "user_rows": user_rows,
+            "rows_per_s": round((impression_rows + user_rows) / seconds),
+            "impression_rows_per_s": round(impression_rows / seconds)}
+
+
+def _best(runs: list[dict], key: str) -> dict:
+    return max(runs, key=lambda r: r[key])
+
+
+def run_case(name: str, root: Path, impressions: int, batch_size: int, workers: list[int], repeats: int) -> dict:
+    users = max(1, round(impressions / (sum(IMPRESSIONS_PER_USER) / 2)))
+    start = time.perf_counter()
+    meta = write_random_dataset(root, splits={"train": users}, impressions_per_user=IMPRESSIONS_PER_USER,
+                                block_impressions=65536, blocks_per_file=16, seed=0, **CASES[name])
+    write_seconds = time.perf_counter() - start
+    split = meta.split("train")
+    disk_bytes = sum((root / rel).stat().st_size for p in split.parts for rel in (p.users, p.impressions))
+    result = {
+        "dataset": {"impressions": split.num_impressions, "users": split.num_users, "blocks": split.num_blocks,
+                    "bytes_on_disk": disk_bytes, "write_seconds": round(write_seconds, 1), **CASES[name]},
+        "pyarrow": _best([_pyarrow_pass(root) for _ in range(repeats)], "rows_per_s"),
+        "reader": [
+            _best([_reader_pass(root, batch_size, w, validate=True) for _ in range(repeats)], "impressions_per_s")
+            for w in workers
+        ],
+    }
+    result["reader_validate_off"] = _best(
+        [_reader_pass(root, batch_size, 0, validate=False) for _ in range(repeats)], "impressions_per_s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flat-impressions", type=int, default=3_000_000)
+    parser.add_argument("--multi-impressions", type=int, default=1_500_000)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--repeats", type=int, default=2, help="passes per measurement; the best is kept")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where to write the datasets (default: a temporary directory, removed after)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/reader.json")
+    args = parser.parse_args(argv)
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="reader_bench_") as tmp:
+        base = args.data_dir or Path(tmp)
+        cases = {
+            name: run_case(name, base / name, impressions, args.batch_size, args.workers, args.repeats)
+            for name, impressions in (("flat", args.flat_impressions), ("multi", args.multi_impressions))
+        }
+    flat = cases["flat"]
+    report = {
+        "name": "reader",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python benchmarks/reader_bench.py"]
+                            + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
+        "batch_size": args.batch_size,
+        # Headline figures: the flat case, one process (0 DataLoader workers), validation on.
+        "reader_impressions_per_s": flat["reader"][0]["impressions_per_s"],
+        "pyarrow_rows_per_s": flat["pyarrow"]["rows_per_s"],
+        "cases": cases,
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__, "torchrec": torchrec.__version__,
+            "pyarrow": pa.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "processor": platform.processor(),
+            # The test machine's 2 cores are shared: the 1-minute load average says how contended it was.
+            "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    summary = main()
+    for case, figures in summary["cases"].items():
+        readers = ", ".join(f"{r['num_workers']} workers {r['impressions_per_s']:,}/s" for r in figures["reader"])
+        print(f"{case}: reader {readers}; validate off {figures['reader_validate_off']['impressions_per_s']:,}/s; "
+              f"pyarrow iter_batches {figures['pyarrow']['rows_per_s']:,} rows/s")
