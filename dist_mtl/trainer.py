@@ -117,6 +117,7 @@ class Trainer:
         self.global_step = 0
         self.samples_trained = 0
         self.train_seconds = 0.0
+        self.eval_seconds = 0.0
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------ data
@@ -224,9 +225,14 @@ class Trainer:
             if stop:
                 break
 
-        if best_step >= 0 and best_step != self.global_step:
-            self._load_best()
-        final = self.evaluate(cfg.data.eval_split)
+        last = self.history[-1] if self.history else {}
+        if best_step == self.global_step and last.get("split") == cfg.data.eval_split:
+            # The model in hand is the best one and was just evaluated on this split.
+            final = {k: v for k, v in last.items() if k not in ("step", "epoch", "split")}
+        else:
+            if best_step >= 0 and best_step != self.global_step:
+                self._load_best()
+            final = self.evaluate(cfg.data.eval_split)
         self._print(f"final {cfg.data.eval_split} (model of step {best_step}): {self._fmt(final)}")
         self.logger.log(final, self.global_step, prefix=f"final/{cfg.data.eval_split}/")
         summary = {
@@ -240,6 +246,7 @@ class Trainer:
             "samples_trained": self.samples_trained,
             "train_seconds": self.train_seconds,
             "train_samples_per_s": self.samples_trained / max(self.train_seconds, 1e-9),
+            "eval_seconds": self.eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "eval_split": cfg.data.eval_split,
             "metrics": final,
@@ -259,6 +266,7 @@ class Trainer:
             # The pipeline rewrote the EBCs' forward for its own input distribution; give the plain
             # forward back (batches in flight are kept, and attach() resumes them).
             self.pipeline.detach()
+        start = time.perf_counter()
         self.model.eval()
         self.metrics.reset()
         reader = self._reader(split, self.cfg.data.eval_batch_size, shuffle=False)
@@ -266,7 +274,9 @@ class Trainer:
             batch = batch.to(self.ctx.device, non_blocking=True)
             _, (_, output) = self.model(batch)
             self.metrics.update(output.predictions, batch.labels, source=batch.source)
-        return self.metrics.compute()
+        metrics = self.metrics.compute()
+        self.eval_seconds += time.perf_counter() - start
+        return metrics
 
     def _evaluate_and_track(self, best_value: float, best_step: int, bad_evals: int, epoch: int):
         split = self.cfg.data.val_split or self.cfg.data.eval_split

@@ -1,0 +1,139 @@
+"""User groups vs copied user rows: ESMM training samples/s, reader included, in one run.
+
+    .venv/bin/python benchmarks/grouping_bench.py                       # the recorded figures
+    .venv/bin/python benchmarks/grouping_bench.py --train-impressions 200000 --steps 20   # a quick look
+
+For each tower size ([16, 8] and the paper's 360x200x80) and world size (1 and 2 ranks) it trains the
+same ESMM on the same synthetic data (realistic histories: ~500 ids per user, ~58 impressions per user)
+and batch size three ways through ``launch/train.py``: grouped (users pooled once per user), expanded
+(``data.grouped=false``: user rows copied onto impressions before pooling), and grouped on a copy of the
+data without any history (the ceiling: what the model costs when users carry nothing). Throughput is the
+job's own ``train_samples_per_s`` (step time including the reader, excluding evaluation). It also
+measures input bytes per impression both ways on real reader batches. Writes
+``benchmarks/results/grouping.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+from common import REPO, command_line, library_versions, run_logged, write_result  # noqa: E402
+from dist_mtl.data.batch import GroupedBatch  # noqa: E402
+from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
+from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
+from dist_mtl.data.synthetic import SyntheticConfig, write_parquet_direct  # noqa: E402
+
+TOWERS = {"small": [16, 8], "paper": [360, 200, 80]}
+
+
+def ensure_dataset(root: Path, cfg: SyntheticConfig) -> Path:
+    record = root / "synthetic.json"
+    wanted = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if not ((root / METADATA_FILE).exists() and record.exists() and record.read_text() == wanted):
+        print(f"writing {root} ({cfg.train_impressions:,} train impressions)", flush=True)
+        write_parquet_direct(root, cfg)
+        record.write_text(wanted)
+    return root
+
+
+def batch_bytes(batch: GroupedBatch) -> int:
+    total = batch.user_index.numel() * batch.user_index.element_size()
+    for kjt in (batch.user_features, batch.item_features):
+        for t in (kjt.values(), kjt.lengths(), kjt.weights()):
+            total += t.numel() * t.element_size()
+    return total + sum(t.numel() * t.element_size() for t in batch.labels.values())
+
+
+def bytes_per_impression(data: Path, batch_size: int, batches: int = 20) -> dict[str, float]:
+    reader = ParquetGroupReader(data, "train", batch_size, shuffle=True)
+    grouped = expanded = impressions = users = 0
+    for i, batch in enumerate(reader):
+        if i == batches:
+            break
+        grouped += batch_bytes(batch)
+        expanded += batch_bytes(batch.expanded())
+        impressions += batch.num_impressions
+        users += batch.num_users
+    return {"grouped": grouped / impressions, "expanded": expanded / impressions,
+            "users_per_batch": users / min(batches, i + 1)}
+
+
+def train(data: Path, run_dir: Path, nproc: int, towers: list[int], grouped: bool, args) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "synthetic_cpu.toml"),
+           f'data.path="{data}"', f'run_dir="{run_dir}"', f"data.batch_size={args.batch_size}",
+           f"data.grouped={'true' if grouped else 'false'}", "model.embedding_dim=16",
+           f"model.tower_dims={towers}", "train.epochs=1", f"train.max_steps={args.steps}",
+           "train.progress_bar=false", f"train.log_every_steps={max(args.steps // 4, 1)}"]
+    run_logged(cmd, run_dir / "log.txt", f"training {run_dir.name}", cwd=REPO)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"samples_per_s": summary["train_samples_per_s"], "steps": summary["steps"],
+            "samples": summary["samples_trained"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default=str(REPO / "data_out" / "bench" / "grouping"))
+    parser.add_argument("--train-impressions", type=int, default=2_000_000)
+    parser.add_argument("--history-ids-per-user", type=float, default=500.0)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=120, help="training steps per measurement")
+    parser.add_argument("--nproc", default="1,2", help="world sizes to measure")
+    parser.add_argument("--towers", default="small,paper", help=f"tower sizes among {sorted(TOWERS)}")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grouping.json"))
+    args = parser.parse_args(argv)
+
+    work = Path(args.work_dir)
+    base = SyntheticConfig(train_impressions=args.train_impressions, test_impressions=20_000,
+                           history_ids_per_user=args.history_ids_per_user, seed=0)
+    with_history = ensure_dataset(work / "history", base)
+    no_history = ensure_dataset(work / "no_history", dataclasses.replace(base, history_ids_per_user=0.0))
+    torch.set_num_threads(1)
+    sizes = bytes_per_impression(with_history, args.batch_size)
+    print(f"input bytes per impression: grouped {sizes['grouped']:.0f}, expanded {sizes['expanded']:.0f} "
+          f"({sizes['users_per_batch']:.0f} users per batch of {args.batch_size})", flush=True)
+
+    entries = []
+    for tower_name in args.towers.split(","):
+        towers = TOWERS[tower_name]
+        for nproc in (int(n) for n in args.nproc.split(",")):
+            runs = {}
+            for label, data, grouped in (("grouped", with_history, True), ("expanded", with_history, False),
+                                         ("no_history", no_history, True)):
+                runs[label] = train(data, work / "runs" / f"{tower_name}-{nproc}-{label}", nproc, towers, grouped, args)
+                print(f"towers {towers} ranks {nproc} {label}: {runs[label]['samples_per_s']:,.0f} samples/s",
+                      flush=True)
+            entries.append({
+                "towers": towers,
+                "world_size": nproc,
+                "grouped_samples_per_s": runs["grouped"]["samples_per_s"],
+                "expanded_samples_per_s": runs["expanded"]["samples_per_s"],
+                "ratio": runs["grouped"]["samples_per_s"] / runs["expanded"]["samples_per_s"],
+                "no_history_samples_per_s": runs["no_history"]["samples_per_s"],
+                "grouped_vs_no_history": runs["grouped"]["samples_per_s"] / runs["no_history"]["samples_per_s"],
+                "bytes_per_impression_grouped": sizes["grouped"],
+                "bytes_per_impression_expanded": sizes["expanded"],
+                "steps": runs["grouped"]["steps"],
+            })
+    payload = {
+        "batch_size": args.batch_size,
+        "train_impressions": args.train_impressions,
+        "history_ids_per_user": args.history_ids_per_user,
+        "users_per_batch": sizes["users_per_batch"],
+        "entries": entries,
+    }
+    return write_result(args.out, "grouping", command_line(__file__, argv if argv is not None else sys.argv[1:]),
+                        payload, library_versions(["torch", "torchrec", "fbgemm-gpu-cpu", "pyarrow"]))
+
+
+if __name__ == "__main__":
+    main()
