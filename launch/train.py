@@ -7,14 +7,30 @@ e.g. ``model.head=mmoe data.batch_size=8192 'model.tower_dims=[16,8]'``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_mtl.config import ConfigError, load_config  # noqa: E402
+
+
+def quiet_library_noise() -> None:
+    """TorchRec, DDP and DCP log a screenful of notices per rank at start-up (deprecations, planner
+    notes, a missing CPU autograd kernel for data-parallel tables whose gradients we test against an
+    unsharded model); they would bury the progress bar and the sharding plan."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for pattern in (".*autograd kernel was not registered.*", ".*Detected an existing checkpoint.*",
+                    ".*TypedStorage is deprecated.*", ".*torch.cuda.amp.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(cfg.to_toml())
         return {}
 
+    quiet_library_noise()
     from dist_mtl.distributed import init_distributed, shutdown_distributed
     from dist_mtl.trainer import Trainer
 
