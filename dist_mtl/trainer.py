@@ -175,55 +175,72 @@ class Trainer:
                 return
             yield task_losses
 
+    def _steps_to_next_stop(self) -> int | None:
+        t = self.cfg.train
+        limits = []
+        if t.eval_every_steps:
+            limits.append(t.eval_every_steps - self.global_step % t.eval_every_steps)
+        if t.max_steps:
+            limits.append(max(t.max_steps - self.global_step, 0))
+        return min(limits) if limits else None
+
+    def _train_segment(self, segment: "_FetchLog", bar) -> None:
+        log_every = self.cfg.train.log_every_steps
+        t0, window_samples = time.perf_counter(), 0
+        step_start = time.perf_counter()
+        for task_losses in self._train_epoch(segment):
+            num_impressions, source = segment.trained()
+            self._check_finite(task_losses, source)
+            self.train_seconds += time.perf_counter() - step_start
+            self.global_step += 1
+            # Readers balance ranks to within one impression, so local x world is the global count.
+            n = num_impressions * self.ctx.world_size
+            self.samples_trained += n
+            window_samples += n
+            if bar is not None:
+                bar.update(1)
+            if self.global_step % log_every == 0:
+                losses = {f"loss/{k}": float(v) for k, v in task_losses.items()}
+                rate = window_samples / max(time.perf_counter() - t0, 1e-9)
+                self.logger.log({**losses, "samples_per_s": rate,
+                                 "lr/dense": self.optimizer.param_groups[0]["lr"]},
+                                self.global_step, prefix="train/")
+                if bar is not None:
+                    bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "samples/s": f"{rate:,.0f}"})
+                t0, window_samples = time.perf_counter(), 0
+            step_start = time.perf_counter()
+
     def train(self) -> dict:
         cfg = self.cfg
         wall_start = time.perf_counter()
-        best_value, best_step, bad_evals = -math.inf, -1, 0
+        self._best = (-math.inf, -1, 0)  # best value, its step, evaluations since
         stop = False
         steps_per_epoch = self.train_reader.steps_per_epoch()
         self._print(self._header(steps_per_epoch))
         for epoch in range(cfg.train.epochs):
             self.train_reader.set_epoch(epoch)
+            batches = self._batches(self.train_reader)
             bar = self._progress(steps_per_epoch, f"epoch {epoch}")
-            t0, window_samples = time.perf_counter(), 0
-            fetched = _FetchLog(self._batches(self.train_reader))
-            step_start = time.perf_counter()
-            for task_losses in self._train_epoch(fetched):
-                num_impressions, source = fetched.trained()
-                self._check_finite(task_losses, source)
-                self.train_seconds += time.perf_counter() - step_start
-                self.global_step += 1
-                # Readers balance ranks to within one impression, so local x world is the global count.
-                n = num_impressions * self.ctx.world_size
-                self.samples_trained += n
-                window_samples += n
-                if bar is not None:
-                    bar.update(1)
-                if self.global_step % cfg.train.log_every_steps == 0:
-                    losses = {f"loss/{k}": float(v) for k, v in task_losses.items()}
-                    rate = window_samples / max(time.perf_counter() - t0, 1e-9)
-                    self.logger.log({**losses, "samples_per_s": rate,
-                                     "lr/dense": self.optimizer.param_groups[0]["lr"]},
-                                    self.global_step, prefix="train/")
-                    if bar is not None:
-                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()},
-                                         "samples/s": f"{rate:,.0f}"})
-                    t0, window_samples = time.perf_counter(), 0
+            epoch_done = False
+            # An epoch runs in segments that end where the job evaluates or stops, and each segment
+            # drains the pipeline: nothing is in flight while evaluating, so the model in hand has
+            # trained exactly the batches counted, and the pipeline's prefetched state never meets a
+            # forward of another mode.
+            while not (epoch_done or stop):
+                segment = _FetchLog(batches, self._steps_to_next_stop())
+                self._train_segment(segment, bar)
+                epoch_done = segment.exhausted
                 if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0:
-                    best_value, best_step, bad_evals, stop = self._evaluate_and_track(
-                        best_value, best_step, bad_evals, epoch)
-                if stop or (cfg.train.max_steps and self.global_step >= cfg.train.max_steps):
+                    stop = self._evaluate_and_track(epoch)
+                if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
                     stop = True
-                    break
-                step_start = time.perf_counter()
             if bar is not None:
                 bar.close()
-            if not cfg.train.eval_every_steps or self.global_step % cfg.train.eval_every_steps:
-                best_value, best_step, bad_evals, stop_now = self._evaluate_and_track(
-                    best_value, best_step, bad_evals, epoch)
-                stop = stop or stop_now
+            if not self.history or self.history[-1]["step"] != self.global_step:
+                stop = self._evaluate_and_track(epoch) or stop
             if stop:
                 break
+        best_value, best_step, _ = self._best
 
         last = self.history[-1] if self.history else {}
         if best_step == self.global_step and last.get("split") == cfg.data.eval_split:
@@ -262,23 +279,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
+        start = time.perf_counter()
+        was_training = self.model.training
         if self.pipeline is not None:
             # The pipeline rewrote the EBCs' forward for its own input distribution; give the plain
             # forward back (batches in flight are kept, and attach() resumes them).
             self.pipeline.detach()
-        start = time.perf_counter()
         self.model.eval()
-        self.metrics.reset()
-        reader = self._reader(split, self.cfg.data.eval_batch_size, shuffle=False)
-        for batch in self._batches(reader):
-            batch = batch.to(self.ctx.device, non_blocking=True)
-            _, (_, output) = self.model(batch)
-            self.metrics.update(output.predictions, batch.labels, source=batch.source)
-        metrics = self.metrics.compute()
+        try:
+            self.metrics.reset()
+            reader = self._reader(split, self.cfg.data.eval_batch_size, shuffle=False)
+            for batch in self._batches(reader):
+                batch = batch.to(self.ctx.device, non_blocking=True)
+                _, (_, output) = self.model(batch)
+                self.metrics.update(output.predictions, batch.labels, source=batch.source)
+            metrics = self.metrics.compute()
+        finally:
+            # Back to training mode before any further step: in eval mode TorchRec's input distribution
+            # asserts that the global batch divides by the world size, which unequal user counts break.
+            self.model.train(was_training)
+            if self.pipeline is not None:
+                self.pipeline.attach(self.model)
         self.eval_seconds += time.perf_counter() - start
         return metrics
 
-    def _evaluate_and_track(self, best_value: float, best_step: int, bad_evals: int, epoch: int):
+    def _evaluate_and_track(self, epoch: int) -> bool:
+        """Evaluate on the validation split, keep the best model; True when early stopping says stop."""
+        best_value, best_step, bad_evals = self._best
         split = self.cfg.data.val_split or self.cfg.data.eval_split
         metrics = self.evaluate(split)
         self.history.append({"step": self.global_step, "epoch": epoch, "split": split, **metrics})
@@ -290,8 +317,9 @@ class Trainer:
             self._save_best()
         else:
             bad_evals += 1
+        self._best = (best_value, best_step, bad_evals)
         self._print(f"step {self.global_step} {split}: {self._fmt(metrics)}" + ("  (best)" if improved else ""))
-        return best_value, best_step, bad_evals, bad_evals >= self.cfg.train.early_stop_patience
+        return bad_evals >= self.cfg.train.early_stop_patience
 
     def _save_best(self) -> None:
         dcp.save(self.model.state_dict(), checkpoint_id=str(self.run_dir / "best"))
@@ -328,20 +356,29 @@ class Trainer:
 
 
 class _FetchLog:
-    """Iterator over batches that remembers the size and source of those fetched but not yet trained.
+    """Iterator over at most ``limit`` batches that remembers the size and source of those fetched but
+    not yet trained (pipelines fetch ahead of the step they train, so a step's batch is the oldest one).
+    ``exhausted`` tells whether the underlying iterator ran out (the epoch ended)."""
 
-    Pipelines fetch ahead of the step they train, so the batch a step trained is the oldest fetched.
-    """
-
-    def __init__(self, batches: Iterator[GroupedBatch]):
+    def __init__(self, batches: Iterator[GroupedBatch], limit: int | None = None):
         self._batches = batches
+        self._left = limit
         self._pending: collections.deque[tuple[int, str]] = collections.deque()
+        self.exhausted = False
 
     def __iter__(self) -> "_FetchLog":
         return self
 
     def __next__(self) -> GroupedBatch:
-        batch = next(self._batches)
+        if self._left is not None:
+            if self._left <= 0:
+                raise StopIteration
+            self._left -= 1
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.exhausted = True
+            raise
         self._pending.append((batch.num_impressions, batch.source))
         return batch
 

@@ -24,6 +24,8 @@ def _train_args(data: Path, run: Path) -> list[str]:
     return [str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "synthetic_cpu.toml"),
             f'data.path="{data}"', f'run_dir="{run}"', "data.batch_size=128", "data.eval_batch_size=512",
             "model.tower_dims=[16,8]", "train.epochs=1", "train.progress_bar=false",
+            # Evaluating mid-epoch puts the model in eval mode between training steps; it must come back.
+            "train.eval_every_steps=3",
             # The planner may pick other placements for 2 nodes than for 1 (that is its job); one
             # sharding type for every table makes the two runs compute the same thing.
             'sharding.sharding_type="table_wise"']
