@@ -186,17 +186,16 @@ class Trainer:
 
     def _train_segment(self, segment: "_FetchLog", bar) -> None:
         log_every = self.cfg.train.log_every_steps
-        t0, window_samples = time.perf_counter(), 0
+        t0, window_samples, local_samples = time.perf_counter(), 0, 0
         step_start = time.perf_counter()
         for task_losses in self._train_epoch(segment):
             num_impressions, source = segment.trained()
             self._check_finite(task_losses, source)
             self.train_seconds += time.perf_counter() - step_start
             self.global_step += 1
-            # Readers balance ranks to within one impression, so local x world is the global count.
-            n = num_impressions * self.ctx.world_size
-            self.samples_trained += n
-            window_samples += n
+            local_samples += num_impressions
+            # For the displayed rate only: readers balance ranks to within one impression.
+            window_samples += num_impressions * self.ctx.world_size
             if bar is not None:
                 bar.update(1)
             if self.global_step % log_every == 0:
@@ -209,6 +208,10 @@ class Trainer:
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "samples/s": f"{rate:,.0f}"})
                 t0, window_samples = time.perf_counter(), 0
             step_start = time.perf_counter()
+        # Exact count across ranks, once per segment (every rank ends its segment at the same step).
+        count = torch.tensor([local_samples], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(count)
+        self.samples_trained += int(count)
 
     def train(self) -> dict:
         cfg = self.cfg

@@ -1360,8 +1360,11 @@ def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress:
 
     As rechub's preprocessor: one id per field (the last written), click=0/buy=1 rows dropped, the dense
     ``D*`` columns are the kept ids' weights MinMax-scaled over all three files and printed as float16.
-    Sparse ids are label-encoded as local index + 1 with 0 for an absent field, without a frequency
-    filter, so both sides of a benchmark see the same ids.
+    Sparse ids are label-encoded per column as rechub's preprocessor does: the ids seen in train get
+    1..n, anything else (absent, or seen only in val/test) 0, without a frequency filter (as
+    ``convert_raw(min_count=1)``), so both sides of a benchmark see the same ids. Numbering over the
+    generator's whole id space instead would size rechub's tables (``max() + 1``) for ids that never
+    occur, and rechub steps Adam over every row.
     """
     if cfg.extra_targets:
         raise ValueError("extra_targets are not part of the torch-rechub layout; use write_parquet_direct")
@@ -1370,14 +1373,20 @@ def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress:
     model = planted_model(cfg)
     started = time.perf_counter()
     # Pass 1: MinMaxScaler's range over every written row of every file.
+    # Also the ids each sparse column takes in train, for the label encoding.
     low = {f: np.inf for f in RECHUB_DENSE_FIELDS}
     high = {f: -np.inf for f in RECHUB_DENSE_FIELDS}
+    train_ids: dict[str, list[np.ndarray]] = {}
     for split in SPLITS:
         for chunk in generate_chunks(cfg, split):
-            _, _, dense = _rechub_columns(chunk, model)
+            _, sparse, dense = _rechub_columns(chunk, model)
             for f, v in dense.items():
                 if len(v):
                     low[f], high[f] = min(low[f], float(v.min())), max(high[f], float(v.max()))
+            if split == "train":
+                for f, v in sparse.items():
+                    train_ids.setdefault(f, []).append(np.unique(v[v > 0]))
+    encoding = {f: np.unique(np.concatenate(parts)) for f, parts in train_ids.items()}
     report: dict = {"out_dir": str(out), "files": {}}
     files, truths, rows = {}, {}, {}
     try:
@@ -1390,6 +1399,7 @@ def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress:
             t0, done = time.perf_counter(), 0
             for chunk in generate_chunks(cfg, split):
                 keep, sparse, dense = _rechub_columns(chunk, model)
+                sparse = {f: _label_encode(v, encoding[f]) for f, v in sparse.items()}
                 truth = chunk.truth_table().filter(pa.array(keep))
                 if split == "train":
                     targets = [("train", np.ones(len(sparse["205"]), bool))]
@@ -1417,6 +1427,14 @@ def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress:
     report["dense_range"] = {f: [low[f], high[f]] for f in RECHUB_DENSE_FIELDS}
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _label_encode(values: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
+    """1..n for ids in ``train_ids`` (sorted), 0 for anything else."""
+    if len(train_ids) == 0:
+        return np.zeros_like(values)
+    pos = np.minimum(np.searchsorted(train_ids, values), len(train_ids) - 1)
+    return np.where((train_ids[pos] == values) & (values > 0), pos + 1, 0).astype(values.dtype)
 
 
 def _rechub_text(chunk: SyntheticChunk, keep: np.ndarray, mask: np.ndarray, sparse: dict, dense: dict,

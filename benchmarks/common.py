@@ -1,0 +1,167 @@
+"""Helpers shared by the benchmark scripts: result records, machine facts, measured subprocesses.
+
+Standard library only, so that scripts running in other environments (``rechub_baseline.py`` in the
+torch-rechub venv) write the same record as those in the project venv.
+
+Every result JSON carries ``name``, ``date`` (UTC), ``command`` (the command line that reproduces it),
+``versions`` of the libraries involved, ``machine`` (cores, CPU model, memory) and ``peak_rss_mb``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark step failed; the message names the step and where its output is."""
+
+
+def library_versions(distributions: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each distribution (None where it is not installed), plus python's."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in distributions:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """Cores (all and usable by this process), CPU model, memory, OS."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+    }
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gb"] = round(pages * page_size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        info["memory_gb"] = None
+    return info
+
+
+def _maxrss_mb(ru_maxrss: int) -> float:
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    return round(ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return _maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def command_line(script: str | os.PathLike, argv: Sequence[str], python: str | None = None) -> str:
+    """The shell command that reruns ``script`` with ``argv``; paths inside the repo are made relative
+    to it (the command is meant to be run from the repo root)."""
+    return shlex.join([_repo_relative(python or sys.executable), _repo_relative(script), *argv])
+
+
+def _repo_relative(path: str | os.PathLike) -> str:
+    # Not resolved: a venv's python is a symlink, and the link (the venv) is what reruns the command.
+    p = Path(os.path.abspath(path))
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def write_result(path: str | os.PathLike, name: str, command: str, payload: Mapping,
+                 versions: Mapping[str, str | None]) -> dict:
+    """Write a result record (tmp + rename, so a reader never sees half a file) and return it."""
+    record = {
+        "name": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "versions": dict(versions),
+        "machine": machine_info(),
+        "peak_rss_mb": peak_rss_mb(),
+        **payload,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """A finished subprocess: wall seconds and the peak RSS of its largest process (itself or any
+    descendant it waited for, e.g. torchrun's workers)."""
+
+    seconds: float
+    peak_rss_mb: float
+    log: Path
+
+
+def run_logged(cmd: Sequence[str], log: str | os.PathLike, what: str, cwd: str | os.PathLike | None = None,
+               env: Mapping[str, str] | None = None) -> MeasuredRun:
+    """Run ``cmd`` with stdout and stderr into ``log``; raise BenchmarkError naming ``what``, the exit
+    status and the log's last lines if it fails."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "wb") as out:
+        out.write(f"$ {shlex.join(map(str, cmd))}\n".encode())
+        out.flush()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                env=None if env is None else dict(env))
+        try:
+            # wait4 rather than Popen.wait: it also returns the child's resource usage.
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            # SIGTERM first: torchrun forwards it to its workers, a SIGKILL would orphan them.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchmarkError(
+            f"{what} failed with exit status {proc.returncode} after {seconds:.0f}s; last lines of {log}:\n"
+            + log_tail(log)
+        )
+    return MeasuredRun(seconds=seconds, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), log=log)
+
+
+def log_tail(log: str | os.PathLike, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log, progress-bar carriage returns folded away."""
+    text = Path(log).read_bytes()[-200_000:].decode(errors="replace")
+    kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(kept[-lines:])
