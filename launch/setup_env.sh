@@ -29,7 +29,7 @@ $pip install -q --no-deps "$torchrec_pin"
 # torchrec's runtime needs, pinned so that nothing upgrades torch. torchrec pins torchmetrics==1.0.3
 # in its metadata; with --no-deps a recent one imports, and 1.9.0 is what the GPU machine carries.
 $pip install -q "$torch_pin" tensordict==0.10.0 torchmetrics==1.9.0 tqdm pyre-extensions iopath \
-  "pyarrow>=16" tensorboard numpy pytest scikit-learn
+  "pyarrow>=16" tensorboard numpy pytest scikit-learn matplotlib
 $pip install -q --no-deps -e "$root"
 "$venv/bin/python" - <<'PY'
 import torch, torchrec, fbgemm_gpu, pyarrow

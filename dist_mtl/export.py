@@ -1,0 +1,361 @@
+"""Export for serving: an unsharded model from a checkpoint or a live DMP, and scoring with it.
+
+An export directory holds::
+
+    model.pt      plain state dict of the MultiTaskModel (whole tables, CPU), loadable into
+                  ``MultiTaskModel(cfg.model, vocab_sizes, cfg.tasks, sparse_device="cpu")``
+    config.toml   the resolved job config the model was built from
+    serving.pt    a TorchScript module scoring plain tensors (see ``ServingModule.forward``)
+    export.json   written last (its presence marks a complete export): format version, head, tasks,
+                  vocab sizes, feature keys of each side, the weight transform the reader must apply,
+                  library versions and where the weights came from
+
+Why TorchScript. ``torch.jit.script`` compiles TorchRec's unsharded EmbeddingBagCollection and
+KeyedJaggedTensor as they are, for every batch shape, one user included. ``torch.export`` (non-strict,
+dynamic shapes) traces the EBC too, but specialises the number of users to >= 2: KJT's length-per-key
+computation views ``lengths`` as ``[keys, users]``, and the contiguity check of that view guards
+``users != 1``, so a one-user request (the common serving case: one user, many candidate items) fails
+the program's guards (torch 2.13). The heads are traced (``torch.jit.trace``) because they return dicts
+built in Python from task configs. torch 2.13 marks torch.jit deprecated in favour of torch.export; the
+warnings it prints are silenced here on purpose, and ``model.pt`` + ``config.toml`` rebuild the eager
+model wherever TorchScript is unavailable. Loading ``serving.pt`` needs torchrec imported (it registers
+the KJT TorchScript class and fbgemm's operators), which this module does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping
+
+import torch
+import torch.distributed as dist
+import torchrec
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+# Importing torchrec's KJT also registers its TorchScript class and fbgemm's operators, which loading
+# serving.pt needs.
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dist_mtl.checkpoint import (
+    MODEL_PREFIX,
+    CheckpointMismatchError,
+    load_unsharded,
+    model_mismatches,
+    raise_on_mismatch,
+    read_tensor_shapes,
+    run_on_rank0,
+)
+from dist_mtl.config import JobConfig, load_config
+from dist_mtl.data.batch import GroupedBatch
+from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN
+from dist_mtl.models import MultiTaskModel
+from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
+
+EXPORT_FORMAT_VERSION = 1
+STATE_FILE = "model.pt"
+CONFIG_FILE = "config.toml"
+SERVING_FILE = "serving.pt"
+INFO_FILE = "export.json"
+TRAIN_STEP_PREFIX = "model."  # TrainStep holds the MultiTaskModel as ``model``
+# MultiTaskModel's state-dict key of each field's table.
+_TABLE_KEY = {f.name: f"{f.side}_ebc.embedding_bags.{table_name(f.name)}.weight" for f in ALI_CCP_FIELDS}
+
+
+class ExportError(ValueError):
+    """An export directory is incomplete or does not fit the data it is asked to score."""
+
+
+@contextmanager
+def _jit_without_deprecation_notices() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+        warnings.filterwarnings("ignore", message=r".*TorchScript.*")
+        yield
+
+
+class _HeadPredictions(nn.Module):
+    """The head with its ModelOutput reduced to the predictions dict, so that it can be traced."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.head(x).predictions
+
+
+class ServingModule(nn.Module):
+    """The model on plain tensors: each side's KJT as values, lengths and weights in schema key order."""
+
+    def __init__(self, user_ebc: nn.Module, item_ebc: nn.Module, head: nn.Module):
+        super().__init__()
+        self.user_ebc = user_ebc
+        self.item_ebc = item_ebc
+        self.head = head
+        self.user_keys: List[str] = list(USER_KEYS)
+        self.item_keys: List[str] = list(ITEM_KEYS)
+
+    def forward(
+        self,
+        user_values: torch.Tensor,
+        user_lengths: torch.Tensor,
+        user_weights: torch.Tensor,
+        item_values: torch.Tensor,
+        item_lengths: torch.Tensor,
+        item_weights: torch.Tensor,
+        user_index: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        """``*_lengths`` are key-major (``[keys x rows]``: every row of the first key, then the next);
+        ``user_index[i]`` is the user row of impression ``i``. Returns one ``[B]`` tensor per task."""
+        users = KeyedJaggedTensor(keys=self.user_keys, values=user_values, lengths=user_lengths,
+                                  weights=user_weights)
+        items = KeyedJaggedTensor(keys=self.item_keys, values=item_values, lengths=item_lengths,
+                                  weights=item_weights)
+        # By name, as in embeddings.gather_pooled: an EBC's output key order is its own.
+        user = KeyedTensor.regroup([self.user_ebc(users)], [self.user_keys])[0]
+        item = KeyedTensor.regroup([self.item_ebc(items)], [self.item_keys])[0]
+        return self.head(torch.cat([user.index_select(0, user_index), item], dim=1))
+
+
+def script_serving_module(model: MultiTaskModel) -> torch.jit.ScriptModule:
+    model = model.eval()
+    in_dim = _head_input_dim(model)
+    with _jit_without_deprecation_notices():
+        head = torch.jit.trace(_HeadPredictions(model.head), (torch.zeros(2, in_dim),), strict=False)
+        return torch.jit.script(ServingModule(model.user_ebc, model.item_ebc, head))
+
+
+def _head_input_dim(model: MultiTaskModel) -> int:
+    return sum(t.embedding_dim for ebc in (model.user_ebc, model.item_ebc) for t in ebc.embedding_bag_configs())
+
+
+def vocab_sizes_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, int]:
+    """Each field's vocabulary size: the row count of its table in ``shapes`` (keys start with ``prefix``)."""
+    found = {field: shapes[prefix + key][0] for field, key in _TABLE_KEY.items() if prefix + key in shapes}
+    missing = sorted(set(_TABLE_KEY) - set(found))
+    if missing:
+        raise CheckpointMismatchError(f"no table for field(s) {missing} under '{prefix}': not a dist_mtl model")
+    return found
+
+
+def build_unsharded_model(cfg: JobConfig, vocab_sizes: Mapping[str, int]) -> MultiTaskModel:
+    return MultiTaskModel(cfg.model, vocab_sizes, cfg.tasks, sparse_device="cpu").eval()
+
+
+def export_model(
+    out_dir: str | os.PathLike,
+    cfg: JobConfig,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    dmp: nn.Module | None = None,
+) -> Path | None:
+    """Write an export directory from a committed checkpoint or from a live DMP of a ``TrainStep``.
+
+    From a checkpoint: this process alone. From a DMP: collective (every rank gathers its shards to rank
+    0, which writes); returns the path on rank 0 and None elsewhere. Vocabulary sizes are the tables'
+    row counts; ``cfg`` must describe the same model (``CheckpointMismatchError`` names what differs).
+    """
+    if (checkpoint is None) == (dmp is None):
+        raise ValueError("export_model needs exactly one of checkpoint= or dmp=")
+    if checkpoint is not None:
+        vocab_sizes = vocab_sizes_from_shapes(read_tensor_shapes(checkpoint), MODEL_PREFIX + TRAIN_STEP_PREFIX)
+        model = build_unsharded_model(cfg, vocab_sizes)
+        load_unsharded(checkpoint, model, TRAIN_STEP_PREFIX)
+        source = {"checkpoint": str(Path(checkpoint).resolve())}
+        return _write_export(Path(out_dir), model, cfg, vocab_sizes, source)
+
+    state = _gather_full_state(dmp)
+
+    def write() -> Path:
+        vocab_sizes = vocab_sizes_from_shapes({k: tuple(v.shape) for k, v in state.items()}, TRAIN_STEP_PREFIX)
+        model = build_unsharded_model(cfg, vocab_sizes)
+        own = {k[len(TRAIN_STEP_PREFIX):]: v for k, v in state.items() if k.startswith(TRAIN_STEP_PREFIX)}
+        saved = {k: tuple(v.shape) for k, v in own.items()}
+        current = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        raise_on_mismatch(f"live model ({type(dmp).__name__})", model_mismatches(saved, current))
+        model.load_state_dict(own)
+        return _write_export(Path(out_dir), model, cfg, vocab_sizes, {"live_model_world_size": _world_size()})
+
+    return run_on_rank0(write, f"export to {out_dir}")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_full_state(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Every entry of the DMP's state dict as a whole CPU tensor on rank 0 (None on other ranks)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    full: dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(tuple(value.size()), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=out)  # collective: every rank sends its shards
+            if rank == 0:
+                full[key] = out
+        elif rank == 0:
+            full[key] = value.detach().cpu().clone()
+    return full if rank == 0 else None
+
+
+def _write_export(out_dir: Path, model: MultiTaskModel, cfg: JobConfig, vocab_sizes: Mapping[str, int],
+                  source: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INFO_FILE).unlink(missing_ok=True)  # an old export here is incomplete until the new info lands
+    torch.save(model.state_dict(), out_dir / STATE_FILE)
+    (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
+    with _jit_without_deprecation_notices():
+        script_serving_module(model).save(str(out_dir / SERVING_FILE))
+    info = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "head": cfg.model.head,
+        "tasks": [{"name": t.name, "type": t.type} for t in cfg.tasks],
+        "vocab_sizes": dict(vocab_sizes),
+        "user_keys": list(USER_KEYS),
+        "item_keys": list(ITEM_KEYS),
+        "weight_transform": cfg.data.weight_transform,
+        "source": source,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__},
+    }
+    tmp = out_dir / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, out_dir / INFO_FILE)
+    return out_dir
+
+
+def read_export_info(path: str | os.PathLike) -> dict:
+    info_path = Path(path) / INFO_FILE
+    if not info_path.is_file():
+        raise ExportError(f"{path} is not a complete dist_mtl export (no {INFO_FILE}; an interrupted export "
+                          f"leaves none)")
+    info = json.loads(info_path.read_text())
+    if info.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ExportError(f"{info_path}: export format {info.get('format_version')!r}, this code reads "
+                          f"{EXPORT_FORMAT_VERSION}")
+    return info
+
+
+def serving_inputs(batch: GroupedBatch, user_keys: List[str], item_keys: List[str]) -> tuple[torch.Tensor, ...]:
+    """A GroupedBatch as ``ServingModule.forward``'s tensors (keys reordered to the export's order)."""
+    return (*_side(batch.user_features, user_keys, "user_features"),
+            *_side(batch.item_features, item_keys, "item_features"), batch.user_index)
+
+
+def _side(kjt: KeyedJaggedTensor, keys: List[str], what: str) -> tuple[torch.Tensor, ...]:
+    have = kjt.keys()
+    if have != keys:
+        missing = sorted(set(keys) - set(have))
+        if missing:
+            raise ExportError(f"{what} lacks feature(s) {missing} the exported model reads")
+        kjt = kjt.permute([have.index(k) for k in keys])
+    weights = kjt.weights_or_none()
+    if weights is None:
+        weights = torch.ones(kjt.values().numel(), dtype=torch.float32)
+    return kjt.values(), kjt.lengths(), weights
+
+
+class ExportedModel(nn.Module):
+    """A loaded export: ``forward(batch)`` or ``score(...)`` give ``{task: [B] predictions}``."""
+
+    def __init__(self, serving: torch.jit.ScriptModule, info: dict, path: Path):
+        super().__init__()
+        self.serving = serving
+        self.info = info
+        self.path = path
+        self.task_names: list[str] = [t["name"] for t in info["tasks"]]
+        self.user_keys: List[str] = list(info["user_keys"])
+        self.item_keys: List[str] = list(info["item_keys"])
+
+    def forward(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
+        return self.score(*serving_inputs(batch, self.user_keys, self.item_keys))
+
+    @torch.no_grad()
+    def score(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``ServingModule.forward``'s seven tensors."""
+        return dict(self.serving(*inputs))
+
+
+def load_exported(path: str | os.PathLike) -> ExportedModel:
+    path = Path(path)
+    info = read_export_info(path)
+    with _jit_without_deprecation_notices():
+        serving = torch.jit.load(str(path / SERVING_FILE), map_location="cpu")
+    return ExportedModel(serving.eval(), info, path)
+
+
+def load_exported_eager(path: str | os.PathLike) -> MultiTaskModel:
+    """The eager MultiTaskModel of an export (``model.pt`` + ``config.toml``), without TorchScript."""
+    path = Path(path)
+    info = read_export_info(path)
+    cfg = load_config(path / CONFIG_FILE)
+    model = build_unsharded_model(cfg, info["vocab_sizes"])
+    model.load_state_dict(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
+    return model
+
+
+def prediction_columns(task_names: List[str]) -> list[str]:
+    return [f"p_{name}" for name in task_names]
+
+
+def predict_split(
+    model_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    split: str,
+    out_path: str | os.PathLike,
+    batch_size: int = 16384,
+) -> dict:
+    """Score one split in storage order into a Parquet file.
+
+    Columns: ``index`` (int64, the impression's position in the split's storage order), ``sample_id``
+    (int64, from the dataset) and ``p_<task>`` (float32) per task. Written to a temporary name and renamed,
+    so a file at ``out_path`` is always complete. Returns row count, seconds and impressions per second.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dist_mtl.data.reader import ParquetGroupReader
+
+    model = load_exported(model_dir)
+    reader = ParquetGroupReader(
+        data_root, split, batch_size, rank=0, world_size=1, shuffle=False,
+        extra_columns=[SAMPLE_ID_COLUMN], weight_transform=model.info["weight_transform"],
+    )
+    expected = model.info["vocab_sizes"]
+    different = {f: (reader.metadata.vocab_sizes.get(f), expected[f]) for f in expected
+                 if reader.metadata.vocab_sizes.get(f) != expected[f]}
+    if different:
+        raise ExportError(
+            f"dataset {data_root} does not fit the exported model {model_dir}: vocab sizes (dataset, model) "
+            f"differ for fields {different}; score data converted with the training data's vocabularies"
+        )
+    columns = prediction_columns(model.task_names)
+    schema = pa.schema([pa.field("index", pa.int64()), pa.field(SAMPLE_ID_COLUMN, pa.int64())]
+                       + [pa.field(c, pa.float32()) for c in columns])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    start, rows = time.perf_counter(), 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in reader:
+                predictions = model(batch)
+                n = batch.num_impressions
+                arrays = [pa.array(torch.arange(rows, rows + n).numpy()),
+                          pa.array(batch.labels[SAMPLE_ID_COLUMN].numpy())]
+                arrays += [pa.array(predictions[t].float().numpy()) for t in model.task_names]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                rows += n
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    seconds = time.perf_counter() - start
+    return {"path": str(out_path), "rows": rows, "columns": ["index", SAMPLE_ID_COLUMN] + columns,
+            "seconds": seconds, "impressions_per_s": rows / max(seconds, 1e-9)}

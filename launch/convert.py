@@ -1,0 +1,133 @@
+"""Build a dist_mtl dataset from the raw Tianchi Ali-CCP files or from torch-rechub's preprocessed CSV.
+
+    python launch/convert.py raw --raw-dir D --out O [--min-count N] [--skip-bad-rows] [--splits train,test]
+    python launch/convert.py rechub --train F --val F --test F --out O [--skip-bad-rows]
+
+Prints progress (rows/s, ETA of the file being read from its size) and a summary with skipped counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_mtl.data.convert import ConvertProgress, convert_raw  # noqa: E402
+from dist_mtl.data.raw import RawFormatError  # noqa: E402
+from dist_mtl.data.rechub import import_rechub_csv  # noqa: E402
+from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressPrinter:
+    """Prints a progress line at most every ``every_s`` seconds and at every change of stage."""
+
+    def __init__(self, out: TextIO, every_s: float = 5.0):
+        self.out = out
+        self.every_s = every_s
+        self._last_print = float("-inf")
+        self._stage: tuple[str, str] | None = None
+        self._stage_started = 0.0
+        self._stage_printed = False
+
+    def __call__(self, p: ConvertProgress) -> None:
+        stage = (p.split, p.stage)
+        if stage != self._stage:
+            self._stage, self._stage_started, self._stage_printed = stage, p.elapsed_s, False
+        if p.rows == 0:  # a stage's start event: nothing to rate yet
+            return
+        if self._stage_printed and p.elapsed_s - self._last_print < self.every_s:
+            return
+        self._last_print, self._stage_printed = p.elapsed_s, True
+        spent = max(p.elapsed_s - self._stage_started, 1e-9)
+        done, total = (p.rows, p.rows_total) if p.rows_total else (p.bytes_done, p.bytes_total)
+        eta = f", ETA {_duration(spent * (total - done) / done)}" if done and total else ""
+        where = f"{_size(p.bytes_done)}/{_size(p.bytes_total)}" if p.bytes_total else f"{p.rows}/{p.rows_total}"
+        print(
+            f"[{_duration(p.elapsed_s)}] {p.split} {p.stage}: {where}, {p.rows:,} rows, "
+            f"{p.rows / spent:,.0f} rows/s{eta}",
+            file=self.out,
+            flush=True,
+        )
+
+
+def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
+    impressions = sum(s.num_impressions for s in meta.splits.values())
+    rate = impressions / seconds if seconds > 0 else 0.0
+    lines = [
+        f"dataset written to {out_dir} in {_duration(seconds)} ({impressions:,} impressions, {rate:,.0f}/s; "
+        f"source: {meta.source})"
+    ]
+    for name, s in meta.splits.items():
+        lines.append(
+            f"  {name}: {s.num_impressions:,} impressions, {s.num_users:,} user rows, {s.num_clicks:,} clicks, "
+            f"{s.num_buys:,} buys, {s.num_blocks} blocks"
+        )
+        skipped = ", ".join(f"{k}={v:,}" for k, v in s.skipped.items() if v) or "none"
+        lines.append(f"    skipped: {skipped}")
+    vocab = ", ".join(f"{k}={v:,}" for k, v in meta.vocab_sizes.items())
+    lines.append(f"  vocab sizes (index 0 reserved): {vocab}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> DatasetMetadata:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    raw = commands.add_parser("raw", help="raw Tianchi files (sample_skeleton_*.csv + common_features_*.csv)")
+    raw.add_argument("--raw-dir", required=True, help="directory holding the raw files")
+    raw.add_argument("--out", required=True, help="dataset directory to write")
+    raw.add_argument("--min-count", type=int, default=1, help="keep raw ids seen at least this often in train")
+    raw.add_argument("--splits", default="train,test", help="comma-separated splits; must include train")
+    raw.add_argument("--work-dir", help="where staged files go (default: inside --out)")
+    raw.add_argument("--block-impressions", type=int, default=65536, help="impressions per Parquet block")
+    rechub = commands.add_parser("rechub", help="torch-rechub preprocessed CSV (one file per split)")
+    rechub.add_argument("--train", required=True)
+    rechub.add_argument("--val")
+    rechub.add_argument("--test")
+    rechub.add_argument("--out", required=True, help="dataset directory to write")
+    for sub in (raw, rechub):
+        sub.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of failing")
+    args = parser.parse_args(argv)
+
+    splits = [s.strip() for s in getattr(args, "splits", "").split(",") if s.strip()]
+    if args.command == "raw" and "train" not in splits:
+        parser.error(f"--splits {args.splits!r} must include train (the id maps are built on it)")
+    started = time.monotonic()
+    try:
+        if args.command == "raw":
+            meta = convert_raw(
+                args.raw_dir,
+                args.out,
+                splits=splits,
+                min_count=args.min_count,
+                skip_bad_rows=args.skip_bad_rows,
+                block_impressions=args.block_impressions,
+                work_dir=args.work_dir,
+                progress=ProgressPrinter(sys.stdout),
+            )
+        else:
+            paths = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}
+            meta = import_rechub_csv(paths, args.out, skip_bad_rows=args.skip_bad_rows)
+    except RawFormatError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(summary(meta, args.out, time.monotonic() - started), flush=True)
+    return meta
+
+
+if __name__ == "__main__":
+    main()

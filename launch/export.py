@@ -1,0 +1,55 @@
+"""Export a trained model for serving: ``python launch/export.py --run-dir runs/x --out exports/x``.
+
+Takes the newest committed checkpoint of a run (``--run-dir``, reading ``<run-dir>/checkpoints``) or a
+given one (``--checkpoint <run-dir>/checkpoints/step-NNNNNNNN``), and the run's resolved config
+(``<run-dir>/config.toml`` unless ``--config`` names another; ``key=value`` overrides apply on top). Writes
+model.pt (whole tables), config.toml, serving.pt (TorchScript) and export.json; see dist_mtl/export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_mtl.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", type=Path, help="run directory: export its newest committed checkpoint")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint folder (step-NNNNNNNN)")
+    parser.add_argument("--out", type=Path, required=True, help="export directory to write")
+    parser.add_argument("--config", type=Path, help="job config (default: the run directory's config.toml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
+    args = parser.parse_args(argv)
+
+    from dist_mtl.checkpoint import CheckpointManager
+    from dist_mtl.export import export_model
+
+    if args.run_dir is not None:
+        run_dir = args.run_dir
+        checkpoint = CheckpointManager(run_dir / "checkpoints").latest()
+        if checkpoint is None:
+            parser.error(f"{run_dir / 'checkpoints'} holds no committed checkpoint")
+    else:
+        checkpoint = args.checkpoint
+        # <run_dir>/checkpoints/step-NNNNNNNN
+        run_dir = checkpoint.resolve().parent.parent
+    config_path = args.config or run_dir / "config.toml"
+    if not config_path.is_file():
+        parser.error(f"no config at {config_path}; pass --config")
+    try:
+        cfg = load_config(config_path, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    out = export_model(args.out, cfg, checkpoint=checkpoint)
+    print(f"exported {checkpoint} ({cfg.model.head}) to {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

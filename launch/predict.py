@@ -1,0 +1,37 @@
+"""Score a dataset split with an exported model:
+``python launch/predict.py --model exports/x --data data_out/ali_ccp --split test --out preds.parquet``.
+
+Reads the split in storage order (one process) and writes ``index`` (position in the split),
+``sample_id`` and one ``p_<task>`` column per task (ESMM: p_ctr, p_cvr, p_ctcvr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="export directory (launch/export.py)")
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory (holds metadata.json)")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    parser.add_argument("--batch-size", type=int, default=16384, help="impressions per scoring batch")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    from dist_mtl.export import predict_split
+
+    summary = predict_split(args.model, args.data, args.split, args.out, args.batch_size)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Export for serving: a model trained on 2 ranks (torchrun), exported from its checkpoint and live, scored
+in this one process; launch/export.py, launch/predict.py; an MMOE head exported from a 1-rank DMP."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
+
+import checkpoint_worker as worker  # noqa: E402
+from data_helpers import write_random_dataset  # noqa: E402
+from model_helpers import VOCAB_SIZES  # noqa: E402
+
+import export as export_cli  # noqa: E402  (launch/export.py)
+import predict as predict_cli  # noqa: E402  (launch/predict.py)
+from dist_mtl.checkpoint import CheckpointMismatchError  # noqa: E402
+from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
+from dist_mtl.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from dist_mtl.export import (  # noqa: E402
+    INFO_FILE,
+    STATE_FILE,
+    ExportError,
+    export_model,
+    load_exported,
+    load_exported_eager,
+)
+
+WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory trained 3 steps on 2 table-wise ranks, checkpointed, and exported live by the job."""
+    root = tmp_path_factory.mktemp("trained")
+    run_dir = root / "run"
+    run_dir.mkdir()
+    cfg = worker.job_config("table_wise", {})
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    spec = {"out_dir": str(root), "tag": "trained", "sharding_type": "table_wise", "train_until": 3,
+            "save_at": [3], "ckpt_root": str(run_dir / "checkpoints"), "export_dir": str(root / "live_export")}
+    (root / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), str(root / "spec.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded = torch.load(root / "trained-save3-rank0.pt", weights_only=False)["predictions"]
+    return {"root": root, "run_dir": run_dir, "cfg": cfg, "sharded_predictions": sharded}
+
+
+def scores(model, batches) -> dict[str, torch.Tensor]:
+    outputs = [model(b) for b in batches]
+    return {task: torch.cat([o[task] for o in outputs]) for task in outputs[0]}
+
+
+def test_exported_model_scores_like_the_sharded_model(trained, tmp_path):
+    out = export_cli.main(["--run-dir", str(trained["run_dir"]), "--out", str(tmp_path / "export")])
+    live = trained["root"] / "live_export"
+    sharded = trained["sharded_predictions"]
+    assert set(sharded) == {"ctr", "cvr", "ctcvr"} and sharded["ctr"].numel() == 50 + 6 + 1
+    for path in (out, live):
+        exported = load_exported(path)
+        got = scores(exported, worker.scoring_batches())
+        for task in sharded:
+            torch.testing.assert_close(got[task], sharded[task], rtol=0, atol=1e-6)
+        info = json.loads((path / INFO_FILE).read_text())
+        assert info["vocab_sizes"] == VOCAB_SIZES and [t["name"] for t in info["tasks"]] == ["ctr", "cvr", "ctcvr"]
+    from_checkpoint = torch.load(out / STATE_FILE, weights_only=True)
+    from_live = torch.load(live / STATE_FILE, weights_only=True)
+    assert sorted(from_checkpoint) == sorted(from_live)
+    assert all(torch.equal(from_checkpoint[k], from_live[k]) for k in from_live)
+    assert from_checkpoint["item_ebc.embedding_bags.t_205.weight"].shape == (40, 8)
+
+    eager = load_exported_eager(out)
+    with torch.no_grad():
+        got = scores(lambda b: eager(b).predictions, worker.scoring_batches())
+    for task in sharded:
+        torch.testing.assert_close(got[task], sharded[task], rtol=0, atol=1e-6)
+
+
+def test_predict_writes_every_impression_in_storage_order(trained, tmp_path):
+    export_dir = export_cli.main(["--checkpoint", str(trained["run_dir"] / "checkpoints" / "step-00000003"),
+                                  "--out", str(tmp_path / "export")])
+    data = tmp_path / "data"
+    meta = write_random_dataset(data, splits={"test": 40}, vocab_sizes=VOCAB_SIZES, block_impressions=64)
+    n = meta.splits["test"].num_impressions
+    summary = predict_cli.main(["--model", str(export_dir), "--data", str(data), "--split", "test",
+                                "--out", str(tmp_path / "p.parquet"), "--batch-size", "48"])
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert summary["rows"] == n == table.num_rows > 48
+    assert table.column_names == ["index", "sample_id", "p_ctr", "p_cvr", "p_ctcvr"]
+    assert table.column("index").to_pylist() == list(range(n))
+    assert table.column("sample_id").to_pylist() == list(range(n))  # the helper numbers samples in storage order
+
+    eager = load_exported_eager(export_dir)
+    reader = ParquetGroupReader(data, "test", 48, shuffle=False)
+    with torch.no_grad():
+        expected = scores(lambda b: eager(b).predictions, list(reader))
+    for task in ("ctr", "cvr", "ctcvr"):
+        got = torch.from_numpy(table.column(f"p_{task}").to_numpy())
+        torch.testing.assert_close(got, expected[task], rtol=0, atol=1e-6)
+
+
+def test_mismatches_are_refused(trained, tmp_path):
+    checkpoint = trained["run_dir"] / "checkpoints" / "step-00000003"
+    tower = r"head\.ctr_tower\.body\.0\.weight of shape \[32, 184\] in the model"
+    with pytest.raises(CheckpointMismatchError, match=tower):
+        export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "model.tower_dims=[32,8]"])
+    assert not (tmp_path / "x" / INFO_FILE).exists()
+    with pytest.raises(ExportError, match="no export.json"):
+        load_exported(tmp_path / "x")
+
+    export_dir = export_model(tmp_path / "export", trained["cfg"], checkpoint=checkpoint)
+    data = tmp_path / "data"
+    write_random_dataset(data, splits={"test": 5})  # vocabularies of up to 1000 ids: not the model's 40
+    vocab = r"vocab sizes \(dataset, model\) differ for fields \{'101': \(1000, 40\)"
+    with pytest.raises(ExportError, match=vocab):
+        predict_cli.main(["--model", str(export_dir), "--data", str(data), "--out", str(tmp_path / "p.parquet")])
+    assert not (tmp_path / "p.parquet").exists()
+
+
+@pytest.fixture
+def one_rank():
+    ctx = init_distributed("cpu")
+    yield ctx
+    shutdown_distributed()
+
+
+def test_mmoe_exported_live_from_one_rank(one_rank, tmp_path):
+    tasks = '[{name = "ctr", label = "click"}, {name = "ctcvr", label = "buy"}]'
+    cfg = worker.job_config("table_wise", {}, ("model.head=mmoe", "model.expert_dims=[16]", "model.num_experts=3",
+                                              f"tasks={tasks}"))
+    dmp, opt = worker.build(cfg)
+    worker.train(dmp, opt, 0, 2)
+    expected = worker.predictions(dmp)
+    path = export_model(tmp_path / "mmoe", cfg, dmp=dmp)
+    got = scores(load_exported(path), worker.scoring_batches())
+    assert sorted(got) == ["ctcvr", "ctr"]
+    for task in got:
+        torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
+
+    data = tmp_path / "data"
+    write_random_dataset(data, splits={"test": 10}, vocab_sizes=VOCAB_SIZES)
+    predict_cli.main(["--model", str(path), "--data", str(data), "--out", str(tmp_path / "p.parquet")])
+    assert pq.read_schema(tmp_path / "p.parquet").names == ["index", "sample_id", "p_ctr", "p_ctcvr"]
