@@ -126,6 +126,16 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval_steps: int = 0
+    """Save a sharded checkpoint every N steps, as well as at the end of every epoch (0: epochs only)."""
+    keep: int = 3
+    """Committed checkpoints kept in <run_dir>/checkpoints; older ones are deleted."""
+    resume: bool = True
+    """Continue from the newest committed checkpoint in <run_dir>/checkpoints when there is one."""
+
+
+@dataclass
 class JobConfig:
     run_dir: str = "runs/default"
     """Directory of this run: resolved config, TensorBoard events, best model, summary.json."""
@@ -136,6 +146,7 @@ class JobConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -304,6 +315,9 @@ def _validate(cfg: JobConfig) -> None:
     if t.max_steps < 0 or t.eval_every_steps < 0:
         raise ConfigError("train.max_steps and train.eval_every_steps must be >= 0")
     positive("train.log_every_steps", t.log_every_steps)
+    if cfg.checkpoint.interval_steps < 0:
+        raise ConfigError(f"checkpoint.interval_steps must be >= 0, got {cfg.checkpoint.interval_steps}")
+    positive("checkpoint.keep", cfg.checkpoint.keep)
 
     if not cfg.tasks:
         raise ConfigError("tasks: at least one task is needed")

@@ -35,6 +35,9 @@ CPU_SHARDING_TYPES = (
     ShardingType.TABLE_COLUMN_WISE.value,
 )
 CPU_SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+# fbgemm's fused Adagrad default, passed to torchrec's RowWiseAdagrad too (its default is 1e-10), so a
+# table trains the same whether it is sharded (fused) or data-parallel.
+TABLE_ADAGRAD_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,8 @@ def shard_model(
     """Fused table optimizer in backward, a planner over the real topology, then DMP."""
     opt_cls = sparse_optimizer(optimizer.sparse, ctx.device)
     opt_kwargs: dict[str, Any] = {"lr": optimizer.sparse_lr}
-    if optimizer.sparse == "adagrad":
-        opt_kwargs["eps"] = 1e-8
+    if optimizer.sparse in ("adagrad", "rowwise_adagrad"):
+        opt_kwargs["eps"] = TABLE_ADAGRAD_EPS
     for ebc in sparse_modules(model):
         apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
 
@@ -213,8 +216,11 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
     optimizers = [("dense", KeyedOptimizerWrapper(dense, factories[cfg.dense]))]
     if tables:
         table_cls = sparse_optimizer(cfg.sparse, next(iter(tables.values())).device)
+        kwargs: dict[str, Any] = {"lr": cfg.sparse_lr}
+        if cfg.sparse in ("adagrad", "rowwise_adagrad"):
+            kwargs["eps"] = TABLE_ADAGRAD_EPS
         optimizers.append(
-            ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: table_cls(p, lr=cfg.sparse_lr)))
+            ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: table_cls(p, **kwargs)))
         )
     return CombinedOptimizer(optimizers)
 

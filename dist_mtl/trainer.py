@@ -19,10 +19,10 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from dist_mtl.checkpoint import CheckpointManager
 from dist_mtl.config import JobConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, make_dataloader
@@ -114,11 +114,21 @@ class Trainer:
         self.train_reader = self._reader(cfg.data.train_split, cfg.data.batch_size, shuffle=cfg.data.shuffle)
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.best_checkpoint = CheckpointManager(self.run_dir / "best", keep=1)
+        # Training state: everything a checkpoint holds besides model and optimizers.
         self.global_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0  # batches this rank trained in self.epoch (equal on every rank)
+        self.epoch_samples = 0  # impressions all ranks trained in self.epoch
         self.samples_trained = 0
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.history: list[dict] = []
+        self.best = (-math.inf, -1, 0)  # best metric value, its step, evaluations since
+        self.stopped_by = ""  # "early_stop" or "max_steps" once training stopped before its epochs ran out
+        self.resumed_from: dict | None = None
+        self.skipped_on_resume = 0
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -172,6 +182,10 @@ class Trainer:
             try:
                 task_losses, _ = self.pipeline.progress(fetched)
             except StopIteration:
+                # Drained: put the EBCs' own forward back. Attaching a drained pipeline makes it rewrite
+                # the model again on the next fill, and a rewrite over a rewrite would record the
+                # pipelined forward as the "original" that a later detach() restores.
+                self.pipeline.detach()
                 return
             yield task_losses
 
@@ -182,6 +196,9 @@ class Trainer:
             limits.append(t.eval_every_steps - self.global_step % t.eval_every_steps)
         if t.max_steps:
             limits.append(max(t.max_steps - self.global_step, 0))
+        interval = self.cfg.checkpoint.interval_steps
+        if interval:
+            limits.append(interval - self.global_step % interval)
         return min(limits) if limits else None
 
     def _train_segment(self, segment: "_FetchLog", bar) -> None:
@@ -194,6 +211,7 @@ class Trainer:
             self.train_seconds += time.perf_counter() - step_start
             self.global_step += 1
             local_samples += num_impressions
+            self.batches_in_epoch += 1
             # For the displayed rate only: readers balance ranks to within one impression.
             window_samples += num_impressions * self.ctx.world_size
             if bar is not None:
@@ -212,38 +230,56 @@ class Trainer:
         count = torch.tensor([local_samples], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(count)
         self.samples_trained += int(count)
+        self.epoch_samples += int(count)
 
     def train(self) -> dict:
         cfg = self.cfg
         wall_start = time.perf_counter()
-        self._best = (-math.inf, -1, 0)  # best value, its step, evaluations since
-        stop = False
         steps_per_epoch = self.train_reader.steps_per_epoch()
         self._print(self._header(steps_per_epoch))
-        for epoch in range(cfg.train.epochs):
+        start_epoch, next_batch = self._resume()
+        samples_at_start = self.samples_trained
+        # Early stopping is final; a step limit holds only while the config still sets it that low.
+        stop = self.stopped_by == "early_stop" or bool(cfg.train.max_steps and self.global_step >= cfg.train.max_steps)
+        if not stop:
+            self.stopped_by = ""
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if stop:
+                break
             self.train_reader.set_epoch(epoch)
+            if next_batch:
+                self.train_reader.load_state_dict({"epoch": epoch, "next_batch": next_batch})
+            else:
+                self.epoch_samples = 0
+            self.epoch, self.batches_in_epoch, next_batch = epoch, next_batch, 0
             batches = self._batches(self.train_reader)
-            bar = self._progress(steps_per_epoch, f"epoch {epoch}")
-            epoch_done = False
-            # An epoch runs in segments that end where the job evaluates or stops, and each segment
-            # drains the pipeline: nothing is in flight while evaluating, so the model in hand has
-            # trained exactly the batches counted, and the pipeline's prefetched state never meets a
-            # forward of another mode.
+            bar = self._progress(steps_per_epoch, f"epoch {epoch}", initial=self.batches_in_epoch)
+            epoch_done = self.batches_in_epoch >= steps_per_epoch
+            # An epoch runs in segments that end where the job evaluates, checkpoints or stops, and each
+            # segment drains the pipeline: nothing is in flight at those points, so the model in hand
+            # has trained exactly the batches counted (the checkpoint's data cursor), and the
+            # pipeline's prefetched state never meets a forward of another mode.
             while not (epoch_done or stop):
                 segment = _FetchLog(batches, self._steps_to_next_stop())
                 self._train_segment(segment, bar)
-                epoch_done = segment.exhausted
+                epoch_done = segment.exhausted or self.batches_in_epoch >= steps_per_epoch
                 if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0:
-                    stop = self._evaluate_and_track(epoch)
+                    if self._evaluate_and_track(epoch):
+                        stop, self.stopped_by = True, "early_stop"
                 if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
-                    stop = True
+                    stop, self.stopped_by = True, self.stopped_by or "max_steps"
+                interval = cfg.checkpoint.interval_steps
+                if interval and self.global_step % interval == 0 and not (epoch_done or stop):
+                    self._save_checkpoint()
             if bar is not None:
                 bar.close()
             if not self.history or self.history[-1]["step"] != self.global_step:
-                stop = self._evaluate_and_track(epoch) or stop
-            if stop:
-                break
-        best_value, best_step, _ = self._best
+                if self._evaluate_and_track(epoch):
+                    stop, self.stopped_by = True, self.stopped_by or "early_stop"
+            if epoch_done:
+                self.epoch, self.batches_in_epoch, self.epoch_samples = epoch + 1, 0, 0
+            self._save_checkpoint()
+        best_value, best_step, _ = self.best
 
         last = self.history[-1] if self.history else {}
         if best_step == self.global_step and last.get("split") == cfg.data.eval_split:
@@ -264,6 +300,10 @@ class Trainer:
             "steps": self.global_step,
             "best_step": best_step,
             "samples_trained": self.samples_trained,
+            "samples_trained_this_run": self.samples_trained - samples_at_start,
+            "resumed_from": self.resumed_from,
+            "impressions_skipped_on_resume": self.skipped_on_resume,
+            "stopped_by": self.stopped_by,
             "train_seconds": self.train_seconds,
             "train_samples_per_s": self.samples_trained / max(self.train_seconds, 1e-9),
             "eval_seconds": self.eval_seconds,
@@ -308,7 +348,7 @@ class Trainer:
 
     def _evaluate_and_track(self, epoch: int) -> bool:
         """Evaluate on the validation split, keep the best model; True when early stopping says stop."""
-        best_value, best_step, bad_evals = self._best
+        best_value, best_step, bad_evals = self.best
         split = self.cfg.data.val_split or self.cfg.data.eval_split
         metrics = self.evaluate(split)
         self.history.append({"step": self.global_step, "epoch": epoch, "split": split, **metrics})
@@ -320,17 +360,72 @@ class Trainer:
             self._save_best()
         else:
             bad_evals += 1
-        self._best = (best_value, best_step, bad_evals)
+        self.best = (best_value, best_step, bad_evals)
         self._print(f"step {self.global_step} {split}: {self._fmt(metrics)}" + ("  (best)" if improved else ""))
         return bad_evals >= self.cfg.train.early_stop_patience
 
     def _save_best(self) -> None:
-        dcp.save(self.model.state_dict(), checkpoint_id=str(self.run_dir / "best"))
+        self.best_checkpoint.save(self.global_step, self.model, self.optimizer, {"step": self.global_step})
 
     def _load_best(self) -> None:
-        state = self.model.state_dict()
-        dcp.load(state, checkpoint_id=str(self.run_dir / "best"))
-        self.model.load_state_dict(state)
+        self.best_checkpoint.load(self.best_checkpoint.latest(), self.model, self.optimizer)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self) -> None:
+        rng = [None] * self.ctx.world_size
+        dist.all_gather_object(rng, torch.get_rng_state())
+        extra = {
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "next_batch": self.batches_in_epoch,
+            "epoch_samples": self.epoch_samples,
+            "samples_trained": self.samples_trained,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "history": self.history,
+            "best": list(self.best),
+            "stopped_by": self.stopped_by,
+            "world_size": self.ctx.world_size,
+            "rng": rng,
+        }
+        self.checkpoints.save(self.global_step, self.model, self.optimizer, extra)
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the newest committed checkpoint, if any; returns (epoch, next batch) to continue from.
+
+        Same world size: the epoch continues at the batch after the last one trained, so no impression
+        is trained twice or skipped. Another world size: the tables are resharded and the model continues
+        exactly, but a mid-epoch data position cannot be mapped onto another rank split; the rest of that
+        epoch is skipped, counted and reported, and training continues with the next epoch.
+        """
+        latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return 0, 0
+        extra = self.checkpoints.load(latest, self.model, self.optimizer)
+        self.global_step, self.epoch = int(extra["step"]), int(extra["epoch"])
+        self.batches_in_epoch, self.epoch_samples = int(extra["next_batch"]), int(extra["epoch_samples"])
+        self.samples_trained = int(extra["samples_trained"])
+        self.train_seconds, self.eval_seconds = float(extra["train_seconds"]), float(extra["eval_seconds"])
+        self.history = list(extra["history"])
+        self.best = (float(extra["best"][0]), int(extra["best"][1]), int(extra["best"][2]))
+        self.stopped_by = str(extra["stopped_by"])
+        self.resumed_from = {"checkpoint": str(latest), "step": self.global_step, "epoch": self.epoch,
+                             "next_batch": self.batches_in_epoch, "samples_trained": self.samples_trained,
+                             "world_size": int(extra["world_size"])}
+        epoch, next_batch = self.epoch, self.batches_in_epoch
+        if int(extra["world_size"]) == self.ctx.world_size:
+            torch.set_rng_state(extra["rng"][self.ctx.rank])
+        elif next_batch:
+            self.skipped_on_resume = self.train_reader.num_impressions - self.epoch_samples
+            self._print(
+                f"resuming on {self.ctx.world_size} ranks from {latest}, saved mid-epoch on "
+                f"{extra['world_size']} ranks: the {self.skipped_on_resume:,} impressions of epoch {epoch} not "
+                f"yet trained are skipped; training continues with epoch {epoch + 1}")
+            epoch, next_batch = epoch + 1, 0
+            self.epoch, self.batches_in_epoch, self.epoch_samples = epoch, 0, 0
+        self._print(f"resumed from {latest}: step {self.global_step}, epoch {epoch}, batch {next_batch}")
+        return epoch, next_batch
 
     # ---------------------------------------------------------------------------------------- printing
 
@@ -338,12 +433,12 @@ class Trainer:
         if self.ctx.is_main:
             print(text, flush=True)
 
-    def _progress(self, total: int, desc: str):
+    def _progress(self, total: int, desc: str, initial: int = 0):
         if not (self.ctx.is_main and self.cfg.train.progress_bar):
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def _header(self, steps_per_epoch: int) -> str:
         return (

@@ -39,7 +39,8 @@ def test_train_writes_config_summary_and_tensorboard(dataset, tmp_path):
         assert math.isfinite(summary["metrics"][f"{task}/logloss"])
     assert len(summary["history"]) == 2  # one evaluation per epoch
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
-    assert (run / "best" / ".metadata").exists()
+    assert len(list((run / "best").glob("step-*/.metadata"))) == 1
+    assert len(list((run / "checkpoints").glob("step-*/extra.pt"))) == 2  # one per epoch
 
 
 def test_early_stopping_keeps_the_best_model(dataset, tmp_path, monkeypatch):
