@@ -110,7 +110,8 @@ class TrainConfig:
     eval_every_steps: int = 0
     """Evaluate on the validation split every N steps as well as after each epoch (0: epochs only)."""
     early_stop_metric: str = "ctcvr/auc"
-    """Metric watched for early stopping and for choosing the best model (higher is better)."""
+    """Metric watched for early stopping and for choosing the best model: higher is better, except for
+    errors (names ending in /mse, /mae or /logloss)."""
     early_stop_patience: int = 2
     """Evaluations without improvement before training stops."""
     seed: int = 0

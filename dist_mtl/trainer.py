@@ -39,6 +39,9 @@ from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
 
 
+LOWER_IS_BETTER = ("/mse", "/mae", "/logloss")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
 
@@ -125,7 +128,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.history: list[dict] = []
-        self.best = (-math.inf, -1, 0)  # best metric value, its step, evaluations since
+        self.best = (-math.inf, -1, 0)  # best (signed) metric value, its step, evaluations since
         self.stopped_by = ""  # "early_stop" or "max_steps" once training stopped before its epochs ran out
         self.resumed_from: dict | None = None
         self.skipped_on_resume = 0
@@ -353,7 +356,10 @@ class Trainer:
         metrics = self.evaluate(split)
         self.history.append({"step": self.global_step, "epoch": epoch, "split": split, **metrics})
         self.logger.log(metrics, self.global_step, prefix=f"eval/{split}/")
-        value = metrics.get(self.cfg.train.early_stop_metric, math.nan)
+        metric = self.cfg.train.early_stop_metric
+        # Errors (mse, mae, logloss) improve downwards; the tracked value is signed so that higher wins.
+        sign = -1.0 if metric.endswith(LOWER_IS_BETTER) else 1.0
+        value = sign * metrics.get(metric, math.nan)
         improved = value > best_value
         if improved:
             best_value, best_step, bad_evals = value, self.global_step, 0

@@ -9,7 +9,7 @@ import pytest
 from data_helpers import write_random_dataset
 
 from dist_mtl.config import load_config
-from dist_mtl.trainer import Trainer
+from dist_mtl.trainer import Trainer, TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,27 @@ def test_unwritable_run_dir_is_refused(dataset, tmp_path):
         (locked / "run").write_text("not a directory")
     with pytest.raises(OSError, match=r"run directory .*locked/run is not writable"):
         Trainer(small_config(dataset, locked / "run"))
+
+
+def test_diverging_loss_stops_with_the_step_and_the_batch_source(tmp_path):
+    data = tmp_path / "data"
+    write_random_dataset(data, splits={"train": 120, "test": 30}, extra_columns={"price": "float32"}, seed=4)
+    cfg = load_config(None, [f'data.path="{data}"', f'run_dir="{tmp_path / "run"}"', "data.batch_size=64",
+                             'model.head="mmoe"', "model.embedding_dim=8", "model.tower_dims=[16,8]",
+                             "model.expert_dims=[16]", "train.progress_bar=false", 'train.early_stop_metric="price/mse"',
+                             'tasks=[{name = "price", label = "price", type = "regression"}]',
+                             'optimizer.dense="sgd"', "optimizer.dense_lr=1e12"])
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+ .* on batch from .*impressions-\d+\.parquet"):
+        Trainer(cfg).train()
+
+
+def test_early_stopping_on_an_error_metric_prefers_lower_values(dataset, tmp_path, monkeypatch):
+    cfg = small_config(dataset, tmp_path / "run", "train.epochs=4", "train.early_stop_patience=2",
+                       'train.early_stop_metric="ctr/logloss"')
+    trainer = Trainer(cfg)
+    scripted = iter([0.50, 0.40, 0.45, 0.41])  # best (lowest) after epoch 2
+    monkeypatch.setattr(trainer, "evaluate", lambda split: {"ctr/logloss": next(scripted, 9.0)})
+    monkeypatch.setattr(trainer, "_load_best", lambda: None)
+    summary = trainer.train()
+    assert summary["best_step"] == 2 * trainer.train_reader.steps_per_epoch()
+    assert summary["stopped_by"] == "early_stop"
