@@ -77,7 +77,9 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         if launched:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                    world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
@@ -89,6 +91,26 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
         device=dev,
         backend=backend,
     )
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's rendezvous store, with a key prefix of its own for every restart attempt.
+
+    torch's env:// init assumes the elastic agent makes a new store for each restart ("no need to add
+    prefix for each attempt"), but under c10d rendezvous the same store serves the next attempt: its
+    ranks then read the gloo addresses the killed workers published and fail to connect (measured:
+    "connectFullMesh failed ... Connection refused" after a worker was SIGKILLed).
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    return dist.PrefixStore(f"dist_mtl/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown_distributed() -> None:

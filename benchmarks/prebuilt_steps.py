@@ -1,0 +1,154 @@
+"""Training throughput with the reader taken out: a torchrun worker that times steps on batches held in memory.
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/prebuilt_steps.py --config configs/synthetic_cpu.toml \\
+        --out /tmp/prebuilt.json --batches 16 --warmup 5 --steps 50 'data.path="data_out/x"' data.batch_size=4096
+
+It takes the same ``--config`` and ``section.key=value`` overrides as ``launch/train.py`` and builds the
+job with dist_mtl's own ``Trainer`` (model on the meta device, fused table optimizer, planner + DMP,
+deterministic tables, dense optimizer, ``TrainPipelineSparseDist``), so the model, sharding plan and
+step are those of the real job and only the data source differs: each rank first reads its first
+``--batches`` batches with its train reader into memory, then trains ``--warmup`` steps and ``--steps``
+timed steps cycling over them.
+
+The figure is global: impressions trained by all ranks in the timed steps over the slowest rank's time
+(ranks start timing together, after a barrier). Rank 0 writes it to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.train import exit_without_teardown, quiet_library_noise  # noqa: E402
+
+RESULT_KEYS = ("samples_per_s", "timed_samples", "timed_seconds", "steps", "warmup_steps", "batches_in_memory",
+               "world_size")
+
+
+def timed_samples(batch_sizes: Sequence[int], warmup: int, steps: int) -> int:
+    """Impressions one rank trains in the timed steps when cycling over batches of ``batch_sizes``.
+
+    Step ``i`` trains batch ``i mod K`` (the pipeline trains batches in the order it fetches them), and
+    the timed steps are ``warmup .. warmup + steps - 1``.
+    """
+    if not batch_sizes:
+        raise ValueError("no batches to cycle over")
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"need warmup >= 0 and steps >= 1, got warmup={warmup} steps={steps}")
+    k = len(batch_sizes)
+    full_cycles, rest = divmod(steps, k)
+    start = warmup % k
+    tail = [batch_sizes[(start + i) % k] for i in range(rest)]
+    return full_cycles * sum(batch_sizes) + sum(tail)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML config file, as launch/train.py")
+    parser.add_argument("--out", required=True, help="result JSON (written by rank 0)")
+    parser.add_argument("--batches", type=int, default=16, help="batches per rank read into memory first")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or args.warmup < 0 or args.steps < 1:
+        parser.error(f"need --batches >= 1, --warmup >= 0, --steps >= 1 (got {args.batches}, {args.warmup}, "
+                     f"{args.steps})")
+
+    from dist_mtl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+
+    quiet_library_noise()
+    import torch
+    import torch.distributed as dist
+
+    from dist_mtl.data.schema import write_text_atomic
+    from dist_mtl.distributed import init_distributed, shutdown_distributed
+    from dist_mtl.trainer import Trainer
+
+    ctx = init_distributed(cfg.sharding.device)
+    try:
+        trainer = Trainer(cfg, ctx)
+        batches = list(itertools.islice(iter(trainer.train_reader), args.batches))
+        if not batches:
+            raise RuntimeError(f"rank {ctx.rank}: the train split of {cfg.data.path} gave no batch")
+        sizes = [b.num_impressions for b in batches]
+        users = [b.num_users for b in batches]
+        source = itertools.cycle(batches)
+
+        if trainer.pipeline is not None:
+            trainer.model.train()
+            trainer.pipeline.attach(trainer.model)
+
+            def step() -> dict:
+                task_losses, _ = trainer.pipeline.progress(source)
+                return task_losses
+        else:
+            def step() -> dict:
+                return trainer.train_step(next(source))
+
+        for _ in range(args.warmup):
+            step()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            task_losses = step()
+        seconds = time.perf_counter() - start
+        losses = {k: float(v) for k, v in task_losses.items()}
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            raise RuntimeError(f"rank {ctx.rank}: non-finite task losses after the timed steps: {bad}")
+
+        totals = torch.tensor([timed_samples(sizes, args.warmup, args.steps)], dtype=torch.int64)
+        slowest = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(totals)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        result = {
+            "samples_per_s": int(totals) / float(slowest),
+            "timed_samples": int(totals),
+            "timed_seconds": float(slowest),
+            "steps": args.steps,
+            "warmup_steps": args.warmup,
+            "batches_in_memory": len(batches),
+            "world_size": ctx.world_size,
+            "pipeline": trainer.pipeline is not None,
+            "rank0_mean_impressions_per_batch": sum(sizes) / len(sizes),
+            "rank0_mean_users_per_batch": sum(users) / len(users),
+            "torch_threads": torch.get_num_threads(),
+            "last_task_losses": losses,
+            "model_config": cfg.to_dict()["model"],
+        }
+        if ctx.is_main:
+            write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+            ranks = f"{ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}"
+            print(f"prebuilt steps: {result['samples_per_s']:,.0f} samples/s ({ranks}, {args.steps} timed steps "
+                  f"over {len(batches)} batches in memory)", flush=True)
+        trainer.logger.close()
+        return result
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as e:
+        exit_without_teardown(e.code if isinstance(e.code, int) else 1)
+    except BaseException:
+        traceback.print_exc()
+        exit_without_teardown(1)
+    exit_without_teardown(0)

@@ -1,0 +1,254 @@
+"""The throughput sweep and accuracy benchmarks' pure helpers (benchmarks/sweep_bench.py,
+prebuilt_steps.py, accuracy_bench.py, plots.py). The training runs themselves are exercised by running
+the benchmarks (``sweep_bench.py --quick``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import accuracy_bench  # noqa: E402
+import plots  # noqa: E402
+import prebuilt_steps  # noqa: E402
+import sweep_bench  # noqa: E402
+from common import BenchmarkError  # noqa: E402
+
+from dist_mtl.config import load_config  # noqa: E402
+from dist_mtl.data.synthetic import REAL_TRAIN_IMPRESSIONS, TRUTH_COLUMNS  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------- sweep_bench
+
+
+def test_resolve_settings_takes_the_preset_then_the_given_flags():
+    assert sweep_bench.resolve_settings(False, {}) == sweep_bench.SweepSettings()
+    assert sweep_bench.SweepSettings().batch_sizes == (1024, 4096, 16384)
+    quick = sweep_bench.resolve_settings(True, {"steps": None, "batch_sizes": (64,)})
+    assert quick.batch_sizes == (64,)
+    assert quick.steps == sweep_bench.QUICK.steps != sweep_bench.SweepSettings().steps
+    assert quick.train_impressions == sweep_bench.QUICK.train_impressions
+
+
+def test_sweep_runs_cover_every_combination_once():
+    settings = sweep_bench.SweepSettings()
+    runs = sweep_bench.sweep_runs(sweep_bench.MODELS, settings, sweep_bench.READER_MODES)
+    assert len(runs) == 2 * 3 * 2 * 2
+    assert len({r.name for r in runs}) == len(runs)
+    assert {(r.model, r.batch_size, r.world_size, r.reader) for r in runs} == {
+        (m, b, w, r) for m in ("esmm", "mmoe") for b in (1024, 4096, 16384) for w in (1, 2)
+        for r in ("included", "excluded")}
+
+
+def test_threads_per_rank_shares_the_cores():
+    assert sweep_bench.threads_per_rank(2, 1) == 2
+    assert sweep_bench.threads_per_rank(2, 2) == 1
+    assert sweep_bench.threads_per_rank(2, 4) == 1
+    assert sweep_bench.threads_per_rank(16, 3) == 5
+
+
+@pytest.mark.parametrize("model", ["esmm", "mmoe"])
+def test_sweep_overrides_resolve_to_the_intended_job(tmp_path, model):
+    overrides = sweep_bench.job_overrides(model, tmp_path / "data", tmp_path / "run", 4096, [16, 8], 55)
+    cfg = load_config(sweep_bench.DEFAULT_CONFIG, overrides)
+    assert cfg.model.head == model
+    assert cfg.data.path == str(tmp_path / "data") and cfg.run_dir == str(tmp_path / "run")
+    assert cfg.data.batch_size == 4096 and cfg.model.tower_dims == [16, 8] and cfg.model.embedding_dim == 16
+    assert cfg.train.epochs == 1 and cfg.train.max_steps == 55 and cfg.sharding.device == "cpu"
+    tasks = {t.name: t for t in cfg.tasks}
+    assert set(tasks) == {"ctr", "cvr", "ctcvr"}
+    assert (tasks["cvr"].label, tasks["cvr"].rows) == ("buy", "click")
+    # ESMM's CVR learns through pCTCVR only; MMOE trains it directly on clicked rows.
+    assert tasks["cvr"].loss_weight == (0.0 if model == "esmm" else 1.0)
+    assert (tasks["ctcvr"].label, tasks["ctcvr"].rows) == ("buy", "all")
+
+
+def test_torchrun_command_is_standalone_with_the_world_size(tmp_path):
+    cmd = sweep_bench.torchrun_command(tmp_path / "w.py", 2, ["--x", "1"])
+    assert cmd[0] == sys.executable and cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--nproc_per_node=2" in cmd
+    assert cmd[-3:] == [str(tmp_path / "w.py"), "--x", "1"]
+
+
+def test_read_prebuilt_names_the_file_and_missing_keys(tmp_path):
+    path = tmp_path / "prebuilt.json"
+    with pytest.raises(BenchmarkError, match="no such file"):
+        sweep_bench.read_prebuilt(path)
+    path.write_text("{not json")
+    with pytest.raises(BenchmarkError, match="not JSON"):
+        sweep_bench.read_prebuilt(path)
+    path.write_text(json.dumps({"samples_per_s": 1.0}))
+    with pytest.raises(BenchmarkError, match="timed_samples"):
+        sweep_bench.read_prebuilt(path)
+    full = {k: 1 for k in sweep_bench.PREBUILT_KEYS}
+    path.write_text(json.dumps(full))
+    assert sweep_bench.read_prebuilt(path) == full
+
+
+def _sweep_record(entries):
+    return {"entries": entries, "towers": [16, 8], "steps": 50, "warmup": 5, "command": "python sweep.py",
+            "date": "2026-01-01T00:00:00+00:00", "machine": {"usable_cores": 2, "cpu_model": "cpu"},
+            "data": {"train_impressions": 2_000_000, "history_ids_per_user": 500.0, "impressions_per_user": 58.0}}
+
+
+def test_sweep_markdown_table_places_each_rate_in_its_row_and_column():
+    def entry(model, batch, world, reader, rate):
+        return {"model": model, "batch_size_per_rank": batch, "world_size": world, "reader": reader,
+                "samples_per_s": rate}
+
+    entries = [entry("mmoe", 1024, 2, "excluded", 7000.4), entry("esmm", 4096, 1, "included", 123456.7),
+               entry("esmm", 1024, 2, "excluded", 50000.0)]
+    lines = sweep_bench.markdown_table(_sweep_record(entries)).splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    assert header == "| model | batch/rank | 1 rank, reader included | 2 ranks, reader excluded |"
+    rows = [line for line in lines if line.startswith("| ESMM") or line.startswith("| MMOE")]
+    assert rows == ["| ESMM | 1,024 | - | 50,000 |", "| ESMM | 4,096 | 123,457 | - |", "| MMOE | 1,024 | - | 7,000 |"]
+    assert lines[-1] == "`python sweep.py`"
+
+
+# ----------------------------------------------------------------------------------------- prebuilt_steps
+
+
+def test_timed_samples_counts_the_batches_of_the_timed_steps():
+    sizes = [3, 4, 5]
+    for warmup in range(5):
+        for steps in range(1, 8):
+            expected = sum(sizes[(warmup + i) % len(sizes)] for i in range(steps))
+            assert prebuilt_steps.timed_samples(sizes, warmup, steps) == expected
+    assert prebuilt_steps.timed_samples([3, 4, 5], 2, 4) == 5 + 3 + 4 + 5
+    with pytest.raises(ValueError, match="no batches"):
+        prebuilt_steps.timed_samples([], 0, 1)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        prebuilt_steps.timed_samples([1], 0, 0)
+
+
+# ----------------------------------------------------------------------------------------- accuracy_bench
+
+
+@pytest.mark.parametrize("text,value", [("500000", 500_000), ("500_000", 500_000), ("500k", 500_000),
+                                        ("0.5M", 500_000), ("2M", 2_000_000), ("2.5m", 2_500_000), ("7", 7)])
+def test_parse_count_accepts_suffixes(text, value):
+    assert accuracy_bench.parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "1.5", "0.0000001M", "-3", "2G"])
+def test_parse_count_rejects_what_is_not_a_count(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        accuracy_bench.parse_count(text)
+
+
+def test_parse_sizes_sorts_and_deduplicates():
+    assert accuracy_bench.parse_sizes("8M,0.5M,2M,2000000") == [500_000, 2_000_000, 8_000_000]
+    with pytest.raises(argparse.ArgumentTypeError, match="at least one"):
+        accuracy_bench.parse_sizes(" , ")
+
+
+def test_world_config_fixes_the_vocabulary_for_every_size():
+    base = accuracy_bench.DEFAULT_WORLD
+    world = accuracy_bench.world_config([500_000, 8_000_000], base, None)
+    assert world.vocab_scale == pytest.approx(8_000_000 / REAL_TRAIN_IMPRESSIONS)
+    assert accuracy_bench.world_config([1, 10**9], base, None).vocab_scale == 1.0
+    assert accuracy_bench.world_config([500_000], base, 0.25).vocab_scale == 0.25
+    assert world.test_impressions == base.test_impressions and world.click_rate == base.click_rate
+
+
+def test_task_results_gap_and_undefined_auc():
+    metrics = {"ctr/auc": 0.61, "ctr/logloss": 0.3, "cvr/auc": float("nan"), "ctcvr/auc": 0.70}
+    oracle = {"ctr": 0.71, "cvr": 0.74, "ctcvr": float("nan")}
+    out = accuracy_bench.task_results(metrics, oracle)
+    assert out["ctr"]["auc"] == 0.61 and out["ctr"]["gap"] == pytest.approx(0.10)
+    assert out["cvr"] == {"auc": None, "oracle_auc": 0.74, "gap": None}
+    assert out["ctcvr"] == {"auc": 0.70, "oracle_auc": None, "gap": None}
+    assert accuracy_bench.task_results({"ctr/auc": 0.6}, oracle).keys() == {"ctr"}
+
+
+@pytest.mark.parametrize("model", ["esmm", "mmoe"])
+def test_accuracy_overrides_keep_the_recipe_and_select_on_test(tmp_path, model):
+    config = REPO / "configs" / "synthetic_cpu.toml"
+    recipe = load_config(config)
+    cfg = load_config(config, accuracy_bench.job_overrides(model, tmp_path, tmp_path / "run", 2,
+                                                           ["train.eval_every_steps=100"]))
+    assert cfg.model.head == model and cfg.train.epochs == 2 and cfg.train.eval_every_steps == 100
+    assert cfg.data.batch_size == recipe.data.batch_size and cfg.model.tower_dims == recipe.model.tower_dims
+    assert cfg.train.early_stop_metric == "ctcvr/auc"
+    assert (cfg.data.val_split, cfg.data.eval_split) == ("", "test")
+
+
+def test_truth_digest_follows_rows_not_encoding(tmp_path):
+    table = pa.table({"sample_id": pa.array([1, 2, 3], pa.int64()), "click": pa.array([0, 1, 1], pa.int8()),
+                      "buy": pa.array([0, 0, 1], pa.int8()), "p_ctr": pa.array([0.1, 0.5, 0.7], pa.float32()),
+                      "p_cvr": pa.array([0.2, 0.1, 0.9], pa.float32())})
+    assert table.column_names == list(TRUTH_COLUMNS)
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=1, compression="zstd")
+    pq.write_table(table, tmp_path / "b.parquet", compression="none")
+    changed = table.set_column(3, "p_ctr", pa.array([0.1, 0.5, 0.8], pa.float32()))
+    pq.write_table(changed, tmp_path / "c.parquet")
+    digest = accuracy_bench.truth_digest
+    assert digest(tmp_path / "a.parquet") == digest(tmp_path / "b.parquet") != digest(tmp_path / "c.parquet")
+
+
+def _accuracy_record():
+    def row(auc, oracle):
+        return {"auc": auc, "oracle_auc": oracle, "gap": None if auc is None else oracle - auc}
+
+    accuracy = {
+        "500000": {"esmm": {"ctr": row(0.60, 0.71), "cvr": row(0.65, 0.74), "ctcvr": row(0.70, 0.83)},
+                   "mmoe": {"ctr": row(0.59, 0.71), "cvr": row(None, 0.74), "ctcvr": row(0.69, 0.83)}},
+        "2000000": {"esmm": {"ctr": row(0.66, 0.71), "cvr": row(0.70, 0.74), "ctcvr": row(0.78, 0.83)}},
+    }
+    runs = {size: {m: {"steps": 100, "best_step": 50} for m in models} for size, models in accuracy.items()}
+    return {"accuracy": accuracy, "runs": runs, "oracle_auc": {"ctr": 0.71, "cvr": 0.74, "ctcvr": 0.83},
+            "model_selection": accuracy_bench.MODEL_SELECTION_NOTE, "command": "python acc.py",
+            "recipe": {"config": "configs/synthetic_cpu.toml", "epochs": 2, "world_size": 2},
+            "date": "2026-01-01", "machine": {"usable_cores": 2, "cpu_model": "cpu"},
+            "data": {"test_impressions": 500_000, "synthetic_config": {
+                "history_ids_per_user": 500.0, "click_rate": 0.1, "buy_rate_after_click": 0.1}}}
+
+
+def test_accuracy_markdown_table_and_plot_points():
+    record = _accuracy_record()
+    text = accuracy_bench.markdown_table(record)
+    assert "| 500,000 | ESMM | 0.6000 (+0.1100) | 0.6500 (+0.0900) | 0.7000 (+0.1300) | 50 / 100 |" in text
+    assert "| 500,000 | MMOE | 0.5900 (+0.1200) | - | 0.6900 (+0.1400) | 50 / 100 |" in text
+    assert "| - | oracle | 0.7100 | 0.7400 | 0.8300 | - |" in text
+    assert "2 epochs, 2 ranks" in text and "only train and test splits" in text
+    points = accuracy_bench.accuracy_points(record["accuracy"])
+    assert len(points) == 9
+    assert plots.AccuracyPoint("esmm", "cvr", 2_000_000, 0.70, 0.74) in points
+    assert plots.AccuracyPoint("mmoe", "cvr", 500_000, None, 0.74) in points
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def test_plots_write_png_files_and_nothing_else(tmp_path):
+    sweep = [plots.SweepPoint(m, w, r, b, 1000.0 * b / w) for m in ("esmm", "mmoe") for w in (1, 2)
+             for r in ("included", "excluded") for b in (1024, 4096)]
+    path = plots.plot_sweep(sweep, tmp_path / "out" / "sweep.png", "sweep")
+    accuracy = plots.plot_accuracy(accuracy_bench.accuracy_points(_accuracy_record()["accuracy"]),
+                                   tmp_path / "out" / "accuracy.png", "accuracy")
+    for p in (path, accuracy):
+        data = p.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["accuracy.png", "sweep.png"]
+
+
+def test_plots_reject_empty_or_unknown_input(tmp_path):
+    with pytest.raises(ValueError, match="no points"):
+        plots.plot_sweep([], tmp_path / "s.png", "x")
+    with pytest.raises(ValueError, match="no points"):
+        plots.plot_accuracy([], tmp_path / "a.png", "x")
+    with pytest.raises(ValueError, match="unknown reader modes"):
+        plots.plot_sweep([plots.SweepPoint("esmm", 1, "cached", 1024, 1.0)], tmp_path / "s.png", "x")
+    assert not list(tmp_path.iterdir())
+
