@@ -160,6 +160,21 @@ def run_logged(cmd: Sequence[str], log: str | os.PathLike, what: str, cwd: str |
     return MeasuredRun(seconds=seconds, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), log=log)
 
 
+def read_json_record(path: str | os.PathLike, required: Sequence[str], kind: str, producer: str) -> dict:
+    """A JSON file another process wrote (``kind``, e.g. "summary"), checked for the keys the caller reads."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise BenchmarkError(f"{path}: no such file; {producer} wrote no {kind}") from e
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{path}: not JSON ({e})") from e
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise BenchmarkError(f"{path}: {kind} lacks {missing}")
+    return record
+
+
 def log_tail(log: str | os.PathLike, lines: int = 30) -> str:
     """The last ``lines`` lines of a log, progress-bar carriage returns folded away."""
     text = Path(log).read_bytes()[-200_000:].decode(errors="replace")

@@ -22,14 +22,13 @@ import json
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.train import exit_without_teardown, quiet_library_noise  # noqa: E402
+from launch.train import quiet_library_noise, run_as_script  # noqa: E402
 
 RESULT_KEYS = ("samples_per_s", "timed_samples", "timed_seconds", "steps", "warmup_steps", "batches_in_memory",
                "world_size")
@@ -144,11 +143,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        exit_without_teardown(e.code if isinstance(e.code, int) else 1)
-    except BaseException:
-        traceback.print_exc()
-        exit_without_teardown(1)
-    exit_without_teardown(0)
+    run_as_script(main)

@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, task_types, input_cols, label_cols = tutorial_model(args.model, data)
     bounds = {"train": (0, rows["train"]), "val": (rows["train"], rows["train"] + rows["val"]),
               "test": (rows["train"] + rows["val"], len(data))}
-    x = {s: {c: data[c].values[lo:hi] for c in input_cols} for s, (lo, hi) in bounds.items()}
-    y = {s: data[label_cols].values[lo:hi] for s, (lo, hi) in bounds.items()}
+    # Contiguous copies: pandas 3 hands out views that torch's default collate refuses (negative strides).
+    x = {s: {c: np.ascontiguousarray(data[c].values[lo:hi]) for c in input_cols} for s, (lo, hi) in bounds.items()}
+    y = {s: np.ascontiguousarray(data[label_cols].values[lo:hi]) for s, (lo, hi) in bounds.items()}
     train_loader, _, _ = DataGenerator(x["train"], y["train"]).generate_dataloader(
         x_val=x["val"], y_val=y["val"], x_test=x["test"], y_test=y["test"], batch_size=args.batch_size)
     trainer = MTLTrainer(model, task_types=task_types,

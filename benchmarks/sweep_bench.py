@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import shlex
 import shutil
@@ -44,6 +43,7 @@ from common import (  # noqa: E402
     command_line,
     library_versions,
     machine_info,
+    read_json_record,
     run_logged,
     write_result,
 )
@@ -135,16 +135,7 @@ def job_overrides(model: str, data: Path, run_dir: Path, batch_size: int, towers
 
 def read_prebuilt(path: Path) -> dict:
     """prebuilt_steps.py's result, checked for the keys the sweep reads."""
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise BenchmarkError(f"{path}: no such file; the prebuilt-steps worker wrote no result") from e
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{path}: not JSON ({e})") from e
-    missing = [k for k in PREBUILT_KEYS if k not in result]
-    if missing:
-        raise BenchmarkError(f"{path}: prebuilt-steps result lacks {missing}")
-    return result
+    return read_json_record(path, PREBUILT_KEYS, "prebuilt-steps result", "the prebuilt-steps worker")
 
 
 def measure(run: SweepRun, data: Path, work: Path, settings: SweepSettings, towers: Sequence[int],

@@ -46,13 +46,21 @@ from common import (  # noqa: E402
     command_line,
     library_versions,
     machine_info,
+    read_json_record,
     run_logged,
     write_result,
 )
 
 from dist_mtl.data.convert import convert_raw  # noqa: E402
 from dist_mtl.data.schema import METADATA_FILE, DatasetMetadata  # noqa: E402
-from dist_mtl.data.synthetic import SyntheticConfig, binary_auc, oracle_auc, write_raw, write_rechub_csv  # noqa: E402
+from dist_mtl.data.synthetic import (  # noqa: E402
+    SyntheticConfig,
+    binary_auc,
+    oracle_auc,
+    write_parquet_direct,
+    write_raw,
+    write_rechub_csv,
+)
 
 # ~500 history ids per user and the real (count > 10 filtered) table sizes of Ali-CCP, whatever the
 # number of impressions: torch-rechub steps Adam densely over every embedding row, so its speed depends
@@ -95,7 +103,7 @@ RECHUB_MODEL_NAMES = {"esmm": "ESMM", "mmoe": "MMOE"}
 
 @dataclass(frozen=True)
 class BenchData:
-    raw: Path  # Tianchi files + truth_{train,test}.parquet
+    raw: Path  # Tianchi files (or the directly written dataset) + truth_{train,test}.parquet
     parquet: Path  # dist_mtl dataset converted from raw
     rechub: Path  # ali_ccp_{train,val,test}.csv + truths
 
@@ -124,8 +132,25 @@ def _run_step(record: Path, wanted: dict, force: bool, title: str, step: Callabl
 
 
 def prepare_data(work: Path, cfg: SyntheticConfig, force: bool,
-                 say: Callable[[str], None] = print) -> tuple[BenchData, dict[str, float]]:
-    """Both layouts of one synthetic data set under ``work``, each reused when generated from ``cfg``."""
+                 say: Callable[[str], None] = print, tables: str = "data") -> tuple[BenchData, dict[str, float]]:
+    """Both layouts of one synthetic data set under ``work``, each reused when generated from ``cfg``.
+
+    ``tables="data"``: tables hold the ids the training data has (rechub's preprocessor numbering; our
+    converter). ``tables="full"``: both systems get tables of the full vocabulary of the data set this one
+    samples (rechub ids numbered over the generator's id space; our dataset written directly, whose
+    vocabularies count every possible id); the rows are the same.
+    """
+    if tables == "full":
+        data = BenchData(raw=work / "parquet_full", parquet=work / "parquet_full", rechub=work / "rechub_csv_full")
+        wanted = {**dataclasses.asdict(cfg), "tables": tables}
+        seconds = {
+            "parquet": _run_step(work / "parquet_full.done.json", wanted, force, "Parquet, full-vocabulary tables",
+                                 lambda: write_parquet_direct(data.parquet, cfg), say),
+            "rechub_csv": _run_step(work / "rechub_csv_full.done.json", wanted, force,
+                                    "torch-rechub CSV, full-vocabulary tables",
+                                    lambda: write_rechub_csv(data.rechub, cfg, table_rows="full"), say),
+        }
+        return data, seconds
     data = BenchData(raw=work / "raw", parquet=work / "parquet", rechub=work / "rechub_csv")
     wanted = dataclasses.asdict(cfg)
     seconds = {
@@ -175,16 +200,7 @@ SUMMARY_KEYS = ("train_samples_per_s", "samples_trained", "train_seconds", "wall
 
 def read_summary(path: Path) -> dict:
     """A run's summary.json, checked for the keys the benchmark reads."""
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise BenchmarkError(f"{path}: no such file; the training run wrote no summary") from e
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{path}: not JSON ({e})") from e
-    missing = [k for k in SUMMARY_KEYS if k not in summary]
-    if missing:
-        raise BenchmarkError(f"{path}: summary lacks {missing}")
-    return summary
+    return read_json_record(path, SUMMARY_KEYS, "summary", "the training run")
 
 
 def dist_mtl_task_aucs(metrics: Mapping[str, float]) -> dict[str, float | None]:
@@ -364,6 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="table sizes as a fraction of Ali-CCP's real ones, in (0, 1]; 'auto' scales them "
                              "with --train-impressions (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_DATA.seed)
+    parser.add_argument("--tables", choices=("data", "full"), default="data",
+                        help="table rows: the ids this data holds (rechub's own preprocessing), or the full "
+                             "vocabulary of the data set it samples (what a full-data run pays per step)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="global batch: torch-rechub's batch, split over the dist_mtl ranks")
     parser.add_argument("--nproc", type=int, default=2, help="dist_mtl ranks (torchrun --nproc_per_node)")
@@ -393,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     def say(text: str) -> None:
         print(f"[train_cpu_bench] {text}", flush=True)
 
-    data, data_seconds = prepare_data(work, cfg, args.force, say)
+    data, data_seconds = prepare_data(work, cfg, args.force, say, tables=args.tables)
     metadata = DatasetMetadata.load(data.parquet)
     oracle = oracle_auc(data.raw / "truth_test.parquet")
 
@@ -424,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
         **result,
         "target": {"esmm_ratio_vs_rechub_at_least": TARGET_ESMM_RATIO,
                    "met": None if esmm_ratio is None else esmm_ratio >= TARGET_ESMM_RATIO},
+        "tables": args.tables,
         "batch_size": args.batch_size,
         "batch_size_per_rank": args.batch_size // args.nproc,
         "world_size": args.nproc,

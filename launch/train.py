@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,12 +73,17 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def run_as_script(entry: Callable[[], object]) -> None:
+    """Run a torchrun worker's main and leave through exit_without_teardown, keeping its exit status."""
     try:
-        main()
+        entry()
     except SystemExit as e:
         exit_without_teardown(e.code if isinstance(e.code, int) else 1)
     except BaseException:
         traceback.print_exc()
         exit_without_teardown(1)
     exit_without_teardown(0)
+
+
+if __name__ == "__main__":
+    run_as_script(main)

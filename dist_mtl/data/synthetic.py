@@ -1354,7 +1354,8 @@ def _float16_text(scaled: np.ndarray) -> pa.Array:
     return pa.array([repr(float(str(v))) for v in distinct], pa.string()).take(pa.array(inverse.reshape(-1)))
 
 
-def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress: ProgressFn | None = None) -> dict:
+def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress: ProgressFn | None = None,
+                     table_rows: str = "train") -> dict:
     """torch-rechub's preprocessed layout: ``ali_ccp_{train,val,test}.csv`` (val/test = a seeded half
     each of the test split) and aligned ``truth_{train,val,test}.parquet``.
 
@@ -1365,7 +1366,13 @@ def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress:
     ``convert_raw(min_count=1)``), so both sides of a benchmark see the same ids. Numbering over the
     generator's whole id space instead would size rechub's tables (``max() + 1``) for ids that never
     occur, and rechub steps Adam over every row.
+
+    ``table_rows="full"`` numbers every id of the generator's vocabulary instead (local index + 1), so
+    rechub's tables have the rows they would have on the full data set this one samples: what a user
+    training on the full Ali-CCP pays per step, on a slice small enough to time.
     """
+    if table_rows not in ("train", "full"):
+        raise ValueError(f"table_rows must be 'train' or 'full', got {table_rows!r}")
     if cfg.extra_targets:
         raise ValueError("extra_targets are not part of the torch-rechub layout; use write_parquet_direct")
     out = Path(out_dir)
@@ -1399,7 +1406,8 @@ def write_rechub_csv(out_dir: str | os.PathLike, cfg: SyntheticConfig, progress:
             t0, done = time.perf_counter(), 0
             for chunk in generate_chunks(cfg, split):
                 keep, sparse, dense = _rechub_columns(chunk, model)
-                sparse = {f: _label_encode(v, encoding[f]) for f, v in sparse.items()}
+                if table_rows == "train":
+                    sparse = {f: _label_encode(v, encoding[f]) for f, v in sparse.items()}
                 truth = chunk.truth_table().filter(pa.array(keep))
                 if split == "train":
                     targets = [("train", np.ones(len(sparse["205"]), bool))]
