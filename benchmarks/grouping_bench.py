@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def bytes_per_impression(data: Path, batch_size: int, batches: int = 20) -> dict
 
 
 def train(data: Path, run_dir: Path, nproc: int, towers: list[int], grouped: bool, args) -> dict:
+    # A fresh run directory: the job resumes from checkpoints it finds, which would fold an earlier
+    # (interrupted) run's time and samples into this measurement.
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "synthetic_cpu.toml"),
            f'data.path="{data}"', f'run_dir="{run_dir}"', f"data.batch_size={args.batch_size}",

@@ -1,9 +1,11 @@
-"""The training job: a fixed build order, a short train loop, evaluation and early stopping.
+"""The training job: a fixed build order, a short train loop, evaluation, early stopping, checkpoints.
 
 Build order (as torchtitan and TorchRec's examples do it): process group and device; dataset metadata;
 model with tables on the meta device; fused table optimizer in backward; planner + DMP; deterministic
-table init; dense optimizer; readers; metrics and logger. ``train()`` then runs epochs, evaluates each
-epoch (and every ``eval_every_steps``), keeps the best model by ``early_stop_metric`` and finally reports
+table init; dense optimizer; TrainPipelineSparseDist; readers; metrics, logger and checkpoint managers.
+``train()`` resumes from the newest checkpoint if there is one, then runs epochs in segments that end
+where the job evaluates, checkpoints or stops (each segment drains the pipeline, so the model has
+trained exactly the batches counted), keeps the best model by ``early_stop_metric`` and finally reports
 the best model's metrics on the evaluation split.
 """
 

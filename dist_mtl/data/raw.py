@@ -423,12 +423,21 @@ def _first_rejected(values: list[bytes], type_: pa.DataType) -> int | None:
     return None
 
 
-def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
-    """(field, reason, detail) for a line the fast path rejected."""
+def split_line_ending(line: bytes) -> tuple[bytes, tuple[str, str, str] | None]:
+    """The line without a ``\\r`` of its ``\\r\\n`` ending, and a diagnosis when a carriage return
+    sits inside it (shared by the diagnosers of every line-oriented input)."""
     if line.endswith(b"\r"):
         line = line[:-1]
     if b"\r" in line:
-        return "line", BAD_LINE, "contains a carriage return inside the line"
+        return line, ("line", BAD_LINE, "contains a carriage return inside the line")
+    return line, None
+
+
+def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
+    """(field, reason, detail) for a line the fast path rejected."""
+    line, problem = split_line_ending(line)
+    if problem:
+        return problem
     columns = line.split(b",")
     if len(columns) != len(kind.columns):
         return (

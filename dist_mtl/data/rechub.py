@@ -37,6 +37,7 @@ from dist_mtl.data.raw import (
     line_bounds,
     read_typed_csv,
     rejected_lines,
+    split_line_ending,
     without_lines,
 )
 from dist_mtl.data.schema import (
@@ -127,10 +128,9 @@ def _accepted(data: bytes, header: _Header) -> bool:
 
 def _diagnose(line: bytes, header: _Header) -> tuple[str, str, str]:
     """(column, reason, detail) for a line the fast path rejected."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    if b"\r" in line:
-        return "line", BAD_LINE, "contains a carriage return inside the line"
+    line, problem = split_line_ending(line)
+    if problem:
+        return problem
     values = line.split(b",")
     if len(values) != len(header.names):
         return "line", WRONG_COLUMN_COUNT, f"has {len(values)} comma-separated columns, expected {len(header.names)}"
