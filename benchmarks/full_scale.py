@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     convert = run_step(steps, "convert", [
         py, "launch/convert.py", "raw", "--raw-dir", str(raw_dir), "--out", str(data_dir)], logs,
         lambda: {"disk_gb": disk_gb(data_dir)})
+    direct = None
     if share < 1.0:
         # The converter was timed on the share; the training set comes straight from the generator.
         data_dir = work / "parquet_direct"
-        run_step(steps, "generate_parquet", [
+        direct = run_step(steps, "generate_parquet", [
             py, "launch/generate.py", "--out", str(data_dir), "--format", "parquet",
             "--train-impressions", str(train_n), "--test-impressions", str(test_n), "--vocab-scale", "1.0",
             "--seed", "0"], logs, lambda: {"disk_gb": disk_gb(data_dir)})
@@ -151,8 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_minutes": train["eval_seconds"] / 60,
         "train_job_minutes": train["minutes"],
         "train_samples_per_s": train["train_samples_per_s"],
+        "generate_parquet_minutes": None if direct is None else direct["minutes"],
         "peak_rss_mb": {"generate": generate["peak_rss_mb"], "convert": convert["peak_rss_mb"],
-                        "train": train["peak_rss_mb"]},
+                        "train": train["peak_rss_mb"],
+                        **({} if direct is None else {"generate_parquet": direct["peak_rss_mb"]})},
         "disk_gb": {"raw": generate["disk_gb"], "parquet": disk_gb(data_dir), "total": disk_gb(work)},
         "auc": {t: train["metrics"][f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")},
         "oracle_auc": oracle,
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         "world_size": args.nproc,
         "batch_size": args.batch_size,
         "tower_dims": json.loads(args.tower_dims),
-        "total_minutes": sum(s["minutes"] for s in (generate, convert, train)),
+        "total_minutes": sum(s["minutes"] for s in (generate, convert, direct, train) if s is not None),
     }
     rows = [f"| {t} | {report['auc'][t]:.4f} | {oracle[t]:.4f} | {oracle[t] - report['auc'][t]:.4f} |"
             for t in ("ctr", "cvr", "ctcvr")]
