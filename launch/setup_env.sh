@@ -3,6 +3,7 @@
 #
 #   bash launch/setup_env.sh            # torch 2.13.0 / fbgemm-gpu-cpu 1.8.0 / torchrec 1.8.0 (default)
 #   bash launch/setup_env.sh 1.6        # torch 2.11.0 / fbgemm-gpu-cpu 1.6.0 / torchrec 1.6.1 (the GPU box's versions)
+#   bash launch/setup_env.sh cuda       # torch 2.11.0 (CUDA 13 build) / fbgemm-gpu 1.6.0 (CUDA) / torchrec 1.6.1: GPU hosts
 #   VENV=/path/to/venv bash launch/setup_env.sh
 #
 # torchrec is installed with --no-deps: its metadata requires the multi-GB CUDA `fbgemm-gpu`,
@@ -16,7 +17,9 @@ python="${PYTHON:-python3.11}"
 case "$stack" in
   1.8) torch_pin="torch==2.13.0"; fbgemm_pin="fbgemm-gpu-cpu==1.8.0"; torchrec_pin="torchrec==1.8.0" ;;
   1.6) torch_pin="torch==2.11.0"; fbgemm_pin="fbgemm-gpu-cpu==1.6.0"; torchrec_pin="torchrec==1.6.1" ;;
-  *) echo "unknown stack '$stack' (expected 1.8 or 1.6)" >&2; exit 2 ;;
+  # The registry's torch 2.11.0 is the CUDA 13 build; fbgemm-gpu 1.6.0 is linked against libcudart.so.13.
+  cuda) torch_pin="torch==2.11.0"; fbgemm_pin="fbgemm-gpu==1.6.0"; torchrec_pin="torchrec==1.6.1" ;;
+  *) echo "unknown stack '$stack' (expected 1.8, 1.6 or cuda)" >&2; exit 2 ;;
 esac
 
 "$python" -m venv "$venv"
