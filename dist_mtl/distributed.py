@@ -279,7 +279,3 @@ def init_embedding_tables(dmp: nn.Module, seed: int) -> None:
                 shard.tensor.copy_(full[r0 : r0 + nr, c0 : c0 + nc])
         else:
             value.copy_(full)
-
-
-def describe_plan(plan: ShardingPlan) -> str:
-    return str(plan)

@@ -175,8 +175,9 @@ class Trainer:
                 f"non-finite loss at step {self.global_step} (task losses {bad}) on batch from {source}"
             )
 
-    def _train_epoch(self, fetched: "_FetchLog") -> Iterator[dict[str, torch.Tensor]]:
-        """Yields each trained step's task losses; ``fetched.trained()`` describes its batch."""
+    def _segment_steps(self, fetched: "_FetchLog") -> Iterator[dict[str, torch.Tensor]]:
+        """Trains every batch of one segment, yielding each step's task losses; ``fetched.trained()``
+        describes the step's batch."""
         if self.pipeline is None:
             for batch in fetched:
                 yield self.train_step(batch)
@@ -210,7 +211,7 @@ class Trainer:
         log_every = self.cfg.train.log_every_steps
         t0, window_samples, local_samples = time.perf_counter(), 0, 0
         step_start = time.perf_counter()
-        for task_losses in self._train_epoch(segment):
+        for task_losses in self._segment_steps(segment):
             num_impressions, source = segment.trained()
             self._check_finite(task_losses, source)
             self.train_seconds += time.perf_counter() - step_start

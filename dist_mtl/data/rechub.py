@@ -28,8 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dist_mtl.data.raw import (
+from dist_mtl.data.raw import (  # skip-reason names shared with the raw Tianchi reader
+    BAD_LABEL,
+    BAD_LINE,
     DEFAULT_BLOCK_BYTES,
+    WRONG_COLUMN_COUNT,
     LineBlocks,
     RawFormatError,
     Rejected,
@@ -59,11 +62,8 @@ DENSE_COLUMNS = tuple("D" + f.name for f in ALI_CCP_FIELDS if f.multi_valued)
 RECHUB_COLUMNS = LABEL_COLUMNS + SPARSE_COLUMNS + DENSE_COLUMNS
 
 CLICK0_BUY1 = "click0_buy1"
-WRONG_COLUMN_COUNT = "wrong_column_count"
-BAD_LABEL = "bad_label"
 BAD_ID = "bad_id"
 BAD_WEIGHT = "bad_weight"
-BAD_LINE = "unparsable_line"
 
 _TYPES = {
     **{c: pa.int8() for c in LABEL_COLUMNS},

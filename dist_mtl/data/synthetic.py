@@ -1130,14 +1130,22 @@ def _skeleton_text(chunk: SyntheticChunk, tables: _TextTables, model: PlantedMod
         _key_strings(chunk.user_keys).take(pa.array(chunk.impression_user)),
         tables.counts(feature_num),
     ]
-    for f in SKELETON_SINGLE_FIELDS:
-        pieces.append(tables.ids(f).take(pa.array(chunk.item_fields[f] - model.ids[f].base)))
-    for c, j in zip(CROSS_FIELDS, cross):
-        pieces.append(tables.ids(c).take(pa.array(j.ids - model.ids[c].base)))
-        pieces.append(tables.values(j.weights, c))
+    pieces += _feature_pieces(tables, model, {f: chunk.item_fields[f] for f in SKELETON_SINGLE_FIELDS},
+                              dict(zip(CROSS_FIELDS, cross)))
     pieces.append(pa.array(["\n"]))
     order = _line_order(len(SKELETON_SINGLE_FIELDS), b, [j.offsets for j in cross], 4)
     return _gather_text(pieces, order)
+
+
+def _feature_pieces(tables: _TextTables, model: PlantedModel, singles: dict[str, np.ndarray],
+                    lists: dict[str, Jagged]) -> list[pa.Array]:
+    """Text pieces of a feature list, in the order ``_line_order`` interleaves: one ``field\\x02id``
+    piece per single-valued field, then per multi-valued field its ids and their ``\\x03value``s."""
+    pieces = [tables.ids(f).take(pa.array(v - model.ids[f].base)) for f, v in singles.items()]
+    for f, j in lists.items():
+        pieces.append(tables.ids(f).take(pa.array(j.ids - model.ids[f].base)))
+        pieces.append(tables.values(j.weights, f))
+    return pieces
 
 
 def _common_features_text(chunk: SyntheticChunk, tables: _TextTables, model: PlantedModel) -> pa.Buffer:
@@ -1146,11 +1154,8 @@ def _common_features_text(chunk: SyntheticChunk, tables: _TextTables, model: Pla
     hist = [chunk.history[h] for h in HISTORY_FIELDS]
     feature_num = len(USER_SINGLE_FIELDS) + sum(j.lengths for j in hist)
     pieces = [_key_strings(chunk.user_keys), tables.counts(feature_num)]
-    for f in USER_SINGLE_FIELDS:
-        pieces.append(tables.ids(f).take(pa.array(chunk.user_fields[f] - model.ids[f].base)))
-    for h, j in zip(HISTORY_FIELDS, hist):
-        pieces.append(tables.ids(h).take(pa.array(j.ids - model.ids[h].base)))
-        pieces.append(tables.values(j.weights, h))
+    pieces += _feature_pieces(tables, model, {f: chunk.user_fields[f] for f in USER_SINGLE_FIELDS},
+                              dict(zip(HISTORY_FIELDS, hist)))
     pieces.append(pa.array(["\n"]))
     order = _line_order(len(USER_SINGLE_FIELDS), u, [j.offsets for j in hist], 2)
     return _gather_text(pieces, order)
