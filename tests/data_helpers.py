@@ -7,12 +7,16 @@ user groups of about ``block_impressions`` impressions, so a few million impress
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from dist_mtl.data import schema
+
+#: The real torch-rechub sample files, in the shared folder beside the checkout (where CI has it too).
+RECHUB_SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "torch-rechub-sample"
 
 #: Small vocabularies (reserved index 0 included) so that random ids repeat and tests stay light.
 TEST_VOCAB_SIZES: dict[str, int] = {

@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from data_helpers import RECHUB_SAMPLE_DIR
 
 from dist_mtl.data import schema
 from dist_mtl.data.raw import RawFormatError
 from dist_mtl.data.rechub import RECHUB_COLUMNS, import_rechub_csv
 
-SAMPLES = Path("/work/shared/data/torch-rechub-sample")
+SAMPLES = RECHUB_SAMPLE_DIR
 FILES = {split: SAMPLES / f"ali_ccp_{split}_sample.csv" for split in ("train", "val", "test")}
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason="torch-rechub sample files not present")
+pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"torch-rechub sample files not present at {SAMPLES}")
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -2,13 +2,16 @@
 
 import json
 import math
-from pathlib import Path
+
+import pytest
+from data_helpers import RECHUB_SAMPLE_DIR
 
 from dist_mtl.config import load_config
 from dist_mtl.data.rechub import import_rechub_csv
 from dist_mtl.trainer import Trainer
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "torch-rechub-sample"
+SAMPLES = RECHUB_SAMPLE_DIR
+pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"torch-rechub sample files not present at {SAMPLES}")
 
 
 def test_esmm_trains_on_the_real_rechub_sample_import(tmp_path):

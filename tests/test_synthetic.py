@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_helpers import RECHUB_SAMPLE_DIR
 from sklearn.metrics import roc_auc_score
 
 from dist_mtl.data import schema, synthetic
 from dist_mtl.data.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
-RECHUB_SAMPLE_DIR = Path("/work/shared/data/torch-rechub-sample")
 SKELETON_FIELDS = set(synthetic.SKELETON_SINGLE_FIELDS) | set(synthetic.CROSS_FIELDS)
 COMMON_FIELDS = set(synthetic.USER_SINGLE_FIELDS) | set(synthetic.HISTORY_FIELDS)
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
