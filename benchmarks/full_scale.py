@@ -30,7 +30,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import REPO, command_line, library_versions, run_logged, write_result  # noqa: E402
 from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
-from dist_mtl.data.synthetic import SyntheticConfig, oracle_auc  # noqa: E402
+from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle_auc  # noqa: E402
 
 REAL_TRAIN, REAL_TEST = 42_300_135, 43_016_840
 # Measured on this generator at the default history length (write_raw of 200k impressions):
@@ -46,11 +46,17 @@ def disk_gb(path: Path) -> float:
 class Steps:
     """Finished steps and their figures, one JSON file per step."""
 
-    def __init__(self, work: Path, force: set[str]):
+    def __init__(self, work: Path, force: set[str], fingerprint: dict):
         self.dir = work / "steps"
         self.dir.mkdir(parents=True, exist_ok=True)
+        record = self.dir / "fingerprint.json"
+        if record.exists() and json.loads(record.read_text()) != fingerprint:
+            # Another size or generator version: none of the finished steps is this run's.
+            print(f"[full_scale] {work} holds steps of another config or generator; redoing all", flush=True)
+            force = {p.stem for p in self.dir.glob("*.json") if p != record}
         for name in force:
             (self.dir / f"{name}.json").unlink(missing_ok=True)
+        record.write_text(json.dumps(fingerprint, sort_keys=True))
 
     def done(self, name: str) -> dict | None:
         path = self.dir / f"{name}.json"
@@ -91,11 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(work, {s for s in args.force.split(",") if s})
-    logs = work / "logs"
     train_n, test_n = int(REAL_TRAIN * args.scale), int(REAL_TEST * args.scale)
     # Vocabularies of the full data whatever the scale, so a rehearsal exercises the same tables.
     cfg = SyntheticConfig(train_impressions=train_n, test_impressions=test_n, vocab_scale=1.0, seed=0)
+    steps = Steps(work, {s for s in args.force.split(",") if s},
+                  {**dataset_fingerprint(cfg), "raw_share": args.raw_share, "batch_size": args.batch_size,
+                   "tower_dims": args.tower_dims, "nproc": args.nproc})
+    logs = work / "logs"
 
     need_raw = (train_n + test_n) * RAW_BYTES_PER_IMPRESSION
     need_total = need_raw * 1.15 + 2 * (train_n + test_n) * PARQUET_BYTES_PER_IMPRESSION
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
             py, "launch/generate.py", "--out", str(data_dir), "--format", "parquet",
             "--train-impressions", str(train_n), "--test-impressions", str(test_n), "--vocab-scale", "1.0",
             "--seed", "0"], logs, lambda: {"disk_gb": disk_gb(data_dir)})
+    if steps.done("train") is None:
+        # A rerun of this step trains afresh: left in place, the trainer would resume the finished run.
+        shutil.rmtree(run_dir, ignore_errors=True)
     train = run_step(steps, "train", [
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "launch/train.py",
         "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"', f'run_dir="{run_dir}"',

@@ -32,7 +32,7 @@ from common import REPO, command_line, library_versions, run_logged, write_resul
 from dist_mtl.data.batch import GroupedBatch  # noqa: E402
 from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
 from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
-from dist_mtl.data.synthetic import SyntheticConfig, write_parquet_direct  # noqa: E402
+from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, write_parquet_direct  # noqa: E402
 
 TOWERS = {"small": [16, 8], "paper": [360, 200, 80]}
 MIN_HISTORY = 4.0  # the generator's floor: one id in each of the four history lists
@@ -40,7 +40,7 @@ MIN_HISTORY = 4.0  # the generator's floor: one id in each of the four history l
 
 def ensure_dataset(root: Path, cfg: SyntheticConfig) -> Path:
     record = root / "synthetic.json"
-    wanted = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    wanted = json.dumps(dataset_fingerprint(cfg), sort_keys=True)
     if not ((root / METADATA_FILE).exists() and record.exists() and record.read_text() == wanted):
         print(f"writing {root} ({cfg.train_impressions:,} train impressions)", flush=True)
         write_parquet_direct(root, cfg)

@@ -55,6 +55,7 @@ from dist_mtl.data.convert import convert_raw  # noqa: E402
 from dist_mtl.data.schema import METADATA_FILE, DatasetMetadata  # noqa: E402
 from dist_mtl.data.synthetic import (  # noqa: E402
     SyntheticConfig,
+    dataset_fingerprint,
     binary_auc,
     oracle_auc,
     write_parquet_direct,
@@ -142,7 +143,7 @@ def prepare_data(work: Path, cfg: SyntheticConfig, force: bool,
     """
     if tables == "full":
         data = BenchData(raw=work / "parquet_full", parquet=work / "parquet_full", rechub=work / "rechub_csv_full")
-        wanted = {**dataclasses.asdict(cfg), "tables": tables}
+        wanted = {**dataset_fingerprint(cfg), "tables": tables}
         seconds = {
             "parquet": _run_step(work / "parquet_full.done.json", wanted, force, "Parquet, full-vocabulary tables",
                                  lambda: write_parquet_direct(data.parquet, cfg), say),
@@ -152,7 +153,7 @@ def prepare_data(work: Path, cfg: SyntheticConfig, force: bool,
         }
         return data, seconds
     data = BenchData(raw=work / "raw", parquet=work / "parquet", rechub=work / "rechub_csv")
-    wanted = dataclasses.asdict(cfg)
+    wanted = dataset_fingerprint(cfg)
     seconds = {
         "raw": _run_step(work / "raw.done.json", wanted, force, "synthetic raw Ali-CCP",
                          lambda: write_raw(data.raw, cfg), say),

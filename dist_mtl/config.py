@@ -73,6 +73,10 @@ class ModelConfig:
     """Dropout after each hidden layer."""
     activation: str = "relu"
     """Hidden activation: relu, gelu, silu, tanh or sigmoid."""
+    interaction: str = "none"
+    """"none": heads read the concatenated pooled embeddings; "dot": also every pairwise dot product of
+    the pooled field embeddings (DLRM-style; user-user products once per user). "dot" needs one
+    embedding dim for all fields."""
 
 
 @dataclass
@@ -93,6 +97,10 @@ class OptimizerConfig:
     """Optimizer fused into the embedding backward: sgd, adagrad, rowwise_adagrad (adam on CUDA only)."""
     sparse_lr: float = 0.05
     """Learning rate of the embedding tables."""
+    sparse_eps: float = 1e-8
+    """Adagrad / row-wise Adagrad epsilon of the tables (step = lr * g / (sqrt(sum g^2) + eps)); also given
+    to data-parallel tables (torchrec's RowWiseAdagrad defaults to 1e-10, fbgemm's fused one to 1e-8), so
+    a table trains the same sharded or replicated."""
     dense: str = "adam"
     """Optimizer of the dense (tower, expert, gate) parameters: adam, adagrad or sgd."""
     dense_lr: float = 1e-3
@@ -285,6 +293,13 @@ def _validate(cfg: JobConfig) -> None:
         if not dims or any(d <= 0 for d in dims):
             raise ConfigError(f"{where} must be a non-empty list of positive sizes, got {dims}")
     positive("model.num_experts", m.num_experts)
+    if m.interaction not in ("none", "dot"):
+        raise ConfigError(f"model.interaction must be 'none' or 'dot', got {m.interaction!r}")
+    if m.interaction == "dot" and any(d != m.embedding_dim for d in m.field_dims.values()):
+        raise ConfigError(
+            f"model.interaction = 'dot' takes dot products between fields, so every field needs the same "
+            f"dim; model.field_dims {dict(m.field_dims)} differ from model.embedding_dim = {m.embedding_dim}"
+        )
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     from dist_mtl.models.layers import ACTIVATIONS
@@ -310,6 +325,7 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optimizer.dense must be one of {DENSE_OPTIMIZERS}, got {o.dense!r}")
     positive("optimizer.sparse_lr", o.sparse_lr)
     positive("optimizer.dense_lr", o.dense_lr)
+    positive("optimizer.sparse_eps", o.sparse_eps)
 
     t = cfg.train
     positive("train.epochs", t.epochs)

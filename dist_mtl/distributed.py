@@ -35,9 +35,6 @@ CPU_SHARDING_TYPES = (
     ShardingType.TABLE_COLUMN_WISE.value,
 )
 CPU_SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
-# fbgemm's fused Adagrad default, passed to torchrec's RowWiseAdagrad too (its default is 1e-10), so a
-# table trains the same whether it is sharded (fused) or data-parallel.
-TABLE_ADAGRAD_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -198,7 +195,7 @@ def shard_model(
     opt_cls = sparse_optimizer(optimizer.sparse, ctx.device)
     opt_kwargs: dict[str, Any] = {"lr": optimizer.sparse_lr}
     if optimizer.sparse in ("adagrad", "rowwise_adagrad"):
-        opt_kwargs["eps"] = TABLE_ADAGRAD_EPS
+        opt_kwargs["eps"] = optimizer.sparse_eps
     for ebc in sparse_modules(model):
         apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
 
@@ -240,7 +237,7 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
         table_cls = sparse_optimizer(cfg.sparse, next(iter(tables.values())).device)
         kwargs: dict[str, Any] = {"lr": cfg.sparse_lr}
         if cfg.sparse in ("adagrad", "rowwise_adagrad"):
-            kwargs["eps"] = TABLE_ADAGRAD_EPS
+            kwargs["eps"] = cfg.sparse_eps
         optimizers.append(
             ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: table_cls(p, **kwargs)))
         )

@@ -80,14 +80,16 @@ def _jit_without_deprecation_notices() -> Iterator[None]:
 
 
 class _HeadPredictions(nn.Module):
-    """The head with its ModelOutput reduced to the predictions dict, so that it can be traced."""
+    """The head input and the head, with ModelOutput reduced to the predictions dict, so that it can be
+    traced."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head_input: nn.Module, head: nn.Module):
         super().__init__()
+        self.head_input = head_input
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.head(x).predictions
+    def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.head(self.head_input(user, item, user_index)).predictions
 
 
 class ServingModule(nn.Module):
@@ -120,19 +122,18 @@ class ServingModule(nn.Module):
         # By name, as in embeddings.gather_pooled: an EBC's output key order is its own.
         user = KeyedTensor.regroup([self.user_ebc(users)], [self.user_keys])[0]
         item = KeyedTensor.regroup([self.item_ebc(items)], [self.item_keys])[0]
-        return self.head(torch.cat([user.index_select(0, user_index), item], dim=1))
+        return self.head(user, item, user_index)
 
 
 def script_serving_module(model: MultiTaskModel) -> torch.jit.ScriptModule:
     model = model.eval()
-    in_dim = _head_input_dim(model)
+    user_dim, item_dim = (sum(t.embedding_dim for t in ebc.embedding_bag_configs())
+                          for ebc in (model.user_ebc, model.item_ebc))
+    # Two users, three impressions: shapes the trace must not specialise on.
+    example = (torch.zeros(2, user_dim), torch.zeros(3, item_dim), torch.tensor([0, 1, 1]))
     with _jit_without_deprecation_notices():
-        head = torch.jit.trace(_HeadPredictions(model.head), (torch.zeros(2, in_dim),), strict=False)
+        head = torch.jit.trace(_HeadPredictions(model.head_input, model.head), example, strict=False)
         return torch.jit.script(ServingModule(model.user_ebc, model.item_ebc, head))
-
-
-def _head_input_dim(model: MultiTaskModel) -> int:
-    return sum(t.embedding_dim for ebc in (model.user_ebc, model.item_ebc) for t in ebc.embedding_bag_configs())
 
 
 def vocab_sizes_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from dist_mtl.data.convert import convert_raw  # noqa: E402
 from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
-from dist_mtl.data.synthetic import SyntheticConfig, oracle_auc, write_raw  # noqa: E402
+from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle_auc, write_raw  # noqa: E402
 
 # Small enough for a few minutes on 2 cores; rates raised from Ali-CCP's 3.9% / 0.54% so that
 # ~300k impressions hold enough conversions for a CTCVR AUC worth reading.
@@ -39,7 +40,7 @@ DEFAULT_DATA = SyntheticConfig(
 
 def generate(raw_dir: Path, cfg: SyntheticConfig, force: bool) -> None:
     record = raw_dir / "generated.json"
-    wanted = dataclasses.asdict(cfg)
+    wanted = dataset_fingerprint(cfg)
     if not force and record.exists() and json.loads(record.read_text()) == wanted:
         print(f"[1/3] synthetic raw Ali-CCP: reusing {raw_dir}")
         return
@@ -65,6 +66,9 @@ def convert(raw_dir: Path, data_dir: Path, force: bool) -> None:
 
 
 def train(config: Path, data_dir: Path, run_dir: Path, nproc: int, overrides: list[str]) -> dict:
+    # Always a fresh run: the trainer resumes from a run directory's checkpoints, and a finished run of an
+    # earlier data set, config or override list must not stand in for this one (training takes seconds).
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(ROOT / "launch" / "train.py"), "--config", str(config),

@@ -45,8 +45,10 @@ def test_tasks_from_toml(tmp_path):
         ("model.field_dims={\"205\" = 10}", "model.field_dims.205 = 10"),
         ("model.head=transformer", "model.head must be one of"),
         ("model.activation=swish", "model.activation must be one of"),
+        ("model.interaction=cross", "model.interaction must be 'none' or 'dot'"),
         ("sharding.sharding_type=diagonal", "sharding.sharding_type must be one of"),
         ("optimizer.sparse=lamb", "optimizer.sparse must be one of"),
+        ("optimizer.sparse_eps=0", "optimizer.sparse_eps must be > 0"),
         ("train.early_stop_metric=\"nope/auc\"", "names no task"),
         ("data.shuffle=3", "expected true or false"),
         ("justaword", "not of the form"),
@@ -55,6 +57,12 @@ def test_tasks_from_toml(tmp_path):
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_dot_interaction_needs_one_embedding_dim():
+    with pytest.raises(ConfigError, match="every field needs the same dim"):
+        load_config(None, ['model.field_dims={"205" = 32}', "model.interaction=dot"])
+    assert load_config(None, ['model.field_dims={"205" = 16}', "model.interaction=dot"]).model.interaction == "dot"
 
 
 def test_task_errors(tmp_path):

@@ -131,6 +131,16 @@ def one_rank():
     shutdown_distributed()
 
 
+def test_dot_interaction_exported_live_from_one_rank(one_rank, tmp_path):
+    cfg = worker.job_config("table_wise", {}, ("model.interaction=dot",))
+    dmp, opt = worker.build(cfg)
+    worker.train(dmp, opt, 0, 2)
+    expected = worker.predictions(dmp)
+    got = scores(load_exported(export_model(tmp_path / "dot", cfg, dmp=dmp)), worker.scoring_batches())
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
+
+
 def test_mmoe_exported_live_from_one_rank(one_rank, tmp_path):
     tasks = '[{name = "ctr", label = "click"}, {name = "ctcvr", label = "buy"}]'
     cfg = worker.job_config("table_wise", {}, ("model.head=mmoe", "model.expert_dims=[16]", "model.num_experts=3",

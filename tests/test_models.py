@@ -4,7 +4,8 @@ import torch
 from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
 from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.models.embeddings import gather_pooled
+from dist_mtl.models.embeddings import gather_pooled, pooled_by_name, table_name
+from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 from model_helpers import VOCAB_SIZES, random_batch, small_model_config
 
@@ -15,9 +16,11 @@ MMOE_TASKS = [
 ]
 
 
-def build(head: str, tasks):
+def build(head: str, tasks, interaction: str = "none"):
     torch.manual_seed(0)
-    return MultiTaskModel(small_model_config(head), VOCAB_SIZES, tasks, sparse_device="cpu")
+    cfg = small_model_config(head)
+    cfg.interaction = interaction
+    return MultiTaskModel(cfg, VOCAB_SIZES, tasks, sparse_device="cpu")
 
 
 @pytest.mark.parametrize("head,tasks", [("esmm", default_esmm_tasks()), ("mmoe", MMOE_TASKS),
@@ -84,6 +87,38 @@ def test_grouped_and_expanded_pool_identically():
     loss_g, _ = MultiTaskLoss(default_esmm_tasks())(model(batch), batch.labels)
     loss_e, _ = MultiTaskLoss(default_esmm_tasks())(model(expanded), expanded.labels)
     torch.testing.assert_close(loss_g, loss_e, rtol=1e-6, atol=1e-6)
+
+
+def test_dot_interaction_is_every_pairwise_product_of_the_gathered_fields():
+    model = build("esmm", default_esmm_tasks(), interaction="dot")
+    batch = random_batch(num_users=5, num_impressions=17)
+    x = model.head_input(*pooled_by_name(model.user_ebc(batch.user_features),
+                                         model.item_ebc(batch.item_features)), batch.user_index)
+    plain = gather_pooled(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
+                          batch.user_index)
+    n_user, n_item, dim = len(USER_FIELDS), len(ITEM_FIELDS), 8
+    assert x.shape == (17, plain.shape[1] + GroupedDotInteraction.num_pairs(n_user, n_item))
+    torch.testing.assert_close(x[:, : plain.shape[1]], plain)
+    # The documented order, computed the slow way: user-user, user-item, item-item pairs.
+    f = plain.view(17, n_user + n_item, dim)
+    pairs = [(a, b) for a in range(n_user) for b in range(a + 1, n_user)]
+    pairs += [(a, n_user + b) for a in range(n_user) for b in range(n_item)]
+    pairs += [(n_user + a, n_user + b) for a in range(n_item) for b in range(a + 1, n_item)]
+    expected = torch.stack([(f[:, a] * f[:, b]).sum(-1) for a, b in pairs], dim=1)
+    torch.testing.assert_close(x[:, plain.shape[1]:], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dot_interaction_grouped_equals_expanded_and_trains():
+    tasks = default_esmm_tasks()
+    model = build("esmm", tasks, interaction="dot")
+    batch = random_batch(num_users=6, num_impressions=40)
+    expanded = batch.expanded()
+    loss_g, _ = MultiTaskLoss(tasks)(model(batch), batch.labels)
+    loss_e, _ = MultiTaskLoss(tasks)(model(expanded), expanded.labels)
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-6, atol=1e-6)
+    loss_g.backward()
+    user_table = model.user_ebc.embedding_bags[table_name(USER_FIELDS[0].name)].weight
+    assert user_table.grad is not None and float(user_table.grad.abs().sum()) > 0
 
 
 def test_pooled_columns_follow_schema_order_not_ebc_key_order():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import tomllib
 
 import pytest
@@ -78,14 +79,19 @@ def test_unwritable_run_dir_is_refused(dataset, tmp_path):
 
 def test_diverging_loss_stops_with_the_step_and_the_batch_source(tmp_path):
     data = tmp_path / "data"
-    write_random_dataset(data, splits={"train": 120, "test": 30}, extra_columns={"price": "float32"}, seed=4)
-    cfg = load_config(None, [f'data.path="{data}"', f'run_dir="{tmp_path / "run"}"', "data.batch_size=64",
+    write_random_dataset(data, splits={"train": 640, "test": 30}, extra_columns={"price": "float32"}, seed=4)
+    # Losses are checked on the host only at logging steps and segment ends (log_every_steps=1000: once,
+    # after all 20 steps); the error must still name the first bad step, not the step of the check.
+    cfg = load_config(None, [f'data.path="{data}"', f'run_dir="{tmp_path / "run"}"', "data.batch_size=32",
+                             "train.log_every_steps=1000",
                              'model.head="mmoe"', "model.embedding_dim=8", "model.tower_dims=[16,8]",
                              "model.expert_dims=[16]", "train.progress_bar=false", 'train.early_stop_metric="price/mse"',
                              'tasks=[{name = "price", label = "price", type = "regression"}]',
                              'optimizer.dense="sgd"', "optimizer.dense_lr=1e12"])
-    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+ .* on batch from .*impressions-\d+\.parquet"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+ .* on batch from .*impressions-\d+\.parquet") as err:
         Trainer(cfg).train()
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert 1 <= step <= 3, str(err.value)
 
 
 def test_early_stopping_on_an_error_metric_prefers_lower_values(dataset, tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ from dist_mtl.config import ModelConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, gather_pooled
+from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, pooled_by_name
+from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
 from dist_mtl.models.mmoe import MMOEHead, SharedBottomHead
 from dist_mtl.tasks import TaskConfig
@@ -24,11 +25,30 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.user_ebc = build_ebc(USER_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
         self.item_ebc = build_ebc(ITEM_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
-        self.head = HEADS[cfg.head](embedding_output_dim(cfg.embedding_dim, cfg.field_dims), cfg, tasks)
+        self.head_input = HeadInput(cfg)
+        self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks)
 
     def forward(self, batch: GroupedBatch) -> ModelOutput:
-        x = gather_pooled(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features), batch.user_index)
-        return self.head(x)
+        user, item = pooled_by_name(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features))
+        return self.head(self.head_input(user, item, batch.user_index))
+
+
+class HeadInput(nn.Module):
+    """What every head reads: user rows gathered to impressions, item rows, and with
+    ``model.interaction = "dot"`` the pairwise dot products of all pooled field embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = embedding_output_dim(cfg.embedding_dim, cfg.field_dims)
+        self.dot = None
+        if cfg.interaction == "dot":
+            self.dot = GroupedDotInteraction(len(USER_FIELDS), len(ITEM_FIELDS), cfg.embedding_dim)
+            self.out_dim += GroupedDotInteraction.num_pairs(len(USER_FIELDS), len(ITEM_FIELDS))
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+        if self.dot is not None:
+            return self.dot(user, item, user_index)
+        return torch.cat([user.index_select(0, user_index), item], dim=1)
 
 
 def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:

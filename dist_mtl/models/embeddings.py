@@ -50,17 +50,21 @@ def embedding_output_dim(embedding_dim: int, field_dims: Mapping[str, int]) -> i
     return sum(field_dims.get(f.name, embedding_dim) for f in USER_FIELDS + ITEM_FIELDS)
 
 
+def pooled_by_name(user_pooled: KeyedTensor, item_pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([U, user dims], [B, item dims])`` with columns in schema field order, whatever order a sharded
+    EBC returned its keys in."""
+    user = KeyedTensor.regroup([user_pooled], [USER_KEYS])[0]
+    item = KeyedTensor.regroup([item_pooled], [ITEM_KEYS])[0]
+    return user, item
+
+
 def gather_pooled(
     user_pooled: KeyedTensor,
     item_pooled: KeyedTensor,
     user_index: torch.Tensor,
 ) -> torch.Tensor:
-    """[B, sum of dims]: user rows (pooled once per user) gathered to impressions, then item fields.
-
-    Columns follow schema field order whatever order a sharded EBC returned its keys in.
-    """
-    user = KeyedTensor.regroup([user_pooled], [USER_KEYS])[0]
-    item = KeyedTensor.regroup([item_pooled], [ITEM_KEYS])[0]
+    """[B, sum of dims]: user rows (pooled once per user) gathered to impressions, then item fields."""
+    user, item = pooled_by_name(user_pooled, item_pooled)
     return torch.cat([user.index_select(0, user_index), item], dim=1)
 
 
