@@ -69,11 +69,14 @@ class Steps:
         return figures
 
 
-def run_step(steps: Steps, name: str, cmd: list[str], log_dir: Path, figures=lambda: {}) -> dict:
+def run_step(steps: Steps, name: str, cmd: list[str], output: Path, log_dir: Path, figures=lambda: {}) -> dict:
+    """Run a step unless it finished before. ``output`` (the directory the step writes) is removed first:
+    a rerun must not build on an earlier attempt's files, nor the trainer resume an earlier run."""
     previous = steps.done(name)
     if previous is not None:
         print(f"[{name}] done before: {previous}", flush=True)
         return previous
+    shutil.rmtree(output, ignore_errors=True)
     print(f"[{name}] {' '.join(cmd)}\n  log: {log_dir / (name + '.log')}", flush=True)
     run = run_logged(cmd, log_dir / f"{name}.log", name, cwd=REPO)
     result = {"minutes": run.seconds / 60, "peak_rss_mb": run.peak_rss_mb, **figures()}
@@ -120,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     generate = run_step(steps, "generate", [
         py, "launch/generate.py", "--out", str(raw_dir), "--format", "raw",
         "--train-impressions", str(raw_cfg.train_impressions), "--test-impressions", str(raw_cfg.test_impressions),
-        "--vocab-scale", "1.0", "--seed", "0"], logs, lambda: {"disk_gb": disk_gb(raw_dir)})
+        "--vocab-scale", "1.0", "--seed", "0"], raw_dir, logs, lambda: {"disk_gb": disk_gb(raw_dir)})
     convert = run_step(steps, "convert", [
-        py, "launch/convert.py", "raw", "--raw-dir", str(raw_dir), "--out", str(data_dir)], logs,
+        py, "launch/convert.py", "raw", "--raw-dir", str(raw_dir), "--out", str(data_dir)], data_dir, logs,
         lambda: {"disk_gb": disk_gb(data_dir)})
     direct = None
     if share < 1.0:
@@ -131,15 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
         direct = run_step(steps, "generate_parquet", [
             py, "launch/generate.py", "--out", str(data_dir), "--format", "parquet",
             "--train-impressions", str(train_n), "--test-impressions", str(test_n), "--vocab-scale", "1.0",
-            "--seed", "0"], logs, lambda: {"disk_gb": disk_gb(data_dir)})
-    if steps.done("train") is None:
-        # A rerun of this step trains afresh: left in place, the trainer would resume the finished run.
-        shutil.rmtree(run_dir, ignore_errors=True)
+            "--seed", "0"], data_dir, logs, lambda: {"disk_gb": disk_gb(data_dir)})
     train = run_step(steps, "train", [
         py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "launch/train.py",
         "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"', f'run_dir="{run_dir}"',
         f"data.batch_size={args.batch_size}", "data.eval_batch_size=32768", f"model.tower_dims={args.tower_dims}",
-        "train.epochs=1", "train.log_every_steps=200"], logs,
+        "train.epochs=1", "train.log_every_steps=200"], run_dir, logs,
         lambda: {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items()
                  if k in ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics",
                           "wall_seconds")})

@@ -119,7 +119,7 @@ class ServingModule(nn.Module):
                                   weights=user_weights)
         items = KeyedJaggedTensor(keys=self.item_keys, values=item_values, lengths=item_lengths,
                                   weights=item_weights)
-        # By name, as in embeddings.gather_pooled: an EBC's output key order is its own.
+        # By name, as in embeddings.pooled_by_name: an EBC's output key order is its own.
         user = KeyedTensor.regroup([self.user_ebc(users)], [self.user_keys])[0]
         item = KeyedTensor.regroup([self.item_ebc(items)], [self.item_keys])[0]
         return self.head(user, item, user_index)

@@ -124,7 +124,7 @@ class Trainer:
         # Device-side record of the first non-finite step (see _watch_finite) and the batch source of
         # every step since the last host check.
         self._first_nonfinite: torch.Tensor | None = None
-        self._nonfinite_losses: torch.Tensor | None = None
+        self._nonfinite_losses: dict[str, torch.Tensor] = {}
         self._unchecked_sources: dict[int, str] = {}
         # Training state: everything a checkpoint holds besides model and optimizers.
         self.global_step = 0
@@ -180,18 +180,19 @@ class Trainer:
         read in ``_raise_if_nonfinite`` at logging steps and at the end of a segment instead, and the
         error still names the first bad step, its losses and its batch.
         """
-        losses = torch.stack([v.detach().reshape(()) for v in task_losses.values()])
+        losses = {k: v.detach().reshape(()) for k, v in task_losses.items()}
         if self._first_nonfinite is None:
-            self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=losses.device)
-            self._nonfinite_losses = torch.zeros_like(losses)
-        first_here = (~torch.isfinite(losses).all()) & (self._first_nonfinite < 0)
+            self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=next(iter(losses.values())).device)
+            self._nonfinite_losses = {k: torch.zeros_like(v) for k, v in losses.items()}
+        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
+        first_here = ~finite & (self._first_nonfinite < 0)
         self._first_nonfinite = torch.where(first_here, self.global_step, self._first_nonfinite)
-        self._nonfinite_losses = torch.where(first_here, losses, self._nonfinite_losses)
+        self._nonfinite_losses = {k: torch.where(first_here, v, self._nonfinite_losses[k]) for k, v in losses.items()}
         self._unchecked_sources[self.global_step] = source
 
-    def _raise_if_nonfinite(self, task_names: list[str]) -> None:
+    def _raise_if_nonfinite(self) -> None:
         if self._first_nonfinite is not None and (step := int(self._first_nonfinite)) >= 0:
-            bad = dict(zip(task_names, self._nonfinite_losses.tolist()))
+            bad = {k: float(v) for k, v in self._nonfinite_losses.items()}
             raise TrainingError(f"non-finite loss at step {step} (task losses {bad}) on batch from "
                                 f"{self._unchecked_sources.get(step, 'an unrecorded batch')}")
         self._unchecked_sources.clear()
@@ -232,12 +233,10 @@ class Trainer:
         log_every = self.cfg.train.log_every_steps
         t0, window_samples, local_samples = time.perf_counter(), 0, 0
         step_start = time.perf_counter()
-        task_names: list[str] = []
         for task_losses in self._segment_steps(segment):
             num_impressions, source = segment.trained()
             self.global_step += 1
             self._watch_finite(task_losses, source)
-            task_names = list(task_losses)
             self.train_seconds += time.perf_counter() - step_start
             local_samples += num_impressions
             self.batches_in_epoch += 1
@@ -246,7 +245,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if self.global_step % log_every == 0:
-                self._raise_if_nonfinite(task_names)
+                self._raise_if_nonfinite()
                 losses = {f"loss/{k}": float(v) for k, v in task_losses.items()}
                 rate = window_samples / max(time.perf_counter() - t0, 1e-9)
                 self.logger.log({**losses, "samples_per_s": rate,
@@ -256,7 +255,7 @@ class Trainer:
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "samples/s": f"{rate:,.0f}"})
                 t0, window_samples = time.perf_counter(), 0
             step_start = time.perf_counter()
-        self._raise_if_nonfinite(task_names)
+        self._raise_if_nonfinite()
         # Exact count across ranks, once per segment (every rank ends its segment at the same step).
         count = torch.tensor([local_samples], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(count)

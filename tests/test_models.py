@@ -4,7 +4,8 @@ import torch
 from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
 from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.models.embeddings import gather_pooled, pooled_by_name, table_name
+from dist_mtl.models import HeadInput
+from dist_mtl.models.embeddings import pooled_by_name, table_name
 from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 from model_helpers import VOCAB_SIZES, random_batch, small_model_config
@@ -14,6 +15,11 @@ MMOE_TASKS = [
     TaskConfig("ctcvr", "buy"),
     TaskConfig("price", "price", type="regression", loss_weight=0.5),
 ]
+
+
+def plain_input(user_kt, item_kt, user_index):
+    """The heads' input without interactions: user rows gathered to impressions, then item rows."""
+    return HeadInput(small_model_config())(*pooled_by_name(user_kt, item_kt), user_index)
 
 
 def build(head: str, tasks, interaction: str = "none"):
@@ -79,10 +85,10 @@ def test_grouped_and_expanded_pool_identically():
     batch = random_batch(num_users=6, num_impressions=40)
     expanded = batch.expanded()
     assert expanded.num_users == 40 and batch.num_users == 6
-    grouped_x = gather_pooled(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
-                              batch.user_index)
-    expanded_x = gather_pooled(model.user_ebc(expanded.user_features), model.item_ebc(expanded.item_features),
-                               expanded.user_index)
+    grouped_x = plain_input(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
+                            batch.user_index)
+    expanded_x = plain_input(model.user_ebc(expanded.user_features), model.item_ebc(expanded.item_features),
+                             expanded.user_index)
     torch.testing.assert_close(grouped_x, expanded_x, rtol=1e-6, atol=1e-6)
     loss_g, _ = MultiTaskLoss(default_esmm_tasks())(model(batch), batch.labels)
     loss_e, _ = MultiTaskLoss(default_esmm_tasks())(model(expanded), expanded.labels)
@@ -94,8 +100,8 @@ def test_dot_interaction_is_every_pairwise_product_of_the_gathered_fields():
     batch = random_batch(num_users=5, num_impressions=17)
     x = model.head_input(*pooled_by_name(model.user_ebc(batch.user_features),
                                          model.item_ebc(batch.item_features)), batch.user_index)
-    plain = gather_pooled(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
-                          batch.user_index)
+    plain = plain_input(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
+                        batch.user_index)
     n_user, n_item, dim = len(USER_FIELDS), len(ITEM_FIELDS), 8
     assert x.shape == (17, plain.shape[1] + GroupedDotInteraction.num_pairs(n_user, n_item))
     torch.testing.assert_close(x[:, : plain.shape[1]], plain)
@@ -126,14 +132,14 @@ def test_pooled_columns_follow_schema_order_not_ebc_key_order():
     batch = random_batch(num_users=3, num_impressions=9)
     user_kt = model.user_ebc(batch.user_features)
     item_kt = model.item_ebc(batch.item_features)
-    x = gather_pooled(user_kt, item_kt, batch.user_index)
+    x = plain_input(user_kt, item_kt, batch.user_index)
     # Feed the same pooled values with the user keys reversed (what a sharded EBC may return).
     from torchrec.sparse.jagged_tensor import KeyedTensor
 
     d = user_kt.to_dict()
     rev = list(reversed(list(d)))
     permuted = KeyedTensor.from_tensor_list(rev, [d[k] for k in rev])
-    torch.testing.assert_close(gather_pooled(permuted, item_kt, batch.user_index), x)
+    torch.testing.assert_close(plain_input(permuted, item_kt, batch.user_index), x)
     dim = 8
     first_user_key = USER_FIELDS[0].name
     torch.testing.assert_close(x[:, :dim], d[first_user_key].index_select(0, batch.user_index))

@@ -1258,6 +1258,13 @@ def _select_jagged(offsets: np.ndarray, ids: np.ndarray, weights: np.ndarray, ke
     return _offsets_from_lengths(lengths[keep]), ids[entry_keep], weights[entry_keep]
 
 
+def _jagged_columns(name: str, jagged: Jagged, keep: np.ndarray, field_ids: FieldIds) -> dict[str, pa.Array]:
+    """A multi-valued field's id and weight columns over the kept rows, ids as local + 1."""
+    o, i, w = _select_jagged(jagged.offsets, jagged.ids, jagged.weights, keep)
+    return {name: _list_array(o, (field_ids.to_local(i) + 1).astype(np.int32), pa.int32()),
+            schema.FIELDS_BY_NAME[name].weight_column: _list_array(o, w.astype(np.float32), pa.float32())}
+
+
 def _direct_tables(chunk: SyntheticChunk, model: PlantedModel,
                    extra_targets: bool) -> tuple[pa.Table, pa.Table, int, int]:
     """(users, impressions, dropped click0/buy1 rows, dropped users) with ids as local + 1."""
@@ -1269,10 +1276,7 @@ def _direct_tables(chunk: SyntheticChunk, model: PlantedModel,
     for f in USER_SINGLE_FIELDS:
         users[f] = pa.array((ids[f].to_local(chunk.user_fields[f][user_has_rows]) + 1).astype(np.int32))
     for h in HISTORY_FIELDS:
-        j = chunk.history[h]
-        o, i, w = _select_jagged(j.offsets, j.ids, j.weights, user_has_rows)
-        users[h] = _list_array(o, (ids[h].to_local(i) + 1).astype(np.int32), pa.int32())
-        users[schema.FIELDS_BY_NAME[h].weight_column] = _list_array(o, w.astype(np.float32), pa.float32())
+        users.update(_jagged_columns(h, chunk.history[h], user_has_rows, ids[h]))
     impressions = {
         schema.USER_COLUMN: pa.array(new_user_row[chunk.impression_user[keep]].astype(np.int32)),
         schema.SAMPLE_ID_COLUMN: pa.array(chunk.sample_id[keep]),
@@ -1282,10 +1286,7 @@ def _direct_tables(chunk: SyntheticChunk, model: PlantedModel,
     for f in SKELETON_SINGLE_FIELDS:
         impressions[f] = pa.array((ids[f].to_local(chunk.item_fields[f][keep]) + 1).astype(np.int32))
     for c in CROSS_FIELDS:
-        j = chunk.crosses[c]
-        o, i, w = _select_jagged(j.offsets, j.ids, j.weights, keep)
-        impressions[c] = _list_array(o, (ids[c].to_local(i) + 1).astype(np.int32), pa.int32())
-        impressions[schema.FIELDS_BY_NAME[c].weight_column] = _list_array(o, w.astype(np.float32), pa.float32())
+        impressions.update(_jagged_columns(c, chunk.crosses[c], keep, ids[c]))
     if extra_targets:
         for name in EXTRA_TARGET_COLUMNS:
             impressions[name] = pa.array(chunk.extras[name][keep], pa.float32())

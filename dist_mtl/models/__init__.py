@@ -46,9 +46,11 @@ class HeadInput(nn.Module):
             self.out_dim += GroupedDotInteraction.num_pairs(len(USER_FIELDS), len(ITEM_FIELDS))
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
-        if self.dot is not None:
-            return self.dot(user, item, user_index)
-        return torch.cat([user.index_select(0, user_index), item], dim=1)
+        user_rows = user.index_select(0, user_index)
+        x = torch.cat([user_rows, item], dim=1)
+        if self.dot is None:
+            return x
+        return torch.cat([x, self.dot(user, user_rows, item, user_index)], dim=1)
 
 
 def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:

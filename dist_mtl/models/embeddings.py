@@ -58,15 +58,6 @@ def pooled_by_name(user_pooled: KeyedTensor, item_pooled: KeyedTensor) -> tuple[
     return user, item
 
 
-def gather_pooled(
-    user_pooled: KeyedTensor,
-    item_pooled: KeyedTensor,
-    user_index: torch.Tensor,
-) -> torch.Tensor:
-    """[B, sum of dims]: user rows (pooled once per user) gathered to impressions, then item fields."""
-    user, item = pooled_by_name(user_pooled, item_pooled)
-    return torch.cat([user.index_select(0, user_index), item], dim=1)
-
 
 USER_KEYS = [f.name for f in USER_FIELDS]
 ITEM_KEYS = [f.name for f in ITEM_FIELDS]

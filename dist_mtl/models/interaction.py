@@ -23,7 +23,8 @@ def _upper_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GroupedDotInteraction(nn.Module):
-    """``[B, F_u*D + F_i*D + pairs]`` from user rows ``[U, F_u*D]``, item rows ``[B, F_i*D]``, user_index.
+    """``[B, pairs]`` from the pooled user rows ``[U, F_u*D]``, the same rows gathered to impressions
+    ``[B, F_u*D]``, item rows ``[B, F_i*D]`` and ``user_index``.
 
     Pairs: ``F_u(F_u-1)/2`` user-user (per user, then gathered), ``F_u*F_i`` user-item and
     ``F_i(F_i-1)/2`` item-item, in that order.
@@ -42,11 +43,12 @@ class GroupedDotInteraction(nn.Module):
     def num_pairs(user_fields: int, item_fields: int) -> int:
         return user_fields * (user_fields - 1) // 2 + user_fields * item_fields + item_fields * (item_fields - 1) // 2
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, user: torch.Tensor, user_rows: torch.Tensor, item: torch.Tensor,
+                user_index: torch.Tensor) -> torch.Tensor:
         u = user.view(-1, self.user_fields, self.dim)
+        u_rows = user_rows.view(-1, self.user_fields, self.dim)
         i = item.view(-1, self.item_fields, self.dim)
         user_user = torch.bmm(u, u.transpose(1, 2)).flatten(1).index_select(1, self.user_pairs)
-        u_rows = u.index_select(0, user_index)
         user_item = torch.bmm(u_rows, i.transpose(1, 2)).flatten(1)
         item_item = torch.bmm(i, i.transpose(1, 2)).flatten(1).index_select(1, self.item_pairs)
-        return torch.cat([u_rows.flatten(1), item, user_user.index_select(0, user_index), user_item, item_item], dim=1)
+        return torch.cat([user_user.index_select(0, user_index), user_item, item_item], dim=1)

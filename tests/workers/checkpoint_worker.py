@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,11 +27,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 
 from model_helpers import VOCAB_SIZES, random_batch  # noqa: E402
 from sharded_equivalence import impression_slice  # noqa: E402
 from torch.distributed._shard.sharded_tensor import ShardedTensor  # noqa: E402
 
+from train import run_as_script  # noqa: E402  (launch/train.py)
 from dist_mtl.checkpoint import (  # noqa: E402
     TABLE_OPTIM_PREFIX,
     CheckpointManager,
@@ -207,8 +208,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # Same teardown race as launch/train.py's exit_without_teardown describes.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Leaves like launch/train.py, past the gloo teardown abort its exit_without_teardown describes.
+    run_as_script(main)

@@ -10,7 +10,6 @@ usage: sharded_equivalence.py OUT.json SHARDING_TYPE grouped|expanded STEPS
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,9 +18,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 
 from model_helpers import VOCAB_SIZES, random_batch  # noqa: E402
 
+from train import run_as_script  # noqa: E402  (launch/train.py)
 from dist_mtl.config import load_config  # noqa: E402
 from dist_mtl.data.batch import GroupedBatch, gather_kjt_rows  # noqa: E402
 from dist_mtl.distributed import dense_optimizer, init_distributed, init_embedding_tables, shard_model  # noqa: E402
@@ -76,8 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # Same teardown race as launch/train.py's exit_without_teardown describes.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Leaves like launch/train.py, past the gloo teardown abort its exit_without_teardown describes.
+    run_as_script(main)
