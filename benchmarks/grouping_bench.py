@@ -1,7 +1,7 @@
 """User groups vs copied user rows: ESMM training samples/s, reader included, in one run.
 
     .venv/bin/python benchmarks/grouping_bench.py                       # the recorded figures
-    .venv/bin/python benchmarks/grouping_bench.py --train-impressions 200000 --steps 20   # a quick look
+    .venv/bin/python benchmarks/grouping_bench.py --train-impressions 200000 --steps 20 --repeats 1   # a quick look
 
 For each tower size ([16, 8] and the paper's 360x200x80) and world size (1 and 2 ranks) it trains the
 same ESMM on the same synthetic data (realistic histories: ~500 ids per user, ~58 impressions per user)
@@ -9,7 +9,9 @@ and batch size three ways through ``launch/train.py``: grouped (users pooled onc
 (``data.grouped=false``: user rows copied onto impressions before pooling), and grouped on the same
 generator with the smallest history it makes, one id per history list (4 ids per user instead of ~500):
 the ceiling, what the model costs when users carry next to nothing. Throughput is the
-job's own ``train_samples_per_s`` (step time including the reader, excluding evaluation). It also
+job's own ``train_samples_per_s`` (step time including the reader, excluding evaluation), the median of
+``--repeats`` interleaved runs of ``--steps`` steps each (start-up of the first window and the first
+steps is inside every run's time: at 120 steps it moved the figures by 10-25% from run to run). It also
 measures input bytes per impression both ways on real reader batches. Writes
 ``benchmarks/results/grouping.json``.
 """
@@ -20,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +38,8 @@ from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
 from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, write_parquet_direct  # noqa: E402
 
 TOWERS = {"small": [16, 8], "paper": [360, 200, 80]}
-MIN_HISTORY = 4.0  # the generator's floor: one id in each of the four history lists
+MIN_HISTORY = 4.0
+VARIANTS = ("grouped", "expanded", "no_history")  # the generator's floor: one id in each of the four history lists
 
 
 def ensure_dataset(root: Path, cfg: SyntheticConfig) -> Path:
@@ -92,11 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-impressions", type=int, default=2_000_000)
     parser.add_argument("--history-ids-per-user", type=float, default=500.0)
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=120, help="training steps per measurement")
+    parser.add_argument("--steps", type=int, default=400,
+                        help="training steps per measurement (at most one epoch: 488 steps on 1 rank, 244 on 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each variant, interleaved; the figure is their median")
     parser.add_argument("--nproc", default="1,2", help="world sizes to measure")
     parser.add_argument("--towers", default="small,paper", help=f"tower sizes among {sorted(TOWERS)}")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grouping.json"))
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error(f"--steps and --repeats must be >= 1, got {args.steps} and {args.repeats}")
 
     work = Path(args.work_dir)
     base = SyntheticConfig(train_impressions=args.train_impressions, test_impressions=20_000,
@@ -112,23 +121,29 @@ def main(argv: list[str] | None = None) -> dict:
     for tower_name in args.towers.split(","):
         towers = TOWERS[tower_name]
         for nproc in (int(n) for n in args.nproc.split(",")):
-            runs = {}
-            for label, data, grouped in (("grouped", with_history, True), ("expanded", with_history, False),
-                                         ("no_history", no_history, True)):
-                runs[label] = train(data, work / "runs" / f"{tower_name}-{nproc}-{label}", nproc, towers, grouped, args)
-                print(f"towers {towers} ranks {nproc} {label}: {runs[label]['samples_per_s']:,.0f} samples/s",
-                      flush=True)
+            runs: dict[str, list[dict]] = {label: [] for label in VARIANTS}
+            # Interleaved repeats, so that a slow spell of the machine hits every variant alike.
+            for repeat in range(args.repeats):
+                for label, (data, grouped) in {"grouped": (with_history, True), "expanded": (with_history, False),
+                                               "no_history": (no_history, True)}.items():
+                    run = train(data, work / "runs" / f"{tower_name}-{nproc}-{label}-{repeat}", nproc, towers,
+                                grouped, args)
+                    runs[label].append(run)
+                    print(f"towers {towers} ranks {nproc} {label} (run {repeat + 1}/{args.repeats}): "
+                          f"{run['samples_per_s']:,.0f} samples/s", flush=True)
+            rate = {label: statistics.median(r["samples_per_s"] for r in runs[label]) for label in VARIANTS}
             entries.append({
                 "towers": towers,
                 "world_size": nproc,
-                "grouped_samples_per_s": runs["grouped"]["samples_per_s"],
-                "expanded_samples_per_s": runs["expanded"]["samples_per_s"],
-                "ratio": runs["grouped"]["samples_per_s"] / runs["expanded"]["samples_per_s"],
-                "no_history_samples_per_s": runs["no_history"]["samples_per_s"],
-                "grouped_vs_no_history": runs["grouped"]["samples_per_s"] / runs["no_history"]["samples_per_s"],
+                "grouped_samples_per_s": rate["grouped"],
+                "expanded_samples_per_s": rate["expanded"],
+                "ratio": rate["grouped"] / rate["expanded"],
+                "no_history_samples_per_s": rate["no_history"],
+                "grouped_vs_no_history": rate["grouped"] / rate["no_history"],
                 "bytes_per_impression_grouped": sizes["grouped"],
                 "bytes_per_impression_expanded": sizes["expanded"],
-                "steps": runs["grouped"]["steps"],
+                "steps": runs["grouped"][0]["steps"],
+                "runs_samples_per_s": {label: [r["samples_per_s"] for r in runs[label]] for label in VARIANTS},
             })
     payload = {
         "batch_size": args.batch_size,
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "history_ids_per_user": args.history_ids_per_user,
         "no_history_ids_per_user": MIN_HISTORY,
         "users_per_batch": sizes["users_per_batch"],
+        "repeats": args.repeats,
         "entries": entries,
     }
     return write_result(args.out, "grouping", command_line(__file__, argv if argv is not None else sys.argv[1:]),

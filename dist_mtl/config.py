@@ -77,6 +77,10 @@ class ModelConfig:
     """"none": heads read the concatenated pooled embeddings; "dot": also every pairwise dot product of
     the pooled field embeddings (DLRM-style; user-user products once per user). "dot" needs one
     embedding dim for all fields."""
+    output_bias_init: str = "label_rate"
+    """"label_rate": each binary task's output bias starts at the logit of its label rate in the train
+    split (clicks per impression for CTR, purchases per click for a CVR over clicked rows), so the first
+    steps need not push the base rate into every embedding row they touch; "default": PyTorch's init."""
 
 
 @dataclass
@@ -300,6 +304,8 @@ def _validate(cfg: JobConfig) -> None:
             f"model.interaction = 'dot' takes dot products between fields, so every field needs the same "
             f"dim; model.field_dims {dict(m.field_dims)} differ from model.embedding_dim = {m.embedding_dim}"
         )
+    if m.output_bias_init not in ("label_rate", "default"):
+        raise ConfigError(f"model.output_bias_init must be 'label_rate' or 'default', got {m.output_bias_init!r}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     from dist_mtl.models.layers import ACTIVATIONS

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dist_mtl.data.schema import SplitInfo
+
 TASK_TYPES = ("binary", "regression")
 
 
@@ -53,3 +55,16 @@ def default_esmm_tasks() -> list[TaskConfig]:
         TaskConfig(name="cvr", label="buy", loss_weight=0.0, rows="click"),
         TaskConfig(name="ctcvr", label="buy"),
     ]
+
+
+def label_rate(task: TaskConfig, split: SplitInfo) -> float | None:
+    """The share of a binary task's rows whose label is 1, from a split's stored counts; None where the
+    counts do not say (regression, extra label columns, rows other than "all" or "click", empty split)."""
+    if task.type != "binary":
+        return None
+    denominator = {"all": split.num_impressions, "click": split.num_clicks}.get(task.rows)
+    # "buy" is click-and-buy (the converter drops click=0/buy=1 rows), so buys / clicks is the CVR.
+    numerator = {"click": split.num_clicks, "buy": split.num_buys}.get(task.label)
+    if denominator is None or numerator is None or denominator <= 0:
+        return None
+    return numerator / denominator

@@ -39,6 +39,7 @@ from dist_mtl.distributed import (
 from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
+from dist_mtl.tasks import label_rate
 
 
 LOWER_IS_BETTER = ("/mse", "/mae", "/logloss")
@@ -108,6 +109,9 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = MultiTaskModel(cfg.model, self.metadata.vocab_sizes, cfg.tasks, sparse_device="meta")
+        train_split = self.metadata.splits.get(cfg.data.train_split)
+        if cfg.model.output_bias_init == "label_rate" and train_split is not None:
+            model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
         step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
         self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size)
         init_embedding_tables(self.model, cfg.train.seed)

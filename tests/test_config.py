@@ -46,6 +46,7 @@ def test_tasks_from_toml(tmp_path):
         ("model.head=transformer", "model.head must be one of"),
         ("model.activation=swish", "model.activation must be one of"),
         ("model.interaction=cross", "model.interaction must be 'none' or 'dot'"),
+        ('model.output_bias_init="prior"', "model.output_bias_init must be 'label_rate' or 'default'"),
         ("sharding.sharding_type=diagonal", "sharding.sharding_type must be one of"),
         ("optimizer.sparse=lamb", "optimizer.sparse must be one of"),
         ("optimizer.sparse_eps=0", "optimizer.sparse_eps must be > 0"),
@@ -86,3 +87,15 @@ def test_task_errors(tmp_path):
     )
     with pytest.raises(ConfigError, match="esmm head carries only binary tasks"):
         load_config(path)
+
+
+def test_label_rates_come_from_the_splits_counts():
+    from dist_mtl.data.schema import SplitInfo
+    from dist_mtl.tasks import TaskConfig, default_esmm_tasks, label_rate
+
+    split = SplitInfo(num_impressions=1000, num_users=10, num_clicks=40, num_buys=2)
+    rates = {t.name: label_rate(t, split) for t in default_esmm_tasks()}
+    assert rates == {"ctr": 40 / 1000, "cvr": 2 / 40, "ctcvr": 2 / 1000}
+    assert label_rate(TaskConfig("price", "price", type="regression"), split) is None
+    assert label_rate(TaskConfig("dwell", "dwell_long"), split) is None  # an extra column: no stored count
+    assert label_rate(TaskConfig("ctr", "click"), SplitInfo()) is None  # empty split

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -158,3 +160,18 @@ def test_batch_validate_names_the_source():
     batch.user_index[:] = torch.tensor([0, 0, 0, 2, 2, 2])
     with pytest.raises(ValueError, match="user row 1 has no impression"):
         batch.validate()
+
+
+def test_output_bias_starts_at_the_label_rates_logit():
+    model = build("mmoe", MMOE_TASKS)
+    price_bias = model.head.towers["price"].out.bias.clone()
+    model.init_output_bias({"ctr": 0.04, "ctcvr": 0.0002, "price": None})
+    torch.testing.assert_close(model.head.towers["ctr"].out.bias, torch.tensor([math.log(0.04 / 0.96)]))
+    torch.testing.assert_close(model.head.towers["ctcvr"].out.bias, torch.tensor([math.log(0.0002 / 0.9998)]))
+    torch.testing.assert_close(model.head.towers["price"].out.bias, price_bias)  # no rate given: untouched
+
+    esmm = build("esmm", default_esmm_tasks())
+    esmm.init_output_bias({"ctr": 0.5, "cvr": 0.0, "ctcvr": 0.01})  # ctcvr has no layer of its own
+    assert float(esmm.head.ctr_tower.out.bias) == pytest.approx(0.0, abs=1e-7)
+    # A rate of 0 (no purchase in the split) is clamped, not -inf.
+    assert float(esmm.head.cvr_tower.out.bias) == pytest.approx(math.log(1e-6 / (1 - 1e-6)), rel=1e-5)

@@ -104,3 +104,19 @@ def test_early_stopping_on_an_error_metric_prefers_lower_values(dataset, tmp_pat
     summary = trainer.train()
     assert summary["best_step"] == 2 * trainer.train_reader.steps_per_epoch()
     assert summary["stopped_by"] == "early_stop"
+
+
+@pytest.mark.parametrize("init", ["label_rate", "default"])
+def test_output_biases_start_at_the_train_splits_rates(dataset, tmp_path, init):
+    cfg = small_config(dataset, tmp_path / "run", f'model.output_bias_init="{init}"')
+    trainer = Trainer(cfg)
+    train = json.loads((dataset / "metadata.json").read_text())["splits"]["train"]
+    ctr_rate = train["num_clicks"] / train["num_impressions"]
+    cvr_rate = train["num_buys"] / train["num_clicks"]
+    head = trainer.model.module.model.head
+    ctr_bias, cvr_bias = float(head.ctr_tower.out.bias), float(head.cvr_tower.out.bias)
+    if init == "label_rate":
+        assert ctr_bias == pytest.approx(math.log(ctr_rate / (1 - ctr_rate)), rel=1e-5)
+        assert cvr_bias == pytest.approx(math.log(cvr_rate / (1 - cvr_rate)), rel=1e-5)
+    else:  # PyTorch's init: uniform within +-1/sqrt(fan_in), far from the rates' logits
+        assert abs(ctr_bias) < 1 and abs(cvr_bias) < 1

@@ -3,6 +3,7 @@ them) and a head chosen by name from the config."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -27,6 +28,21 @@ class MultiTaskModel(nn.Module):
         self.item_ebc = build_ebc(ITEM_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
         self.head_input = HeadInput(cfg)
         self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks)
+
+    @torch.no_grad()
+    def init_output_bias(self, label_rates: Mapping[str, float | None]) -> None:
+        """Start each task's output bias at the logit of its label rate (tasks given None keep theirs).
+
+        With a zero-mean bias the first steps' large "predict fewer clicks" gradient lands on the
+        embedding rows those steps touch (the tables' learning rate dwarfs the dense one), leaving the
+        ids seen early with an offset the later steps must unlearn; starting at the base rate avoids it.
+        """
+        for name, layer in self.head.output_layers().items():
+            rate = label_rates.get(name)
+            if rate is None:
+                continue
+            rate = min(max(rate, 1e-6), 1.0 - 1e-6)
+            layer.bias.fill_(math.log(rate / (1.0 - rate)))
 
     def forward(self, batch: GroupedBatch) -> ModelOutput:
         user, item = pooled_by_name(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features))

@@ -40,6 +40,10 @@ class ESMMHead(nn.Module):
         self.ctr_tower = Tower(in_dim, tower_dims, activation, dropout)
         self.cvr_tower = Tower(in_dim, tower_dims, activation, dropout)
 
+    def output_layers(self) -> dict[str, nn.Linear]:
+        """The last layer of each task that has a logit of its own (pCTCVR has none)."""
+        return {"ctr": self.ctr_tower.out, "cvr": self.cvr_tower.out}
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         ctr_logit = self.ctr_tower(x)
         cvr_logit = self.cvr_tower(x)

@@ -44,6 +44,9 @@ class MMOEHead(nn.Module):
             {t.name: Tower(expert_dims[-1], tower_dims, activation, dropout) for t in tasks}
         )
 
+    def output_layers(self) -> dict[str, nn.Linear]:
+        return {name: tower.out for name, tower in self.towers.items()}
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
         raw = {}
@@ -71,6 +74,9 @@ class SharedBottomHead(nn.Module):
         self.towers = nn.ModuleDict(
             {t.name: Tower(bottom_dims[-1], tower_dims, activation, dropout) for t in tasks}
         )
+
+    def output_layers(self) -> dict[str, nn.Linear]:
+        return {name: tower.out for name, tower in self.towers.items()}
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         shared = self.bottom(x)
