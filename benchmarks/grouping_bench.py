@@ -38,8 +38,7 @@ from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
 from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, write_parquet_direct  # noqa: E402
 
 TOWERS = {"small": [16, 8], "paper": [360, 200, 80]}
-MIN_HISTORY = 4.0
-VARIANTS = ("grouped", "expanded", "no_history")  # the generator's floor: one id in each of the four history lists
+MIN_HISTORY = 4.0  # the generator's floor: one id in each of the four history lists
 
 
 def ensure_dataset(root: Path, cfg: SyntheticConfig) -> Path:
@@ -117,21 +116,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"input bytes per impression: grouped {sizes['grouped']:.0f}, expanded {sizes['expanded']:.0f} "
           f"({sizes['users_per_batch']:.0f} users per batch of {args.batch_size})", flush=True)
 
+    # label -> (dataset, grouped)
+    variants = {"grouped": (with_history, True), "expanded": (with_history, False), "no_history": (no_history, True)}
     entries = []
     for tower_name in args.towers.split(","):
         towers = TOWERS[tower_name]
         for nproc in (int(n) for n in args.nproc.split(",")):
-            runs: dict[str, list[dict]] = {label: [] for label in VARIANTS}
+            runs: dict[str, list[dict]] = {label: [] for label in variants}
             # Interleaved repeats, so that a slow spell of the machine hits every variant alike.
             for repeat in range(args.repeats):
-                for label, (data, grouped) in {"grouped": (with_history, True), "expanded": (with_history, False),
-                                               "no_history": (no_history, True)}.items():
+                for label, (data, grouped) in variants.items():
                     run = train(data, work / "runs" / f"{tower_name}-{nproc}-{label}-{repeat}", nproc, towers,
                                 grouped, args)
                     runs[label].append(run)
                     print(f"towers {towers} ranks {nproc} {label} (run {repeat + 1}/{args.repeats}): "
                           f"{run['samples_per_s']:,.0f} samples/s", flush=True)
-            rate = {label: statistics.median(r["samples_per_s"] for r in runs[label]) for label in VARIANTS}
+            rate = {label: statistics.median(r["samples_per_s"] for r in runs[label]) for label in variants}
             entries.append({
                 "towers": towers,
                 "world_size": nproc,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "bytes_per_impression_grouped": sizes["grouped"],
                 "bytes_per_impression_expanded": sizes["expanded"],
                 "steps": runs["grouped"][0]["steps"],
-                "runs_samples_per_s": {label: [r["samples_per_s"] for r in runs[label]] for label in VARIANTS},
+                "runs_samples_per_s": {label: [r["samples_per_s"] for r in runs[label]] for label in variants},
             })
     payload = {
         "batch_size": args.batch_size,
