@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import get_default_sharders
@@ -213,7 +214,50 @@ def shard_model(
         plan=plan,
         sharders=sharders,
     )
+    skip_unused_id_weight_grads(dmp)
     return dmp, plan
+
+
+def skip_unused_id_weight_grads(dmp: nn.Module) -> list[RemovableHandle]:
+    """Stop fbgemm computing the gradient of per-id weights that come from the data.
+
+    fbgemm's table-batched kernels compute d(loss)/d(per_sample_weights) in every weighted backward
+    unless told per feature that it is not needed (``feature_requires_grad``), and TorchRec's lookup
+    never passes that argument. Here every weight is a count or score read from the dataset, so the
+    gradient is thrown away: on CPU it cost 1.6 ms of a 14 ms grouped step (~37k history ids per batch).
+    A forward pre-hook on each table-batched module passes all-zero flags, unless the weights do require
+    a gradient (a model that learns them keeps getting it). Returns the hooks' handles.
+    """
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        DenseTableBatchedEmbeddingBagsCodegen,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    def pass_no_grad_flags(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        weights = kwargs.get("per_sample_weights")
+        if weights is None or weights.requires_grad or kwargs.get("feature_requires_grad") is not None:
+            return None
+        flags = torch.zeros(module.D_offsets.numel() - 1, dtype=torch.int32, device=weights.device)
+        return args, {**kwargs, "feature_requires_grad": flags}
+
+    return [
+        module.register_forward_pre_hook(pass_no_grad_flags, with_kwargs=True)
+        for module in table_batched_modules(dmp)
+        if isinstance(module, (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen))
+    ]
+
+
+def table_batched_modules(dmp: nn.Module) -> list[nn.Module]:
+    """The modules under each sharded collection's lookups (fbgemm's table-batched modules among them).
+
+    A sharded EmbeddingBagCollection keeps its lookups in a plain list (``_lookups``, the same in
+    torchrec 1.6 and 1.8), so ``dmp.modules()`` does not reach them.
+    """
+    found = []
+    for sharded in dmp.modules():
+        for lookup in getattr(sharded, "_lookups", ()):
+            found.extend(lookup.modules())
+    return found
 
 
 def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from model_helpers import VOCAB_SIZES, random_batch
 
+from dist_mtl import distributed
 from dist_mtl.config import load_config
 from dist_mtl.distributed import dense_optimizer, init_distributed, init_embedding_tables, shard_model
 from dist_mtl.losses import MultiTaskLoss
@@ -60,3 +61,45 @@ def test_per_table_sharding_constraint_is_honoured():
     plans = {name: p for module_plan in plan.plan.values() for name, p in module_plan.items()}
     assert plans["t_205"].sharding_type == "column_wise"
     assert plans["t_206"].sharding_type == "table_wise"
+
+
+def table_batched_modules(dmp):
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        DenseTableBatchedEmbeddingBagsCodegen,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    kinds = (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen)
+    return [m for m in distributed.table_batched_modules(dmp) if isinstance(m, kinds)]
+
+
+@pytest.mark.parametrize("sharding_type", ["table_wise", "data_parallel"])
+def test_data_weights_get_no_gradient_and_training_is_unchanged(sharding_type, monkeypatch):
+    dmp, _, opt = build(f'sharding.sharding_type="{sharding_type}"')
+    modules = table_batched_modules(dmp)
+    assert modules
+    flags_seen = []
+    for m in modules:  # registered after shard_model's hook, so it sees the arguments the kernel gets
+        m.register_forward_pre_hook(
+            lambda mod, args, kwargs: flags_seen.append((mod, kwargs.get("feature_requires_grad"))),
+            with_kwargs=True,
+        )
+    hooked = trajectory(dmp, opt)
+    assert len(flags_seen) == 4 * len(modules)
+    for module, flags in flags_seen:
+        assert flags is not None and flags.numel() == module.D_offsets.numel() - 1 and not flags.any()
+
+    monkeypatch.setattr(distributed, "skip_unused_id_weight_grads", lambda dmp: [])
+    plain_dmp, _, plain_opt = build(f'sharding.sharding_type="{sharding_type}"')
+    assert hooked == pytest.approx(trajectory(plain_dmp, plain_opt), rel=1e-6)
+
+
+def test_weights_that_require_grad_still_get_their_gradient():
+    dmp, _, _ = build('sharding.sharding_type="table_wise"')
+    tbe = table_batched_modules(dmp)[0]
+    features = tbe.D_offsets.numel() - 1
+    indices = torch.zeros(2 * features, dtype=torch.int64)
+    offsets = torch.arange(0, 2 * features + 1, dtype=torch.int64)
+    weights = torch.ones(2 * features, requires_grad=True)
+    tbe(indices=indices, offsets=offsets, per_sample_weights=weights).sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
