@@ -54,6 +54,10 @@ class DataConfig:
     for tests and benchmarks)."""
 
 
+#: The per-row statistics of the id weights that ``model.weight_features`` can name.
+WEIGHT_STATS = ("sum", "last", "count")
+
+
 @dataclass
 class ModelConfig:
     head: str = "esmm"
@@ -77,6 +81,11 @@ class ModelConfig:
     """"none": heads read the concatenated pooled embeddings; "dot": also every pairwise dot product of
     the pooled field embeddings (DLRM-style; user-user products once per user). "dot" needs one
     embedding dim for all fields."""
+    weight_features: list[str] = field(default_factory=list)
+    """Per-row statistics of the multi-valued fields' id weights fed to the heads beside the pooled
+    embeddings, from "sum", "last" and "count" (log1p of the weight sum, of the last entry's weight,
+    of the number of ids; see dist_mtl/models/weight_features.py). torch-rechub's Ali-CCP recipe feeds
+    the last id's weight as dense columns. Not with interaction = "dot"."""
     output_bias_init: str = "label_rate"
     """"label_rate": each binary task's output bias starts at the logit of its label rate in the train
     split (clicks per impression for CTR, purchases per click for a CVR over clicked rows), so the first
@@ -299,6 +308,13 @@ def _validate(cfg: JobConfig) -> None:
     positive("model.num_experts", m.num_experts)
     if m.interaction not in ("none", "dot"):
         raise ConfigError(f"model.interaction must be 'none' or 'dot', got {m.interaction!r}")
+    bad_stats = [s for s in m.weight_features if s not in WEIGHT_STATS]
+    if bad_stats or len(set(m.weight_features)) != len(m.weight_features):
+        raise ConfigError(f"model.weight_features must be distinct names from {list(WEIGHT_STATS)}, "
+                          f"got {m.weight_features!r}")
+    if m.weight_features and m.interaction == "dot":
+        raise ConfigError("model.weight_features cannot be combined with model.interaction = 'dot', whose "
+                          "dot products read each side as whole field embeddings")
     if m.interaction == "dot" and any(d != m.embedding_dim for d in m.field_dims.values()):
         raise ConfigError(
             f"model.interaction = 'dot' takes dot products between fields, so every field needs the same "

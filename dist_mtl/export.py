@@ -95,10 +95,13 @@ class _HeadPredictions(nn.Module):
 class ServingModule(nn.Module):
     """The model on plain tensors: each side's KJT as values, lengths and weights in schema key order."""
 
-    def __init__(self, user_ebc: nn.Module, item_ebc: nn.Module, head: nn.Module):
+    def __init__(self, user_ebc: nn.Module, item_ebc: nn.Module, user_weights: nn.Module, item_weights: nn.Module,
+                 head: nn.Module):
         super().__init__()
         self.user_ebc = user_ebc
         self.item_ebc = item_ebc
+        self.user_weights = user_weights
+        self.item_weights = item_weights
         self.head = head
         self.user_keys: List[str] = list(USER_KEYS)
         self.item_keys: List[str] = list(ITEM_KEYS)
@@ -122,18 +125,24 @@ class ServingModule(nn.Module):
         # By name, as in embeddings.pooled_by_name: an EBC's output key order is its own.
         user = KeyedTensor.regroup([self.user_ebc(users)], [self.user_keys])[0]
         item = KeyedTensor.regroup([self.item_ebc(items)], [self.item_keys])[0]
+        if self.user_weights.out_dim:
+            user = torch.cat([user, self.user_weights(users)], dim=1)
+        if self.item_weights.out_dim:
+            item = torch.cat([item, self.item_weights(items)], dim=1)
         return self.head(user, item, user_index)
 
 
 def script_serving_module(model: MultiTaskModel) -> torch.jit.ScriptModule:
     model = model.eval()
-    user_dim, item_dim = (sum(t.embedding_dim for t in ebc.embedding_bag_configs())
-                          for ebc in (model.user_ebc, model.item_ebc))
+    user_dim, item_dim = (sum(t.embedding_dim for t in ebc.embedding_bag_configs()) + weights.out_dim
+                          for ebc, weights in ((model.user_ebc, model.user_weights),
+                                               (model.item_ebc, model.item_weights)))
     # Two users, three impressions: shapes the trace must not specialise on.
     example = (torch.zeros(2, user_dim), torch.zeros(3, item_dim), torch.tensor([0, 1, 1]))
     with _jit_without_deprecation_notices():
         head = torch.jit.trace(_HeadPredictions(model.head_input, model.head), example, strict=False)
-        return torch.jit.script(ServingModule(model.user_ebc, model.item_ebc, head))
+        return torch.jit.script(ServingModule(model.user_ebc, model.item_ebc, model.user_weights, model.item_weights,
+                                               head))
 
 
 def vocab_sizes_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, int]:

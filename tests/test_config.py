@@ -46,6 +46,8 @@ def test_tasks_from_toml(tmp_path):
         ("model.head=transformer", "model.head must be one of"),
         ("model.activation=swish", "model.activation must be one of"),
         ("model.interaction=cross", "model.interaction must be 'none' or 'dot'"),
+        ('model.weight_features=["mean"]', "model.weight_features must be distinct names from"),
+        ('model.weight_features=["sum", "sum"]', "model.weight_features must be distinct names from"),
         ('model.output_bias_init="prior"', "model.output_bias_init must be 'label_rate' or 'default'"),
         ("sharding.sharding_type=diagonal", "sharding.sharding_type must be one of"),
         ("optimizer.sparse=lamb", "optimizer.sparse must be one of"),
@@ -64,6 +66,12 @@ def test_dot_interaction_needs_one_embedding_dim():
     with pytest.raises(ConfigError, match="every field needs the same dim"):
         load_config(None, ['model.field_dims={"205" = 32}', "model.interaction=dot"])
     assert load_config(None, ['model.field_dims={"205" = 16}', "model.interaction=dot"]).model.interaction == "dot"
+
+
+def test_weight_features_and_dot_interaction_exclude_each_other():
+    with pytest.raises(ConfigError, match="cannot be combined with model.interaction = 'dot'"):
+        load_config(None, ['model.weight_features=["last"]', "model.interaction=dot"])
+    assert load_config(None, ['model.weight_features=["last", "sum"]']).model.weight_features == ["last", "sum"]
 
 
 def test_task_errors(tmp_path):

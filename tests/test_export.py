@@ -141,6 +141,20 @@ def test_dot_interaction_exported_live_from_one_rank(one_rank, tmp_path):
         torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
 
 
+def test_weight_features_exported_live_from_one_rank(one_rank, tmp_path):
+    cfg = worker.job_config("table_wise", {}, ('model.weight_features=["sum", "last", "count"]',))
+    dmp, opt = worker.build(cfg)
+    worker.train(dmp, opt, 0, 2)
+    expected = worker.predictions(dmp)
+    path = export_model(tmp_path / "weights", cfg, dmp=dmp)
+    got = scores(load_exported(path), worker.scoring_batches())
+    eager = load_exported_eager(path)
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
+        torch.testing.assert_close(eager(worker.scoring_batches()[0]).predictions[task],
+                                   expected[task][: worker.scoring_batches()[0].num_impressions], rtol=0, atol=1e-6)
+
+
 def test_mmoe_exported_live_from_one_rank(one_rank, tmp_path):
     tasks = '[{name = "ctr", label = "click"}, {name = "ctcvr", label = "buy"}]'
     cfg = worker.job_config("table_wise", {}, ("model.head=mmoe", "model.expert_dims=[16]", "model.num_experts=3",

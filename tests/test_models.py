@@ -3,12 +3,16 @@ import math
 import pytest
 import torch
 
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
 from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models import HeadInput
 from dist_mtl.models.embeddings import pooled_by_name, table_name
 from dist_mtl.models.interaction import GroupedDotInteraction
+from dist_mtl.models.weight_features import RowWeightFeatures
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 from model_helpers import VOCAB_SIZES, random_batch, small_model_config
 
@@ -175,3 +179,50 @@ def test_output_bias_starts_at_the_label_rates_logit():
     assert float(esmm.head.ctr_tower.out.bias) == pytest.approx(0.0, abs=1e-7)
     # A rate of 0 (no purchase in the split) is clamped, not -inf.
     assert float(esmm.head.cvr_tower.out.bias) == pytest.approx(math.log(1e-6 / (1 - 1e-6)), rel=1e-5)
+
+
+def test_row_weight_stats_per_field_and_row():
+    # keys a (single-valued), b, c over 3 rows; b's rows: [2, 3], [], [5]; c's rows: [1], [4, 6, 10], []
+    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.arange(10),
+                            lengths=torch.tensor([1, 1, 1, 2, 0, 1, 1, 3, 0]),
+                            weights=torch.tensor([1.0, 1, 1, 2, 3, 5, 1, 4, 6, 10]))
+    features = RowWeightFeatures(["a", "b", "c"], ["c", "b"], ["sum", "last", "count"])
+    got = features(kjt)
+    assert features.out_dim == 6 and got.shape == (3, 6)
+    expected = torch.tensor([[1, 1, 1, 5, 3, 2],  # c: sum 1, last 1, one id; b: sum 5, last 3, two ids
+                             [20, 10, 3, 0, 0, 0],
+                             [0, 0, 0, 5, 5, 1]], dtype=torch.float32)
+    torch.testing.assert_close(got, torch.log1p(expected))
+    assert torch.jit.script(features)(kjt).equal(got)
+    with pytest.raises(ValueError, match="unknown weight statistic"):
+        RowWeightFeatures(["a"], ["a"], ["mean"])
+
+
+def test_weight_features_reach_the_heads():
+    torch.manual_seed(0)
+    cfg = small_model_config("esmm")
+    cfg.weight_features = ["sum", "last"]
+    model = MultiTaskModel(cfg, VOCAB_SIZES, default_esmm_tasks(), sparse_device="cpu")
+    multi = sum(f.multi_valued for f in USER_FIELDS + ITEM_FIELDS)
+    assert model.head_input.out_dim == build("esmm", default_esmm_tasks()).head_input.out_dim + 2 * multi
+    batch = random_batch(num_users=5, num_impressions=23)
+    loss = MultiTaskLoss(default_esmm_tasks())(model(batch), batch.labels)[0]
+    loss.backward()
+
+    # With every table at zero the pooled embeddings carry nothing, so what moves the predictions is
+    # the weight statistics: the first user's history weights, gathered to that user's impressions only.
+    with torch.no_grad():
+        for p in list(model.user_ebc.parameters()) + list(model.item_ebc.parameters()):
+            p.zero_()
+    before = model(batch).predictions["ctr"].detach()
+    users = batch.user_features
+    weights = users.weights().clone()
+    offsets = users.offsets()
+    for k, f in enumerate(USER_FIELDS):
+        if f.multi_valued:
+            row = k * batch.num_users  # the first user's row of field k
+            weights[offsets[row]:offsets[row + 1]] *= 7.0
+    changed = KeyedJaggedTensor(keys=users.keys(), values=users.values(), lengths=users.lengths(), weights=weights)
+    after = model(GroupedBatch(changed, batch.item_features, batch.user_index, batch.labels)).predictions["ctr"]
+    moved = (after.detach() - before).abs() > 1e-7
+    assert moved.any() and moved.equal(batch.user_index == 0)

@@ -66,6 +66,14 @@ def test_plain_loop_and_pipeline_train_the_same(dataset, tmp_path):
         assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+def test_weight_features_train_through_the_pipeline(dataset, tmp_path):
+    # TorchRec's pipeline traces the model's forward symbolically; the statistics must survive that.
+    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", 'model.weight_features=["sum", "last"]')).train()
+    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false", 'model.weight_features=["sum", "last"]')).train()
+    assert a["steps"] == b["steps"] > 0
+    assert a["metrics"]["ctr/auc"] == pytest.approx(b["metrics"]["ctr/auc"], abs=1e-6)
+
+
 def test_unwritable_run_dir_is_refused(dataset, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

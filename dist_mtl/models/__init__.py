@@ -11,12 +11,13 @@ from torch import nn
 
 from dist_mtl.config import ModelConfig
 from dist_mtl.data.batch import GroupedBatch
-from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS
+from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
 from dist_mtl.losses import ModelOutput
 from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
 from dist_mtl.models.mmoe import MMOEHead, SharedBottomHead
+from dist_mtl.models.weight_features import RowWeightFeatures
 from dist_mtl.tasks import TaskConfig
 
 
@@ -26,7 +27,9 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.user_ebc = build_ebc(USER_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
         self.item_ebc = build_ebc(ITEM_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
-        self.head_input = HeadInput(cfg)
+        self.user_weights = side_weight_features(USER_FIELDS, cfg.weight_features)
+        self.item_weights = side_weight_features(ITEM_FIELDS, cfg.weight_features)
+        self.head_input = HeadInput(cfg, self.user_weights.out_dim + self.item_weights.out_dim)
         self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks)
 
     @torch.no_grad()
@@ -46,16 +49,28 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: GroupedBatch) -> ModelOutput:
         user, item = pooled_by_name(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features))
+        if self.user_weights.out_dim:
+            user = torch.cat([user, self.user_weights(batch.user_features)], dim=1)
+        if self.item_weights.out_dim:
+            item = torch.cat([item, self.item_weights(batch.item_features)], dim=1)
         return self.head(self.head_input(user, item, batch.user_index))
+
+
+def side_weight_features(fields: Sequence[FieldSpec], stats: Sequence[str]) -> RowWeightFeatures:
+    """``model.weight_features`` of one side's multi-valued fields (out_dim 0 when none are asked for)."""
+    return RowWeightFeatures([f.name for f in fields], [f.name for f in fields if f.multi_valued], stats)
 
 
 class HeadInput(nn.Module):
     """What every head reads: user rows gathered to impressions, item rows, and with
-    ``model.interaction = "dot"`` the pairwise dot products of all pooled field embeddings."""
+    ``model.interaction = "dot"`` the pairwise dot products of all pooled field embeddings.
 
-    def __init__(self, cfg: ModelConfig):
+    A side's rows are its pooled embeddings, then its ``weight_dims`` columns of weight features
+    (``model.weight_features``) when there are any."""
+
+    def __init__(self, cfg: ModelConfig, weight_dims: int = 0):
         super().__init__()
-        self.out_dim = embedding_output_dim(cfg.embedding_dim, cfg.field_dims)
+        self.out_dim = embedding_output_dim(cfg.embedding_dim, cfg.field_dims) + weight_dims
         self.dot = None
         if cfg.interaction == "dot":
             self.dot = GroupedDotInteraction(len(USER_FIELDS), len(ITEM_FIELDS), cfg.embedding_dim)

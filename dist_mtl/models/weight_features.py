@@ -1,0 +1,79 @@
+"""Per-row summaries of the multi-valued fields' id weights, as dense inputs to the heads.
+
+Weighted sum pooling multiplies each id's embedding by its weight, so a history count or a combination
+field's count reaches the towers only through embedding rows that each id must learn on its own; what
+many rows share ("this user's list of categories holds the item's category 12 times") is learned once
+per id. torch-rechub's Ali-CCP recipe hands its model the weights as dense columns as well (D109_14 ...
+D853, the weight of the one id it keeps per field: the last); these are the same kind of inputs computed
+on the batch, with every id of the list kept and no preprocessing pass.
+
+Each statistic is ``log1p`` of a non-negative per-row quantity (an empty row gives 0):
+
+- ``sum``: the sum of the row's weights (history fields: the user's activity in that list);
+- ``last``: the weight of the row's last entry (torch-rechub's dense column);
+- ``count``: the number of ids in the row.
+"""
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dist_mtl.config import WEIGHT_STATS
+
+
+def row_weight_stats(
+    lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, num_keys: int, rows: List[int],
+    stats: List[str],
+) -> torch.Tensor:
+    """``[B, len(rows) * len(stats)]`` for a KJT of ``num_keys`` keys in key-major layout; ``rows`` are the
+    positions of the summarised keys, columns go field by field, each with its ``stats``."""
+    batch = lengths.numel() // num_keys
+    keep = torch.tensor(rows, dtype=torch.int64, device=lengths.device)
+    lengths = lengths.view(num_keys, batch).index_select(0, keep)
+    starts = offsets[:-1].view(num_keys, batch).index_select(0, keep)
+    ends = offsets[1:].view(num_keys, batch).index_select(0, keep)
+    columns: List[torch.Tensor] = []
+    # float64: row sums are differences of a running total that reaches ~1e5 on a batch of histories.
+    cumulative = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
+    for stat in stats:
+        if stat == "sum":
+            value = (cumulative[ends] - cumulative[starts]).to(weights.dtype)
+        elif stat == "last":
+            last = weights[(ends - 1).clamp(min=0)] if weights.numel() > 0 else weights.new_zeros(ends.shape)
+            value = torch.where(lengths > 0, last, torch.zeros_like(last))
+        else:
+            value = lengths.to(weights.dtype)
+        columns.append(torch.log1p(value.clamp(min=0.0)))
+    # [stats, fields, B] -> [B, fields, stats]
+    return torch.stack(columns, 0).permute(2, 1, 0).reshape(batch, len(rows) * len(stats))
+
+
+# A leaf for TorchRec's pipeline tracer: it traces the model's forward symbolically, and this function
+# reads sizes (numel, view) that a symbolic trace cannot.
+torch.fx.wrap("row_weight_stats")
+
+
+class RowWeightFeatures(nn.Module):
+    """The configured statistics of every multi-valued field of one side's KJT (keys in ``keys`` order)."""
+
+    # Declared for TorchScript, which cannot infer an element type from an empty list.
+    num_keys: int
+    rows: List[int]
+    stats: List[str]
+    out_dim: int
+
+    def __init__(self, keys: Sequence[str], fields: Sequence[str], stats: Sequence[str]):
+        super().__init__()
+        unknown = [s for s in stats if s not in WEIGHT_STATS]
+        if unknown:
+            raise ValueError(f"unknown weight statistic(s) {unknown}; choose from {WEIGHT_STATS}")
+        self.num_keys = len(keys)
+        self.rows = [list(keys).index(f) for f in fields]
+        self.stats = list(stats)
+        self.out_dim = len(self.rows) * len(self.stats)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return row_weight_stats(features.lengths(), features.offsets(), features.weights(), self.num_keys,
+                                self.rows, self.stats)
