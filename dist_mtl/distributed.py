@@ -228,11 +228,6 @@ def skip_unused_id_weight_grads(dmp: nn.Module) -> list[RemovableHandle]:
     A forward pre-hook on each table-batched module passes all-zero flags, unless the weights do require
     a gradient (a model that learns them keeps getting it). Returns the hooks' handles.
     """
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        DenseTableBatchedEmbeddingBagsCodegen,
-        SplitTableBatchedEmbeddingBagsCodegen,
-    )
-
     def pass_no_grad_flags(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         weights = kwargs.get("per_sample_weights")
         if weights is None or weights.requires_grad or kwargs.get("feature_requires_grad") is not None:
@@ -240,24 +235,27 @@ def skip_unused_id_weight_grads(dmp: nn.Module) -> list[RemovableHandle]:
         flags = torch.zeros(module.D_offsets.numel() - 1, dtype=torch.int32, device=weights.device)
         return args, {**kwargs, "feature_requires_grad": flags}
 
-    return [
-        module.register_forward_pre_hook(pass_no_grad_flags, with_kwargs=True)
-        for module in table_batched_modules(dmp)
-        if isinstance(module, (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen))
-    ]
+    return [module.register_forward_pre_hook(pass_no_grad_flags, with_kwargs=True)
+            for module in table_batched_modules(dmp)]
 
 
 def table_batched_modules(dmp: nn.Module) -> list[nn.Module]:
-    """The modules under each sharded collection's lookups (fbgemm's table-batched modules among them).
+    """fbgemm's table-batched embedding modules under each sharded collection's lookups.
 
     A sharded EmbeddingBagCollection keeps its lookups in a plain list (``_lookups``, the same in
     torchrec 1.6 and 1.8), so ``dmp.modules()`` does not reach them.
     """
-    found = []
-    for sharded in dmp.modules():
-        for lookup in getattr(sharded, "_lookups", ()):
-            found.extend(lookup.modules())
-    return found
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        DenseTableBatchedEmbeddingBagsCodegen,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    kinds = (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen)
+    return [module
+            for sharded in dmp.modules()
+            for lookup in getattr(sharded, "_lookups", ())
+            for module in lookup.modules()
+            if isinstance(module, kinds)]
 
 
 def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:

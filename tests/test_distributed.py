@@ -63,20 +63,10 @@ def test_per_table_sharding_constraint_is_honoured():
     assert plans["t_206"].sharding_type == "table_wise"
 
 
-def table_batched_modules(dmp):
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        DenseTableBatchedEmbeddingBagsCodegen,
-        SplitTableBatchedEmbeddingBagsCodegen,
-    )
-
-    kinds = (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen)
-    return [m for m in distributed.table_batched_modules(dmp) if isinstance(m, kinds)]
-
-
 @pytest.mark.parametrize("sharding_type", ["table_wise", "data_parallel"])
 def test_data_weights_get_no_gradient_and_training_is_unchanged(sharding_type, monkeypatch):
     dmp, _, opt = build(f'sharding.sharding_type="{sharding_type}"')
-    modules = table_batched_modules(dmp)
+    modules = distributed.table_batched_modules(dmp)
     assert modules
     flags_seen = []
     for m in modules:  # registered after shard_model's hook, so it sees the arguments the kernel gets
@@ -96,7 +86,7 @@ def test_data_weights_get_no_gradient_and_training_is_unchanged(sharding_type, m
 
 def test_weights_that_require_grad_still_get_their_gradient():
     dmp, _, _ = build('sharding.sharding_type="table_wise"')
-    tbe = table_batched_modules(dmp)[0]
+    tbe = distributed.table_batched_modules(dmp)[0]
     features = tbe.D_offsets.numel() - 1
     indices = torch.zeros(2 * features, dtype=torch.int64)
     offsets = torch.arange(0, 2 * features + 1, dtype=torch.int64)
