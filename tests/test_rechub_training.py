@@ -14,12 +14,14 @@ SAMPLES = RECHUB_SAMPLE_DIR
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"torch-rechub sample files not present at {SAMPLES}")
 
 
-def test_esmm_trains_on_the_real_rechub_sample_import(tmp_path):
+@pytest.mark.parametrize("weight_features", ["[]", '["sum", "last", "count"]'])
+def test_esmm_trains_on_the_real_rechub_sample_import(tmp_path, weight_features):
     data = tmp_path / "rechub"
     import_rechub_csv({split: SAMPLES / f"ali_ccp_{split}_sample.csv" for split in ("train", "val", "test")}, data)
     cfg = load_config(None, [f'data.path="{data}"', f'run_dir="{tmp_path / "run"}"', 'data.val_split="val"',
                              "data.batch_size=16", "data.eval_batch_size=64", "model.embedding_dim=8",
-                             "model.tower_dims=[16,8]", "train.epochs=2", "train.progress_bar=false"])
+                             "model.tower_dims=[16,8]", "train.epochs=2", "train.progress_bar=false",
+                             f"model.weight_features={weight_features}"])
     summary = Trainer(cfg).train()
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["samples_trained"] == summary["samples_trained"] > 0
