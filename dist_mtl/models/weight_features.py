@@ -35,10 +35,11 @@ def row_weight_stats(
     starts = offsets[:-1].view(num_keys, batch).index_select(0, keep)
     ends = offsets[1:].view(num_keys, batch).index_select(0, keep)
     columns: List[torch.Tensor] = []
-    # float64: row sums are differences of a running total that reaches ~1e5 on a batch of histories.
-    cumulative = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
     for stat in stats:
         if stat == "sum":
+            # float64: row sums are differences of a running total that reaches ~1e5 on a batch of
+            # histories. Built here, not up front: "last" and "count" need no pass over every weight.
+            cumulative = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
             value = (cumulative[ends] - cumulative[starts]).to(weights.dtype)
         elif stat == "last":
             last = weights[(ends - 1).clamp(min=0)] if weights.numel() > 0 else weights.new_zeros(ends.shape)
