@@ -125,10 +125,8 @@ class ServingModule(nn.Module):
         # By name, as in embeddings.pooled_by_name: an EBC's output key order is its own.
         user = KeyedTensor.regroup([self.user_ebc(users)], [self.user_keys])[0]
         item = KeyedTensor.regroup([self.item_ebc(items)], [self.item_keys])[0]
-        if self.user_weights.out_dim:
-            user = torch.cat([user, self.user_weights(users)], dim=1)
-        if self.item_weights.out_dim:
-            item = torch.cat([item, self.item_weights(items)], dim=1)
+        user = self.user_weights.append_to(user, users)
+        item = self.item_weights.append_to(item, items)
         return self.head(user, item, user_index)
 
 

@@ -49,10 +49,8 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: GroupedBatch) -> ModelOutput:
         user, item = pooled_by_name(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features))
-        if self.user_weights.out_dim:
-            user = torch.cat([user, self.user_weights(batch.user_features)], dim=1)
-        if self.item_weights.out_dim:
-            item = torch.cat([item, self.item_weights(batch.item_features)], dim=1)
+        user = self.user_weights.append_to(user, batch.user_features)
+        item = self.item_weights.append_to(item, batch.item_features)
         return self.head(self.head_input(user, item, batch.user_index))
 
 

@@ -78,3 +78,11 @@ class RowWeightFeatures(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return row_weight_stats(features.lengths(), features.offsets(), features.weights(), self.num_keys,
                                 self.rows, self.stats)
+
+    @torch.jit.export
+    def append_to(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``pooled`` (the side's pooled embeddings, one row per KJT row) with the statistics appended;
+        unchanged when none are configured. The training model and the exported one both call this."""
+        if self.out_dim == 0:
+            return pooled
+        return torch.cat([pooled, self.forward(features)], dim=1)
