@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from dist_mtl.tasks import TaskConfig, default_esmm_tasks
+from dist_mtl.tasks import TaskConfig, default_esmm_tasks, default_multi_tower_tasks
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
@@ -164,7 +164,10 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = field(default_factory=default_esmm_tasks)
-    """Prediction targets; see dist_mtl.tasks.TaskConfig. ESMM needs binary tasks ctr, cvr, ctcvr."""
+    """Prediction targets; see dist_mtl.tasks.TaskConfig. ESMM needs binary tasks ctr, cvr, ctcvr. When
+    neither the file nor an override sets them, ``load_config`` gives the head's default: ESMM's three
+    (dist_mtl.tasks.default_esmm_tasks), or CTR and CTCVR for the heads with a tower per task
+    (default_multi_tower_tasks)."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -199,6 +202,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(raw, key.strip(), _parse_value(text.strip()))
     cfg = _build(JobConfig, raw, "")
+    if "tasks" not in raw and cfg.model.head != "esmm":
+        cfg.tasks = default_multi_tower_tasks()
     cfg.validate()
     return cfg
 
@@ -373,6 +378,16 @@ def _validate(cfg: JobConfig) -> None:
     metric_task = t.early_stop_metric.split("/")[0]
     if metric_task not in names:
         raise ConfigError(f"train.early_stop_metric {t.early_stop_metric!r} names no task in {names}")
+    if m.head != "esmm":
+        # Only ESMM derives a prediction from other tasks' towers (pCTCVR = pCTR x pCVR); elsewhere a
+        # zero-weight task's tower and gate never get a gradient and its metrics score random weights.
+        idle = [task.name for task in cfg.tasks if task.loss_weight == 0]
+        if idle:
+            raise ConfigError(
+                f"tasks: {idle} have loss_weight 0, so the {m.head} head's towers for them would never "
+                "train (only ESMM learns CVR through pCTCVR); give them a loss weight (CVR over clicked "
+                'impressions: rows = "click") or leave them out'
+            )
     if m.head == "esmm":
         from dist_mtl.models.esmm import check_esmm_tasks
 

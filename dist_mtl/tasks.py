@@ -57,6 +57,18 @@ def default_esmm_tasks() -> list[TaskConfig]:
     ]
 
 
+def default_multi_tower_tasks() -> list[TaskConfig]:
+    """MMOE's and Shared-Bottom's default: CTR and CTCVR, each trained over all impressions.
+
+    These heads give every task its own tower, so ESMM's zero-weight CVR task would be an untrained
+    tower there; CVR on clicked rows is a task a user adds with its own loss (``rows = "click"``).
+    """
+    return [
+        TaskConfig(name="ctr", label="click"),
+        TaskConfig(name="ctcvr", label="buy"),
+    ]
+
+
 def label_rate(task: TaskConfig, split: SplitInfo) -> float | None:
     """The share of a binary task's rows whose label is 1, from a split's stored counts; None where the
     counts do not say (regression, extra label columns, rows other than "all" or "click", empty split)."""

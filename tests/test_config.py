@@ -22,6 +22,21 @@ def test_precedence_defaults_file_overrides(tmp_path):
     assert cfg.data.eval_batch_size == JobConfig().data.eval_batch_size  # default where both are silent
 
 
+@pytest.mark.parametrize("head", ["mmoe", "shared_bottom"])
+def test_heads_with_a_tower_per_task_default_to_ctr_and_ctcvr(head, tmp_path):
+    """ESMM's default CVR task has loss weight 0; in a head with its own tower per task it would never
+    train, so these heads default to the two tasks trained over all impressions."""
+    cfg = load_config(None, [f"model.head={head}"])
+    assert [(t.name, t.label, t.loss_weight, t.rows) for t in cfg.tasks] == [
+        ("ctr", "click", 1.0, "all"), ("ctcvr", "buy", 1.0, "all")]
+    path = tmp_path / "resolved.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+    # Tasks the user gives are kept, whichever head reads them.
+    three = 'tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, {name="ctcvr", label="buy"}]'
+    assert [t.name for t in load_config(None, [f"model.head={head}", three]).tasks] == ["ctr", "cvr", "ctcvr"]
+
+
 def test_tasks_from_toml(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(
@@ -86,6 +101,8 @@ def test_task_errors(tmp_path):
         cfg_with('[[tasks]]\nname = "a"\nlabel = "click"\nloss_weight = -1.0\n')
     with pytest.raises(ConfigError, match="duplicate task names"):
         cfg_with('[[tasks]]\nname = "a"\nlabel = "click"\n[[tasks]]\nname = "a"\nlabel = "buy"\n')
+    with pytest.raises(ConfigError, match=r"\['b'\] have loss_weight 0, so the mmoe head's towers for them would never train"):
+        cfg_with('[[tasks]]\nname = "a"\nlabel = "click"\n[[tasks]]\nname = "b"\nlabel = "buy"\nloss_weight = 0.0\n')
     path = tmp_path / "esmm.toml"
     path.write_text(
         '[train]\nearly_stop_metric = "ctr/auc"\n'
