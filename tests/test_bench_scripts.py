@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -252,3 +253,85 @@ def test_plots_reject_empty_or_unknown_input(tmp_path):
         plots.plot_sweep([plots.SweepPoint("esmm", 1, "cached", 1024, 1.0)], tmp_path / "s.png", "x")
     assert not list(tmp_path.iterdir())
 
+
+
+# ----------------------------------------------------------------------------------------- gap_breakdown
+
+
+@pytest.fixture(scope="module")
+def planted_set(tmp_path_factory):
+    from dist_mtl.data.synthetic import SyntheticConfig, write_parquet_direct
+
+    root = tmp_path_factory.mktemp("planted")
+    cfg = SyntheticConfig(train_impressions=2000, test_impressions=20_000, history_ids_per_user=40,
+                          click_rate=0.3, buy_rate_after_click=0.3, seed=5)
+    write_parquet_direct(root, cfg, splits=("test",))
+    return root, cfg
+
+
+def write_predictions(path, sample_id, z_ctr, z_cvr):
+    p_ctr, p_cvr = 1 / (1 + np.exp(-z_ctr)), 1 / (1 + np.exp(-z_cvr))
+    pq.write_table(pa.table({"sample_id": sample_id, "p_ctr": p_ctr.astype(np.float32),
+                             "p_cvr": p_cvr.astype(np.float32), "p_ctcvr": (p_ctr * p_cvr).astype(np.float32)}),
+                   path)
+
+
+def test_gap_breakdown_reads_the_planted_config_and_refuses_other_sets(planted_set, tmp_path):
+    import gap_breakdown
+
+    root, cfg = planted_set
+    assert gap_breakdown.planted_config(root) == cfg
+    (tmp_path / "metadata.json").write_text(
+        (root / "metadata.json").read_text().replace('"dist_mtl.data.synthetic"', '"someone else"'))
+    with pytest.raises(ValueError, match="no synthetic generator config"):
+        gap_breakdown.planted_config(tmp_path)
+
+
+def test_gap_breakdown_finds_the_oracle_whole_and_a_missing_taste_part(planted_set, tmp_path):
+    import gap_breakdown
+
+    root, cfg = planted_set
+    terms = gap_breakdown.test_terms(cfg)
+    # The terms add up to the planted logits.
+    ctr_sum = sum(v for k, v in terms.items() if k.startswith("ctr/"))
+    cvr_sum = sum(v for k, v in terms.items() if k.startswith("cvr/"))
+    assert np.allclose(ctr_sum - terms["z/ctr"], (ctr_sum - terms["z/ctr"]).mean(), atol=1e-4)
+    assert np.allclose(cvr_sum - terms["z/cvr"], (cvr_sum - terms["z/cvr"]).mean(), atol=1e-4)
+
+    # Predictions = the oracle, in another row order and with the click=0/buy=1 rows left out as the
+    # reader does: every coefficient 1, no residual, the model's AUC the oracle's.
+    keep = (terms["click"] == 1) | (terms["buy"] == 0)
+    order = np.random.default_rng(0).permutation(np.flatnonzero(keep))
+    oracle = tmp_path / "oracle.parquet"
+    write_predictions(oracle, terms["sample_id"][order], terms["z/ctr"][order], terms["z/cvr"][order])
+    result = gap_breakdown.main(["--data", str(root), "--predictions", str(oracle), "--out", str(tmp_path / "o.json")])
+    for task in ("ctr", "cvr"):
+        r = result[task]
+        assert all(abs(c - 1) < 1e-3 for c in r["coefficients"].values()), r["coefficients"]
+        assert r["residual_std"] < 1e-3
+        assert r["auc"]["model"] == pytest.approx(r["auc"]["oracle"], abs=1e-4)
+        assert r["taste"]["within_category_coefficient"] == pytest.approx(1.0, abs=1e-3)
+    assert result["ctr"]["rows"] == keep.sum() and result["cvr"]["rows"] == (terms["click"] == 1).sum()
+
+    # A model blind to the per-user taste within a category: that coefficient falls to 0 while the
+    # per-category one stays, and the oracle with that part removed scores what the model scores.
+    category_mean = gap_breakdown._group_means(terms["category"][keep], terms["ctr/taste"][keep])
+    blind = terms["z/ctr"][keep] - (terms["ctr/taste"][keep] - category_mean)
+    partial = tmp_path / "partial.parquet"
+    write_predictions(partial, terms["sample_id"][keep], blind, terms["z/cvr"][keep])
+    r = gap_breakdown.main(["--data", str(root), "--predictions", str(partial), "--out", str(tmp_path / "p.json")])["ctr"]
+    assert r["taste"]["within_category_coefficient"] == pytest.approx(0.0, abs=1e-3)
+    assert r["taste"]["between_category_coefficient"] == pytest.approx(1.0, abs=1e-3)
+    assert r["taste"]["oracle_auc_with_within_category_taste_at_model_coefficient"] == pytest.approx(
+        r["auc"]["model"], abs=1e-4)
+    assert r["auc"]["model"] < r["auc"]["oracle"] - 0.005
+
+    # The first users only: a prefix of the split in generation order, terms equal to the whole run's.
+    first = gap_breakdown.test_terms(cfg, max_impressions=3000, users_per_chunk=20)
+    assert 3000 <= len(first["sample_id"]) < len(terms["sample_id"])
+    assert np.array_equal(first["z/ctr"], terms["z/ctr"][:len(first["sample_id"])])
+
+    unknown = tmp_path / "unknown.parquet"
+    write_predictions(unknown, np.array([10**12]), np.zeros(1), np.zeros(1))
+    with pytest.raises(ValueError, match="sample ids that the test split"):
+        gap_breakdown.main(["--data", str(root), "--predictions", str(unknown), "--out", str(tmp_path / "u.json")])
