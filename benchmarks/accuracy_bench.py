@@ -18,10 +18,10 @@ and test splits (as Ali-CCP and the ESMM paper): the job's validation split is l
 stopping and the best-model choice use ``data.eval_split`` (test), the split the AUCs are reported on;
 they are therefore slightly optimistic, the same way for every size and model.
 
-Tasks: ESMM's own (CTR and CTCVR trained over all impressions, CVR through pCTCVR only); MMOE trains
-all three directly: CTR on clicks, CVR on purchases over clicked impressions, CTCVR on purchases. CVR
-AUC is over clicked test impressions, CTR and CTCVR over all. The oracle is ``oracle_auc`` of the
-planted model's true probabilities on the same test split.
+Tasks: ESMM's own (CTR and CTCVR trained over all impressions, CVR through pCTCVR only); MMOE (and PLE,
+``--models ple``) trains all three directly: CTR on clicks, CVR on purchases over clicked impressions,
+CTCVR on purchases. CVR AUC is over clicked test impressions, CTR and CTCVR over all. The oracle is
+``oracle_auc`` of the planted model's true probabilities on the same test split.
 
 Writes ``benchmarks/results/accuracy.json`` (per size, model and task: auc, oracle_auc, gap = oracle -
 auc) and ``accuracy.png`` beside it, and prints a markdown table for RESULTS.md.
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-scale", type=float, default=None,
                         help="table sizes as a share of Ali-CCP's, in (0, 1] (default: largest size / 42.3M)")
     parser.add_argument("--seed", type=int, default=DEFAULT_WORLD.seed)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=tuple(HEAD_OVERRIDES), default=list(MODELS))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     parser.add_argument("--config", default=str(REPO / "configs" / "synthetic_cpu.toml"))

@@ -19,7 +19,7 @@ from dist_mtl.tasks import TaskConfig, default_esmm_tasks, default_multi_tower_t
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
-HEADS = ("esmm", "mmoe", "shared_bottom")
+HEADS = ("esmm", "mmoe", "ple", "shared_bottom")
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,7 @@ WEIGHT_STATS = ("sum", "last", "count")
 @dataclass
 class ModelConfig:
     head: str = "esmm"
-    """Multi-task head: "esmm", "mmoe" or "shared_bottom"."""
+    """Multi-task head: "esmm", "mmoe", "ple" or "shared_bottom"."""
     embedding_dim: int = 16
     """Embedding dimension of every table; must be divisible by 4 (fbgemm's fused kernel). The ESMM
     paper's 18 is not allowed: 16 or 20 are the nearest."""
@@ -70,9 +70,12 @@ class ModelConfig:
     tower_dims: list[int] = field(default_factory=lambda: [360, 200, 80])
     """Hidden layer sizes of each task tower (ESMM paper: 360x200x80)."""
     expert_dims: list[int] = field(default_factory=lambda: [256, 128])
-    """Hidden layer sizes of each MMOE expert (and of the shared bottom)."""
+    """Hidden layer sizes of each MMOE expert (and of the shared bottom); for PLE, one extraction level
+    per entry, whose experts are one layer of that size."""
     num_experts: int = 4
-    """MMOE experts."""
+    """MMOE experts; for PLE, the shared experts of each level."""
+    task_experts: int = 1
+    """PLE: experts of each task's own at each level."""
     dropout: float = 0.0
     """Dropout after each hidden layer."""
     activation: str = "relu"
@@ -311,6 +314,7 @@ def _validate(cfg: JobConfig) -> None:
         if not dims or any(d <= 0 for d in dims):
             raise ConfigError(f"{where} must be a non-empty list of positive sizes, got {dims}")
     positive("model.num_experts", m.num_experts)
+    positive("model.task_experts", m.task_experts)
     if m.interaction not in ("none", "dot"):
         raise ConfigError(f"model.interaction must be 'none' or 'dot', got {m.interaction!r}")
     bad_stats = [s for s in m.weight_features if s not in WEIGHT_STATS]

@@ -58,7 +58,7 @@ def default_esmm_tasks() -> list[TaskConfig]:
 
 
 def default_multi_tower_tasks() -> list[TaskConfig]:
-    """MMOE's and Shared-Bottom's default: CTR and CTCVR, each trained over all impressions.
+    """MMOE's, PLE's and Shared-Bottom's default: CTR and CTCVR, each trained over all impressions.
 
     These heads give every task its own tower, so ESMM's zero-weight CVR task would be an untrained
     tower there; CVR on clicked rows is a task a user adds with its own loss (``rows = "click"``).

@@ -22,7 +22,7 @@ def test_precedence_defaults_file_overrides(tmp_path):
     assert cfg.data.eval_batch_size == JobConfig().data.eval_batch_size  # default where both are silent
 
 
-@pytest.mark.parametrize("head", ["mmoe", "shared_bottom"])
+@pytest.mark.parametrize("head", ["mmoe", "ple", "shared_bottom"])
 def test_heads_with_a_tower_per_task_default_to_ctr_and_ctcvr(head, tmp_path):
     """ESMM's default CVR task has loss weight 0; in a head with its own tower per task it would never
     train, so these heads default to the two tasks trained over all impressions."""
@@ -59,6 +59,7 @@ def test_tasks_from_toml(tmp_path):
         ("model.embedding_dim=18", "multiples of 4"),
         ("model.field_dims={\"205\" = 10}", "model.field_dims.205 = 10"),
         ("model.head=transformer", "model.head must be one of"),
+        ("model.task_experts=0", "model.task_experts must be > 0"),
         ("model.activation=swish", "model.activation must be one of"),
         ("model.interaction=cross", "model.interaction must be 'none' or 'dot'"),
         ('model.weight_features=["mean"]', "model.weight_features must be distinct names from"),

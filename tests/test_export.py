@@ -155,14 +155,15 @@ def test_weight_features_exported_live_from_one_rank(one_rank, tmp_path):
                                    expected[task][: worker.scoring_batches()[0].num_impressions], rtol=0, atol=1e-6)
 
 
-def test_mmoe_exported_live_from_one_rank(one_rank, tmp_path):
+@pytest.mark.parametrize("head, expert_dims", [("mmoe", "[16]"), ("ple", "[16,8]")])
+def test_multi_tower_heads_exported_live_from_one_rank(one_rank, tmp_path, head, expert_dims):
     tasks = '[{name = "ctr", label = "click"}, {name = "ctcvr", label = "buy"}]'
-    cfg = worker.job_config("table_wise", {}, ("model.head=mmoe", "model.expert_dims=[16]", "model.num_experts=3",
-                                              f"tasks={tasks}"))
+    cfg = worker.job_config("table_wise", {}, (f"model.head={head}", f"model.expert_dims={expert_dims}",
+                                              "model.num_experts=3", f"tasks={tasks}"))
     dmp, opt = worker.build(cfg)
     worker.train(dmp, opt, 0, 2)
     expected = worker.predictions(dmp)
-    path = export_model(tmp_path / "mmoe", cfg, dmp=dmp)
+    path = export_model(tmp_path / head, cfg, dmp=dmp)
     got = scores(load_exported(path), worker.scoring_batches())
     assert sorted(got) == ["ctcvr", "ctr"]
     for task in got:

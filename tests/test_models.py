@@ -36,7 +36,7 @@ def build(head: str, tasks, interaction: str = "none"):
 
 
 @pytest.mark.parametrize("head,tasks", [("esmm", default_esmm_tasks()), ("mmoe", MMOE_TASKS),
-                                        ("shared_bottom", MMOE_TASKS)])
+                                        ("ple", MMOE_TASKS), ("shared_bottom", MMOE_TASKS)])
 def test_forward_backward_shapes(head, tasks):
     model = build(head, tasks)
     batch = random_batch(num_users=5, num_impressions=23, extra=("price",))
@@ -52,6 +52,52 @@ def test_forward_backward_shapes(head, tasks):
     grads = [p.grad for p in model.head.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def ple_head(level_dims):
+    from dist_mtl.models.mmoe import PLEHead
+
+    torch.manual_seed(0)
+    return PLEHead(12, MMOE_TASKS, shared_experts=2, task_experts=2, level_dims=level_dims, tower_dims=[8])
+
+
+@torch.no_grad()
+def ctr_after_changing(head, x, *experts):
+    before = head(x).predictions["ctr"].clone()
+    for expert in experts:
+        for p in expert.parameters():
+            p.add_(torch.randn_like(p))
+    return before, head(x).predictions["ctr"]
+
+
+def test_ple_tasks_read_only_their_own_and_the_shared_experts_at_the_last_level():
+    x = torch.randn(9, 12)
+    one_level = ple_head([8])
+    assert "shared_gate" not in one_level.levels[0]  # a last level has no shared branch
+    assert one_level.levels[0]["task_gates"]["ctr"].out_features == 2 + 2
+    other_task = one_level.levels[0]["task_experts"]["ctcvr"]
+    torch.testing.assert_close(*ctr_after_changing(one_level, x, other_task))
+    before, after = ctr_after_changing(one_level, x, one_level.levels[0]["shared_experts"])
+    assert not torch.allclose(before, after)
+
+    two_levels = ple_head([8, 6])
+    # Below the last level the shared branch mixes every expert: 3 tasks x 2 own + 2 shared.
+    assert two_levels.levels[0]["shared_gate"].out_features == 3 * 2 + 2
+    assert "shared_gate" not in two_levels.levels[1]
+    # Another task's level-0 experts reach CTR through the shared branch; its last-level experts do not.
+    torch.testing.assert_close(*ctr_after_changing(two_levels, x, two_levels.levels[1]["task_experts"]["ctcvr"]))
+    before, after = ctr_after_changing(two_levels, x, two_levels.levels[0]["task_experts"]["ctcvr"])
+    assert not torch.allclose(before, after)
+
+
+def test_ple_task_output_is_its_gated_mixture_through_its_tower():
+    head = ple_head([8])
+    x = torch.randn(5, 12)
+    level = head.levels[0]
+    outputs = [e(x) for e in level["task_experts"]["ctr"]] + [e(x) for e in level["shared_experts"]]
+    gate = torch.softmax(level["task_gates"]["ctr"](x), dim=-1)
+    mixture = sum(gate[:, i : i + 1] * o for i, o in enumerate(outputs))
+    torch.testing.assert_close(head(x).logits["ctr"], head.towers["ctr"](mixture))
 
 
 def test_esmm_ctcvr_is_product_and_loss_is_ctr_plus_ctcvr():

@@ -66,6 +66,16 @@ def test_plain_loop_and_pipeline_train_the_same(dataset, tmp_path):
         assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+def test_ple_trains_through_the_pipeline(dataset, tmp_path):
+    # The pipeline's symbolic trace runs through the head's per-level loops and gate lookups.
+    ple = ("model.head=ple", "model.expert_dims=[16,8]", "model.num_experts=2", "model.task_experts=2")
+    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", *ple)).train()
+    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false", *ple)).train()
+    assert a["steps"] == b["steps"] > 0
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def test_weight_features_train_through_the_pipeline(dataset, tmp_path):
     # TorchRec's pipeline traces the model's forward symbolically; the statistics must survive that.
     a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", 'model.weight_features=["sum", "last"]')).train()

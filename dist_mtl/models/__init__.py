@@ -16,7 +16,7 @@ from dist_mtl.losses import ModelOutput
 from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
-from dist_mtl.models.mmoe import MMOEHead, SharedBottomHead
+from dist_mtl.models.mmoe import MMOEHead, PLEHead, SharedBottomHead
 from dist_mtl.models.weight_features import RowWeightFeatures
 from dist_mtl.tasks import TaskConfig
 
@@ -95,8 +95,14 @@ def _shared_bottom(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -
     return SharedBottomHead(in_dim, tasks, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout)
 
 
+def _ple(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+    return PLEHead(in_dim, tasks, cfg.num_experts, cfg.task_experts, cfg.expert_dims, cfg.tower_dims,
+                   cfg.activation, cfg.dropout)
+
+
 HEADS: dict[str, Callable[[int, ModelConfig, Sequence[TaskConfig]], nn.Module]] = {
     "esmm": _esmm,
     "mmoe": _mmoe,
+    "ple": _ple,
     "shared_bottom": _shared_bottom,
 }

@@ -1,4 +1,5 @@
-"""MMOE (Ma et al., KDD 2018) and the Shared-Bottom baseline: one tower per configured task."""
+"""MMOE (Ma et al., KDD 2018), PLE (Tang et al., RecSys 2020) and the Shared-Bottom baseline: one tower
+per configured task."""
 
 from __future__ import annotations
 
@@ -81,3 +82,68 @@ class SharedBottomHead(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         shared = self.bottom(x)
         return _outputs(self.tasks, {t.name: self.towers[t.name](shared) for t in self.tasks})
+
+
+class PLEHead(nn.Module):
+    """Progressive Layered Extraction: levels of task-specific and shared experts, then a tower per task.
+
+    At each level every task has ``task_experts`` experts of its own and all tasks share ``shared_experts``;
+    a task's softmax gate (on the task's input to the level) mixes its own experts with the shared ones,
+    so no task reads another task's experts directly (the customized gate control that keeps MMOE's
+    seesaw between tasks down). Below the last level a shared branch also runs: its gate, on the shared
+    input, mixes every expert of the level, and its mixture is the next level's shared input. Level ``j``'s
+    experts are one layer of ``level_dims[j]`` units; the first level reads the head input on every branch.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskConfig],
+        shared_experts: int,
+        task_experts: int,
+        level_dims: Sequence[int],
+        tower_dims: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.tasks = list(tasks)
+        names = [t.name for t in tasks]
+
+        def experts(d_in: int, width: int, count: int) -> nn.ModuleList:
+            return nn.ModuleList(mlp(d_in, [width], activation, dropout) for _ in range(count))
+
+        self.levels = nn.ModuleList()
+        d_in = in_dim
+        for j, width in enumerate(level_dims):
+            level = nn.ModuleDict({
+                "task_experts": nn.ModuleDict({n: experts(d_in, width, task_experts) for n in names}),
+                "shared_experts": experts(d_in, width, shared_experts),
+                "task_gates": nn.ModuleDict({n: nn.Linear(d_in, task_experts + shared_experts) for n in names}),
+            })
+            if j < len(level_dims) - 1:
+                level["shared_gate"] = nn.Linear(d_in, len(names) * task_experts + shared_experts)
+            self.levels.append(level)
+            d_in = width
+        self.towers = nn.ModuleDict({n: Tower(d_in, tower_dims, activation, dropout) for n in names})
+
+    def output_layers(self) -> dict[str, nn.Linear]:
+        return {name: tower.out for name, tower in self.towers.items()}
+
+    @staticmethod
+    def _mix(gate: nn.Linear, gate_input: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        weights = torch.softmax(gate(gate_input), dim=-1).unsqueeze(-1)  # [B, E, 1]
+        return (weights * torch.stack(outputs, dim=1)).sum(dim=1)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        names = [t.name for t in self.tasks]
+        task_in = {n: x for n in names}
+        shared_in = x
+        for level in self.levels:
+            shared_out = [e(shared_in) for e in level["shared_experts"]]
+            task_out = {n: [e(task_in[n]) for e in level["task_experts"][n]] for n in names}
+            if "shared_gate" in level:
+                every = [o for n in names for o in task_out[n]] + shared_out
+                shared_in = self._mix(level["shared_gate"], shared_in, every)
+            task_in = {n: self._mix(level["task_gates"][n], task_in[n], task_out[n] + shared_out) for n in names}
+        return _outputs(self.tasks, {n: self.towers[n](task_in[n]) for n in names})
