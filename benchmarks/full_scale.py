@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/full_scale.py                  # full size: 42.3M train + 43.0M test
     .venv/bin/python benchmarks/full_scale.py --scale 0.02     # the same recipe at 2% (a rehearsal)
-    .venv/bin/python benchmarks/full_scale.py --mmoe           # also a MMOE line on the same data
+    .venv/bin/python benchmarks/full_scale.py --heads mmoe ple # also MMOE and PLE lines on the same data
 
-``--mmoe`` adds a step that trains MMOE for one epoch on the same Parquet set and evaluates it the same
-way; MMOE trains its three tasks directly (CVR on purchases over clicked impressions, as
-``accuracy_bench.py`` does), with experts ``--mmoe-expert-dims`` and ESMM's towers.
+``--heads`` adds a step per head (``train_mmoe``, ``train_ple``) that trains it for one epoch on the same
+Parquet set and evaluates it the same way; these heads train the three tasks directly (CVR on purchases
+over clicked impressions, as ``accuracy_bench.py`` does), with experts (PLE: levels) ``--expert-dims`` and
+ESMM's towers.
 
 The synthetic stand-in has the real row counts, ~58 impressions per user (~730k user rows per split),
 ~500 history ids per user row, the real per-field vocabularies and label rates (Ali-CCP's 3.9% CTR and
@@ -35,6 +36,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import REPO, command_line, library_versions, run_logged, write_result  # noqa: E402
 from sweep_bench import MMOE_TASKS  # noqa: E402
+
+EXTRA_HEADS = ("mmoe", "ple")
 from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
 from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle_auc  # noqa: E402
 
@@ -103,9 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ESMM towers; the paper's 360x200x80 runs below the 70k samples/s target on 2 cores")
     parser.add_argument("--raw-share", type=float, default=None,
                         help="force raw text for this share only (default: all of it if the disk has room)")
-    parser.add_argument("--mmoe", action="store_true", help="also train and evaluate MMOE (step train_mmoe)")
-    parser.add_argument("--mmoe-expert-dims", default="[64,32]",
-                        help="MMOE's expert MLP (4 experts); [256,128] runs ~39k samples/s on 2 cores")
+    parser.add_argument("--heads", nargs="*", choices=EXTRA_HEADS, default=[],
+                        help="also train and evaluate these heads (steps train_<head>)")
+    parser.add_argument("--expert-dims", default="[64,32]",
+                        help="the extra heads' expert MLP (MMOE: 4 experts; PLE: one level per entry, 4 shared "
+                             "and 1 per-task expert each); [256,128] runs 20-40k samples/s on 2 cores")
     parser.add_argument("--force", default="", help="comma-separated steps to redo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "full_scale.json"))
     args = parser.parse_args(argv)
@@ -156,22 +161,23 @@ def main(argv: list[str] | None = None) -> dict:
                  if k in ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics",
                           "wall_seconds")})
 
-    mmoe = None
-    if args.mmoe:
-        previous = steps.done("train_mmoe")
-        if previous is not None and previous.get("expert_dims") != json.loads(args.mmoe_expert_dims):
-            steps.forget("train_mmoe")
-        mmoe_dir = work / "run_mmoe"
-        mmoe = run_step(steps, "train_mmoe", [
+    extra: dict[str, dict] = {}
+    for head in args.heads:
+        name, head_dir = f"train_{head}", work / f"run_{head}"
+        previous = steps.done(name)
+        if previous is not None and previous.get("expert_dims") != json.loads(args.expert_dims):
+            steps.forget(name)
+        extra[head] = run_step(steps, name, [
             py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "launch/train.py",
-            "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"', f'run_dir="{mmoe_dir}"',
+            "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"', f'run_dir="{head_dir}"',
             f"data.batch_size={args.batch_size}", "data.eval_batch_size=32768", f"model.tower_dims={args.tower_dims}",
-            "model.head=mmoe", f"model.expert_dims={args.mmoe_expert_dims}", MMOE_TASKS,
-            "train.epochs=1", "train.log_every_steps=200"], mmoe_dir, logs,
-            lambda: {"expert_dims": json.loads(args.mmoe_expert_dims),
-                     **{k: v for k, v in json.loads((mmoe_dir / "summary.json").read_text()).items()
-                        if k in ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained",
-                                 "metrics", "wall_seconds")}})
+            f"model.head={head}", f"model.expert_dims={args.expert_dims}", MMOE_TASKS,
+            "train.epochs=1", "train.log_every_steps=200"], head_dir, logs,
+            lambda head_dir=head_dir: {
+                "expert_dims": json.loads(args.expert_dims),
+                **{k: v for k, v in json.loads((head_dir / "summary.json").read_text()).items()
+                   if k in ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics",
+                            "wall_seconds")}})
 
     truth_dir = raw_dir if share >= 1.0 else data_dir
     oracle = oracle_auc(truth_dir / "truth_test.parquet")
@@ -205,23 +211,22 @@ def main(argv: list[str] | None = None) -> dict:
         "tower_dims": json.loads(args.tower_dims),
         "total_minutes": sum(s["minutes"] for s in (generate, convert, direct, train) if s is not None),
     }
-    if mmoe is not None:
-        report["mmoe"] = {
-            "expert_dims": mmoe["expert_dims"],
-            "num_experts": 4,
+    for head, figures in extra.items():
+        report[head] = {
+            "expert_dims": figures["expert_dims"],
             "tower_dims": json.loads(args.tower_dims),
-            "train_minutes": mmoe["train_seconds"] / 60,
-            "eval_minutes": mmoe["eval_seconds"] / 60,
-            "train_job_minutes": mmoe["minutes"],
-            "train_samples_per_s": mmoe["train_samples_per_s"],
-            "peak_rss_mb": mmoe["peak_rss_mb"],
-            "auc": {t: mmoe["metrics"][f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")},
+            "train_minutes": figures["train_seconds"] / 60,
+            "eval_minutes": figures["eval_seconds"] / 60,
+            "train_job_minutes": figures["minutes"],
+            "train_samples_per_s": figures["train_samples_per_s"],
+            "peak_rss_mb": figures["peak_rss_mb"],
+            "auc": {t: figures["metrics"][f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")},
         }
     rows = [f"| {t} | {report['auc'][t]:.4f} | {oracle[t]:.4f} | {oracle[t] - report['auc'][t]:.4f} |"
             for t in ("ctr", "cvr", "ctcvr")]
-    if mmoe is not None:
-        rows += [f"| {t} (MMOE) | {report['mmoe']['auc'][t]:.4f} | {oracle[t]:.4f} | "
-                 f"{oracle[t] - report['mmoe']['auc'][t]:.4f} |" for t in ("ctr", "cvr", "ctcvr")]
+    for head in extra:
+        rows += [f"| {t} ({head.upper()}) | {report[head]['auc'][t]:.4f} | {oracle[t]:.4f} | "
+                 f"{oracle[t] - report[head]['auc'][t]:.4f} |" for t in ("ctr", "cvr", "ctcvr")]
     print("\n| task | test AUC | oracle AUC | gap |\n| --- | --- | --- | --- |\n" + "\n".join(rows))
     print(json.dumps({k: v for k, v in report.items() if k != "embedding_rows"}, indent=1))
     return write_result(args.out, "full_scale", command_line(__file__, argv if argv is not None else sys.argv[1:]),
