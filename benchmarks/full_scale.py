@@ -36,10 +36,12 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import REPO, command_line, library_versions, run_logged, write_result  # noqa: E402
 from sweep_bench import MMOE_TASKS  # noqa: E402
-
-EXTRA_HEADS = ("mmoe", "ple")
 from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
 from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle_auc  # noqa: E402
+
+EXTRA_HEADS = ("mmoe", "ple")
+# What a training step records of its run's summary.json.
+SUMMARY_KEYS = ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics", "wall_seconds")
 
 REAL_TRAIN, REAL_TEST = 42_300_135, 43_016_840
 # Measured on this generator at the default history length (write_raw of 200k impressions):
@@ -79,6 +81,16 @@ class Steps:
         tmp.write_text(json.dumps(figures, indent=1))
         tmp.replace(self.dir / f"{name}.json")
         return figures
+
+
+def run_summary(run_dir: Path) -> dict:
+    return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k in SUMMARY_KEYS}
+
+
+def job_figures(step: dict) -> dict:
+    """A training step's times and rate, as the report gives them."""
+    return {"train_minutes": step["train_seconds"] / 60, "eval_minutes": step["eval_seconds"] / 60,
+            "train_job_minutes": step["minutes"], "train_samples_per_s": step["train_samples_per_s"]}
 
 
 def run_step(steps: Steps, name: str, cmd: list[str], output: Path, log_dir: Path, figures=lambda: {}) -> dict:
@@ -152,14 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
             py, "launch/generate.py", "--out", str(data_dir), "--format", "parquet",
             "--train-impressions", str(train_n), "--test-impressions", str(test_n), "--vocab-scale", "1.0",
             "--seed", "0"], data_dir, logs, lambda: {"disk_gb": disk_gb(data_dir)})
-    train = run_step(steps, "train", [
-        py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "launch/train.py",
-        "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"', f'run_dir="{run_dir}"',
-        f"data.batch_size={args.batch_size}", "data.eval_batch_size=32768", f"model.tower_dims={args.tower_dims}",
-        "train.epochs=1", "train.log_every_steps=200"], run_dir, logs,
-        lambda: {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items()
-                 if k in ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics",
-                          "wall_seconds")})
+    def train_job(out: Path, *overrides: str) -> list[str]:
+        """One epoch of the CPU preset on ``data_dir`` under torchrun, then the whole test split."""
+        return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                "launch/train.py", "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"',
+                f'run_dir="{out}"', f"data.batch_size={args.batch_size}", "data.eval_batch_size=32768",
+                f"model.tower_dims={args.tower_dims}", *overrides, "train.epochs=1", "train.log_every_steps=200"]
+
+    train = run_step(steps, "train", train_job(run_dir), run_dir, logs, lambda: run_summary(run_dir))
 
     extra: dict[str, dict] = {}
     for head in args.heads:
@@ -167,17 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
         previous = steps.done(name)
         if previous is not None and previous.get("expert_dims") != json.loads(args.expert_dims):
             steps.forget(name)
-        extra[head] = run_step(steps, name, [
-            py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "launch/train.py",
-            "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"', f'run_dir="{head_dir}"',
-            f"data.batch_size={args.batch_size}", "data.eval_batch_size=32768", f"model.tower_dims={args.tower_dims}",
-            f"model.head={head}", f"model.expert_dims={args.expert_dims}", MMOE_TASKS,
-            "train.epochs=1", "train.log_every_steps=200"], head_dir, logs,
-            lambda head_dir=head_dir: {
-                "expert_dims": json.loads(args.expert_dims),
-                **{k: v for k, v in json.loads((head_dir / "summary.json").read_text()).items()
-                   if k in ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics",
-                            "wall_seconds")}})
+        extra[head] = run_step(
+            steps, name,
+            train_job(head_dir, f"model.head={head}", f"model.expert_dims={args.expert_dims}", MMOE_TASKS),
+            head_dir, logs,
+            lambda head_dir=head_dir: {"expert_dims": json.loads(args.expert_dims), **run_summary(head_dir)})
 
     truth_dir = raw_dir if share >= 1.0 else data_dir
     oracle = oracle_auc(truth_dir / "truth_test.parquet")
@@ -194,10 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_minutes": generate["minutes"],
         "convert_minutes": convert_minutes_full,
         "convert_minutes_measured": convert["minutes"],
-        "train_minutes": train["train_seconds"] / 60,
-        "eval_minutes": train["eval_seconds"] / 60,
-        "train_job_minutes": train["minutes"],
-        "train_samples_per_s": train["train_samples_per_s"],
+        **job_figures(train),
         "generate_parquet_minutes": None if direct is None else direct["minutes"],
         "peak_rss_mb": {"generate": generate["peak_rss_mb"], "convert": convert["peak_rss_mb"],
                         "train": train["peak_rss_mb"],
@@ -215,10 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         report[head] = {
             "expert_dims": figures["expert_dims"],
             "tower_dims": json.loads(args.tower_dims),
-            "train_minutes": figures["train_seconds"] / 60,
-            "eval_minutes": figures["eval_seconds"] / 60,
-            "train_job_minutes": figures["minutes"],
-            "train_samples_per_s": figures["train_samples_per_s"],
+            **job_figures(figures),
             "peak_rss_mb": figures["peak_rss_mb"],
             "auc": {t: figures["metrics"][f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")},
         }
