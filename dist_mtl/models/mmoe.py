@@ -24,6 +24,12 @@ def _outputs(tasks: Sequence[TaskConfig], raw: dict[str, torch.Tensor]) -> Model
     return ModelOutput(predictions=predictions, logits=logits)
 
 
+def _gated_mixture(gate_logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """A softmax gate's mixture of expert outputs: logits [B, E], experts [B, E, H] -> [B, H]."""
+    weights = torch.softmax(gate_logits, dim=-1).unsqueeze(-1)  # [B, E, 1]
+    return (weights * experts).sum(dim=1)
+
+
 class MMOEHead(nn.Module):
     """Shared experts; per task a softmax gate over experts and a tower on the gated mixture."""
 
@@ -50,10 +56,7 @@ class MMOEHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
-        raw = {}
-        for t in self.tasks:
-            gate = torch.softmax(self.gates[t.name](x), dim=-1).unsqueeze(-1)  # [B, E, 1]
-            raw[t.name] = self.towers[t.name]((gate * experts).sum(dim=1))
+        raw = {t.name: self.towers[t.name](_gated_mixture(self.gates[t.name](x), experts)) for t in self.tasks}
         return _outputs(self.tasks, raw)
 
 
@@ -130,11 +133,6 @@ class PLEHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    @staticmethod
-    def _mix(gate: nn.Linear, gate_input: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
-        weights = torch.softmax(gate(gate_input), dim=-1).unsqueeze(-1)  # [B, E, 1]
-        return (weights * torch.stack(outputs, dim=1)).sum(dim=1)
-
     def forward(self, x: torch.Tensor) -> ModelOutput:
         names = [t.name for t in self.tasks]
         task_in = {n: x for n in names}
@@ -144,6 +142,8 @@ class PLEHead(nn.Module):
             task_out = {n: [e(task_in[n]) for e in level["task_experts"][n]] for n in names}
             if "shared_gate" in level:
                 every = [o for n in names for o in task_out[n]] + shared_out
-                shared_in = self._mix(level["shared_gate"], shared_in, every)
-            task_in = {n: self._mix(level["task_gates"][n], task_in[n], task_out[n] + shared_out) for n in names}
+                shared_in = _gated_mixture(level["shared_gate"](shared_in), torch.stack(every, dim=1))
+            task_in = {n: _gated_mixture(level["task_gates"][n](task_in[n]),
+                                         torch.stack(task_out[n] + shared_out, dim=1))
+                       for n in names}
         return _outputs(self.tasks, {n: self.towers[n](task_in[n]) for n in names})
