@@ -19,6 +19,7 @@ from dist_mtl.tasks import TaskConfig, default_esmm_tasks, default_multi_tower_t
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+DENSE_LR_DECAYS = ("none", "linear", "cosine")
 HEADS = ("esmm", "mmoe", "ple", "shared_bottom")
 
 
@@ -123,6 +124,17 @@ class OptimizerConfig:
     """Learning rate of the dense parameters."""
     weight_decay: float = 0.0
     """Weight decay of the dense parameters."""
+    dense_lr_warmup_steps: int = 0
+    """Steps over which the dense learning rate rises linearly to dense_lr (0: no warm-up)."""
+    dense_lr_decay: str = "none"
+    """Decay of the dense learning rate over the run's last steps: "none", "linear" or "cosine". The run
+    is train.epochs epochs (train.max_steps stops a run early without shortening it). The tables keep
+    their learning rate: (row-wise) Adagrad already shrinks each row's steps as its gradients add up."""
+    dense_lr_decay_ratio: float = 1.0
+    """Share of the run's steps, at its end, over which the dense learning rate decays (1.0: all steps
+    after the warm-up)."""
+    dense_lr_min_factor: float = 0.0
+    """Dense learning rate at the end of the decay, as a multiple of dense_lr."""
 
 
 @dataclass
@@ -357,6 +369,14 @@ def _validate(cfg: JobConfig) -> None:
     positive("optimizer.sparse_lr", o.sparse_lr)
     positive("optimizer.dense_lr", o.dense_lr)
     positive("optimizer.sparse_eps", o.sparse_eps)
+    if o.dense_lr_warmup_steps < 0:
+        raise ConfigError(f"optimizer.dense_lr_warmup_steps must be >= 0, got {o.dense_lr_warmup_steps}")
+    if o.dense_lr_decay not in DENSE_LR_DECAYS:
+        raise ConfigError(f"optimizer.dense_lr_decay must be one of {DENSE_LR_DECAYS}, got {o.dense_lr_decay!r}")
+    if not 0.0 < o.dense_lr_decay_ratio <= 1.0:
+        raise ConfigError(f"optimizer.dense_lr_decay_ratio must be in (0, 1], got {o.dense_lr_decay_ratio}")
+    if not 0.0 <= o.dense_lr_min_factor <= 1.0:
+        raise ConfigError(f"optimizer.dense_lr_min_factor must be in [0, 1], got {o.dense_lr_min_factor}")
 
     t = cfg.train
     positive("train.epochs", t.epochs)

@@ -37,6 +37,7 @@ from dist_mtl.distributed import (
     shard_model,
 )
 from dist_mtl.losses import ModelOutput, MultiTaskLoss
+from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.tasks import label_rate
@@ -206,11 +207,14 @@ class Trainer:
         describes the step's batch."""
         if self.pipeline is None:
             for batch in fetched:
+                self.lr_schedule.set_for_step(self.global_step + 1)
                 yield self.train_step(batch)
             return
         self.model.train()
         self.pipeline.attach(self.model)
         while True:
+            # progress() runs this step's optimizer step (and prefetches the next batches' inputs).
+            self.lr_schedule.set_for_step(self.global_step + 1)
             try:
                 task_losses, _ = self.pipeline.progress(fetched)
             except StopIteration:
@@ -270,6 +274,9 @@ class Trainer:
         cfg = self.cfg
         wall_start = time.perf_counter()
         steps_per_epoch = self.train_reader.steps_per_epoch()
+        # The schedule spans train.epochs; train.max_steps stops a run without shortening it, so that a
+        # run paused by a step limit and resumed trains with the rates of the uninterrupted run.
+        self.lr_schedule = DenseLRSchedule(self.optimizer, cfg.optimizer, steps_per_epoch * cfg.train.epochs)
         self._print(self._header(steps_per_epoch))
         start_epoch, next_batch = self._resume()
         samples_at_start = self.samples_trained
