@@ -18,13 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import accuracy_bench  # noqa: E402
+import learnable_bound  # noqa: E402
 import plots  # noqa: E402
 import prebuilt_steps  # noqa: E402
 import sweep_bench  # noqa: E402
 from common import BenchmarkError  # noqa: E402
 
 from dist_mtl.config import load_config  # noqa: E402
-from dist_mtl.data.synthetic import REAL_TRAIN_IMPRESSIONS, TRUTH_COLUMNS  # noqa: E402
+from dist_mtl.data.synthetic import REAL_TEST_IMPRESSIONS, REAL_TRAIN_IMPRESSIONS, TRUTH_COLUMNS  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -335,3 +336,22 @@ def test_gap_breakdown_finds_the_oracle_whole_and_a_missing_taste_part(planted_s
     write_predictions(unknown, np.array([10**12]), np.zeros(1), np.zeros(1))
     with pytest.raises(ValueError, match="sample ids that the test split"):
         gap_breakdown.main(["--data", str(root), "--predictions", str(unknown), "--out", str(tmp_path / "u.json")])
+
+
+# ---------------------------------------------------------------------------------------- learnable_bound
+
+
+def test_the_full_setting_is_the_full_scale_runs_world():
+    # "42.3M" is not Ali-CCP's train size: its vocabulary scale falls a hair below 1.0, another world.
+    _, approx = learnable_bound.parse_setting("42.3M@42.3M:real", None)
+    assert approx.resolved_vocab_scale() < 1.0
+    _, full = learnable_bound.parse_setting("full@full:real", None)
+    assert full.train_impressions == REAL_TRAIN_IMPRESSIONS and full.vocab_scale == 1.0
+    assert full.test_impressions == REAL_TEST_IMPRESSIONS  # the full-scale run scores the whole test split
+    assert (full.click_rate, full.buy_rate_after_click) == (0.039, 0.0054)
+    _, small = learnable_bound.parse_setting("2M@4M", None)
+    assert small.test_impressions == accuracy_bench.DEFAULT_WORLD.test_impressions
+    assert small.vocab_scale == pytest.approx(4_000_000 / REAL_TRAIN_IMPRESSIONS)
+    assert learnable_bound.parse_setting("full:real", 1000)[1].test_impressions == 1000
+    with pytest.raises(ValueError, match="suffix"):
+        learnable_bound.parse_setting("2M:fake", None)
