@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -12,6 +13,7 @@ from dist_mtl.models import MultiTaskModel
 from dist_mtl.models import HeadInput
 from dist_mtl.models.embeddings import pooled_by_name, table_name
 from dist_mtl.models.interaction import GroupedDotInteraction
+from dist_mtl.models.layers import GroupedInputLinear, GroupedRows
 from dist_mtl.models.weight_features import RowWeightFeatures
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 from model_helpers import VOCAB_SIZES, random_batch, small_model_config
@@ -24,8 +26,9 @@ MMOE_TASKS = [
 
 
 def plain_input(user_kt, item_kt, user_index):
-    """The heads' input without interactions: user rows gathered to impressions, then item rows."""
-    return HeadInput(small_model_config())(*pooled_by_name(user_kt, item_kt), user_index)
+    """The heads' input without interactions as dense rows: user rows gathered to impressions, then item
+    rows."""
+    return HeadInput(small_model_config())(*pooled_by_name(user_kt, item_kt), user_index).dense()
 
 
 def build(head: str, tasks, interaction: str = "none"):
@@ -100,6 +103,47 @@ def test_ple_task_output_is_its_gated_mixture_through_its_tower():
     torch.testing.assert_close(head(x).logits["ctr"], head.towers["ctr"](mixture))
 
 
+def grouped_rows(num_users=4, num_impressions=11, user_dim=5, item_dim=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randn(num_users, user_dim, generator=g, requires_grad=True)
+    item = torch.randn(num_impressions, item_dim, generator=g, requires_grad=True)
+    # Every user has an impression, in shuffled order, and one user has most of them.
+    user_index = torch.cat([torch.arange(num_users), torch.zeros(num_impressions - num_users, dtype=torch.long)])
+    return GroupedRows(user, item, user_index[torch.randperm(num_impressions, generator=g)])
+
+
+def test_grouped_input_linear_is_linear_on_the_gathered_rows():
+    x = grouped_rows()
+    torch.manual_seed(0)
+    layer = GroupedInputLinear(12, 6)
+    reference = nn.Linear(12, 6)
+    reference.load_state_dict(layer.state_dict())
+    out = layer(x)
+    expected = reference(x.dense())
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(layer(x.dense()), expected)  # a plain tensor: nn.Linear itself
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [layer.weight, layer.bias, x.user, x.item])
+    expected_grads = torch.autograd.grad((expected * weights).sum(),
+                                         [reference.weight, reference.bias, x.user, x.item])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("head", ["esmm", "mmoe", "ple", "shared_bottom"])
+def test_every_head_reads_grouped_rows_as_their_gathered_rows(head):
+    from dist_mtl.models import HEADS
+
+    tasks = default_esmm_tasks() if head == "esmm" else MMOE_TASKS
+    cfg = small_model_config(head)
+    torch.manual_seed(0)
+    module = HEADS[head](12, cfg, tasks).eval()
+    x = grouped_rows()
+    grouped, dense = module(x).predictions, module(x.dense()).predictions
+    for t in tasks:
+        torch.testing.assert_close(grouped[t.name], dense[t.name])
+
+
 def test_esmm_ctcvr_is_product_and_loss_is_ctr_plus_ctcvr():
     model = build("esmm", default_esmm_tasks())
     batch = random_batch(num_users=4, num_impressions=30)
@@ -155,15 +199,25 @@ def test_dot_interaction_is_every_pairwise_product_of_the_gathered_fields():
     plain = plain_input(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features),
                         batch.user_index)
     n_user, n_item, dim = len(USER_FIELDS), len(ITEM_FIELDS), 8
-    assert x.shape == (17, plain.shape[1] + GroupedDotInteraction.num_pairs(n_user, n_item))
-    torch.testing.assert_close(x[:, : plain.shape[1]], plain)
-    # The documented order, computed the slow way: user-user, user-item, item-item pairs.
+    per_user, per_impression = GroupedDotInteraction.num_pairs(n_user, n_item)
+    assert x.user.shape == (5, n_user * dim + per_user)
+    assert x.item.shape == (17, n_item * dim + per_impression)
+    assert model.head_input.out_dim == plain.shape[1] + per_user + per_impression
+    torch.testing.assert_close(x.user.index_select(0, batch.user_index)[:, : n_user * dim], plain[:, : n_user * dim])
+    torch.testing.assert_close(x.item[:, : n_item * dim], plain[:, n_user * dim:])
+    # The documented order, computed the slow way: user-user pairs on the user side, then user-item and
+    # item-item pairs on the item side.
     f = plain.view(17, n_user + n_item, dim)
-    pairs = [(a, b) for a in range(n_user) for b in range(a + 1, n_user)]
-    pairs += [(a, n_user + b) for a in range(n_user) for b in range(n_item)]
-    pairs += [(n_user + a, n_user + b) for a in range(n_item) for b in range(a + 1, n_item)]
-    expected = torch.stack([(f[:, a] * f[:, b]).sum(-1) for a, b in pairs], dim=1)
-    torch.testing.assert_close(x[:, plain.shape[1]:], expected, rtol=1e-5, atol=1e-6)
+    user_pairs = [(a, b) for a in range(n_user) for b in range(a + 1, n_user)]
+    item_pairs = [(a, n_user + b) for a in range(n_user) for b in range(n_item)]
+    item_pairs += [(n_user + a, n_user + b) for a in range(n_item) for b in range(a + 1, n_item)]
+
+    def products(pairs):
+        return torch.stack([(f[:, a] * f[:, b]).sum(-1) for a, b in pairs], dim=1)
+
+    torch.testing.assert_close(x.user.index_select(0, batch.user_index)[:, n_user * dim:], products(user_pairs),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.item[:, n_item * dim:], products(item_pairs), rtol=1e-5, atol=1e-6)
 
 
 def test_dot_interaction_grouped_equals_expanded_and_trains():

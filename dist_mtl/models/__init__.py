@@ -15,6 +15,7 @@ from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
 from dist_mtl.losses import ModelOutput
 from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
+from dist_mtl.models.layers import GroupedRows
 from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
 from dist_mtl.models.mmoe import MMOEHead, PLEHead, SharedBottomHead
 from dist_mtl.models.weight_features import RowWeightFeatures
@@ -60,11 +61,13 @@ def side_weight_features(fields: Sequence[FieldSpec], stats: Sequence[str]) -> R
 
 
 class HeadInput(nn.Module):
-    """What every head reads: user rows gathered to impressions, item rows, and with
-    ``model.interaction = "dot"`` the pairwise dot products of all pooled field embeddings.
+    """What every head reads: ``GroupedRows`` of the user rows (one per distinct user) and the item rows,
+    with ``model.interaction = "dot"`` the pairwise dot products of all pooled field embeddings appended
+    (user-user ones to the user rows, user-item and item-item ones to the item rows).
 
     A side's rows are its pooled embeddings, then its ``weight_dims`` columns of weight features
-    (``model.weight_features``) when there are any."""
+    (``model.weight_features``) when there are any. The user rows are not copied to impressions here:
+    the heads' first layers multiply them once per user (``GroupedInputLinear``)."""
 
     def __init__(self, cfg: ModelConfig, weight_dims: int = 0):
         super().__init__()
@@ -72,14 +75,13 @@ class HeadInput(nn.Module):
         self.dot = None
         if cfg.interaction == "dot":
             self.dot = GroupedDotInteraction(len(USER_FIELDS), len(ITEM_FIELDS), cfg.embedding_dim)
-            self.out_dim += GroupedDotInteraction.num_pairs(len(USER_FIELDS), len(ITEM_FIELDS))
+            self.out_dim += sum(GroupedDotInteraction.num_pairs(len(USER_FIELDS), len(ITEM_FIELDS)))
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
-        user_rows = user.index_select(0, user_index)
-        x = torch.cat([user_rows, item], dim=1)
+    def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> GroupedRows:
         if self.dot is None:
-            return x
-        return torch.cat([x, self.dot(user, user_rows, item, user_index)], dim=1)
+            return GroupedRows(user, item, user_index)
+        per_user, per_impression = self.dot(user, item, user_index)
+        return GroupedRows(torch.cat([user, per_user], dim=1), torch.cat([item, per_impression], dim=1), user_index)
 
 
 def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.layers import Tower
+from dist_mtl.models.layers import HeadRows, Tower
 from dist_mtl.tasks import TaskConfig
 
 ESMM_TASKS = ("ctr", "cvr", "ctcvr")
@@ -44,7 +44,7 @@ class ESMMHead(nn.Module):
         """The last layer of each task that has a logit of its own (pCTCVR has none)."""
         return {"ctr": self.ctr_tower.out, "cvr": self.cvr_tower.out}
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: HeadRows) -> ModelOutput:
         ctr_logit = self.ctr_tower(x)
         cvr_logit = self.cvr_tower(x)
         p_ctr = torch.sigmoid(ctr_logit)

