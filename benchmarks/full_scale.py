@@ -165,11 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
             "--train-impressions", str(train_n), "--test-impressions", str(test_n), "--vocab-scale", "1.0",
             "--seed", "0"], data_dir, logs, lambda: {"disk_gb": disk_gb(data_dir)})
     def train_job(out: Path, *overrides: str) -> list[str]:
-        """One epoch of the CPU preset on ``data_dir`` under torchrun, then the whole test split."""
+        """One epoch of the CPU preset on ``data_dir`` under torchrun, then the whole test split.
+
+        The dense learning rate decays linearly to 0 over the one epoch (the preset keeps it constant for
+        its two epochs with early stopping); measured on this set: +0.0003 / +0.0016 / +0.0013 AUC."""
         return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                 "launch/train.py", "--config", "configs/synthetic_cpu.toml", f'data.path="{data_dir}"',
                 f'run_dir="{out}"', f"data.batch_size={args.batch_size}", "data.eval_batch_size=32768",
-                f"model.tower_dims={args.tower_dims}", *overrides, "train.epochs=1", "train.log_every_steps=200"]
+                f"model.tower_dims={args.tower_dims}", 'optimizer.dense_lr_decay="linear"', *overrides,
+                "train.epochs=1", "train.log_every_steps=200"]
 
     train = run_step(steps, "train", train_job(run_dir), run_dir, logs, lambda: run_summary(run_dir))
 
