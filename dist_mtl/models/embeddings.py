@@ -1,7 +1,8 @@
 """The sparse part every head shares: a user-side and an item-side EmbeddingBagCollection.
 
-The user side is pooled once per distinct user in the batch and gathered to impressions with
-``index_select`` (see dist_mtl.data.batch.GroupedBatch); the item side is pooled per impression.
+The user side is pooled once per distinct user in the batch (the heads' first layers gather it to
+impressions after multiplying it, see dist_mtl.models.layers.GroupedInputLinear); the item side is pooled
+per impression.
 Pooled embeddings are read by feature name (``KeyedTensor.regroup`` with a fixed key order), never by
 position: a sharded EBC returns its keys in its own order.
 """
