@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/grouping_bench.py                       # the recorded figures
     .venv/bin/python benchmarks/grouping_bench.py --train-impressions 200000 --steps 20 --repeats 1   # a quick look
+    .venv/bin/python benchmarks/grouping_bench.py --towers paper --head-precision bfloat16 \
+        --out benchmarks/results/grouping_bfloat16.json        # the heads in bfloat16 (model.head_precision)
 
 For each tower size ([16, 8] and the paper's 360x200x80) and world size (1 and 2 ranks) it trains the
 same ESMM on the same synthetic data (realistic histories: ~500 ids per user, ~58 impressions per user)
@@ -81,8 +83,8 @@ def train(data: Path, run_dir: Path, nproc: int, towers: list[int], grouped: boo
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "synthetic_cpu.toml"),
            f'data.path="{data}"', f'run_dir="{run_dir}"', f"data.batch_size={args.batch_size}",
            f"data.grouped={'true' if grouped else 'false'}", "model.embedding_dim=16",
-           f"model.tower_dims={towers}", "train.epochs=1", f"train.max_steps={args.steps}",
-           "train.progress_bar=false", f"train.log_every_steps={max(args.steps // 4, 1)}"]
+           f"model.tower_dims={towers}", f'model.head_precision="{args.head_precision}"', "train.epochs=1",
+           f"train.max_steps={args.steps}", "train.progress_bar=false", f"train.log_every_steps={max(args.steps // 4, 1)}"]
     run_logged(cmd, run_dir / "log.txt", f"training {run_dir.name}", cwd=REPO)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"samples_per_s": summary["train_samples_per_s"], "steps": summary["steps"],
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="runs of each variant, interleaved; the figure is their median")
     parser.add_argument("--nproc", default="1,2", help="world sizes to measure")
     parser.add_argument("--towers", default="small,paper", help=f"tower sizes among {sorted(TOWERS)}")
+    parser.add_argument("--head-precision", choices=("float32", "bfloat16"), default="float32",
+                        help="model.head_precision of every variant")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grouping.json"))
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             rate = {label: statistics.median(r["samples_per_s"] for r in runs[label]) for label in variants}
             entries.append({
                 "towers": towers,
+                "head_precision": args.head_precision,
                 "world_size": nproc,
                 "grouped_samples_per_s": rate["grouped"],
                 "expanded_samples_per_s": rate["expanded"],

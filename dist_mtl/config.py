@@ -21,6 +21,7 @@ SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 DENSE_LR_DECAYS = ("none", "linear", "cosine")
 HEADS = ("esmm", "mmoe", "ple", "shared_bottom")
+HEAD_PRECISIONS = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,12 @@ class ModelConfig:
     embeddings, from "sum", "last" and "count" (log1p of the weight sum, of the last entry's weight,
     of the number of ids; see dist_mtl/models/weight_features.py). torch-rechub's Ali-CCP recipe feeds
     the last id's weight as dense columns. Not with interaction = "dot"."""
+    head_precision: str = "float32"
+    """Precision of the heads' matrix products: "float32", or "bfloat16" to run the head (towers, experts,
+    gates) under ``torch.autocast`` (weights, their gradients and optimizer state, the embedding tables,
+    the logits, predictions and losses stay float32; exported models serve in float32). On a CPU with
+    AVX512-BF16 the paper's towers run 2.9x faster (benchmarks/head_precision_bench.py); on a CPU without
+    AVX512-BF16 or AMX bfloat16 is slower."""
     output_bias_init: str = "label_rate"
     """"label_rate": each binary task's output bias starts at the logit of its label rate in the train
     split (clicks per impression for CTR, purchases per click for a CVR over clicked rows), so the first
@@ -341,6 +348,8 @@ def _validate(cfg: JobConfig) -> None:
             f"model.interaction = 'dot' takes dot products between fields, so every field needs the same "
             f"dim; model.field_dims {dict(m.field_dims)} differ from model.embedding_dim = {m.embedding_dim}"
         )
+    if m.head_precision not in HEAD_PRECISIONS:
+        raise ConfigError(f"model.head_precision must be one of {list(HEAD_PRECISIONS)}, got {m.head_precision!r}")
     if m.output_bias_init not in ("label_rate", "default"):
         raise ConfigError(f"model.output_bias_init must be 'label_rate' or 'default', got {m.output_bias_init!r}")
     if not 0.0 <= m.dropout < 1.0:

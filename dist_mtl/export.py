@@ -153,7 +153,11 @@ def vocab_sizes_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str) 
 
 
 def build_unsharded_model(cfg: JobConfig, vocab_sizes: Mapping[str, int]) -> MultiTaskModel:
-    return MultiTaskModel(cfg.model, vocab_sizes, cfg.tasks, sparse_device="cpu").eval()
+    model = MultiTaskModel(cfg.model, vocab_sizes, cfg.tasks, sparse_device="cpu").eval()
+    # Served in float32 whatever model.head_precision trained it, so that served scores do not depend on
+    # the serving machine's bfloat16 support (they differ from the job's bfloat16 evaluation by rounding).
+    model.head.bfloat16 = False
+    return model
 
 
 def export_model(

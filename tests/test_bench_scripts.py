@@ -355,3 +355,29 @@ def test_the_full_setting_is_the_full_scale_runs_world():
     assert learnable_bound.parse_setting("full:real", 1000)[1].test_impressions == 1000
     with pytest.raises(ValueError, match="suffix"):
         learnable_bound.parse_setting("2M:fake", None)
+
+
+# ---------------------------------------------------------------------------------------------- full_scale
+
+
+def test_full_scale_redoes_a_training_step_when_its_settings_change_and_keeps_the_data_steps(tmp_path):
+    import full_scale
+
+    def step(steps, name, settings):
+        return full_scale.run_step(steps, name, [sys.executable, "-c", "pass"], tmp_path / "out" / name,
+                                   tmp_path / "logs", settings=settings)
+
+    steps = full_scale.Steps(tmp_path, set(), {"train_impressions": 100})
+    first = step(steps, "generate", None)
+    trained = step(steps, "train", {"tower_dims": [64, 32], "head_precision": "float32"})
+    assert trained["settings"] == {"tower_dims": [64, 32], "head_precision": "float32"}
+    # Same settings: both steps are reused (their records come back, nothing reruns).
+    assert step(steps, "generate", None) == first
+    assert step(steps, "train", {"tower_dims": [64, 32], "head_precision": "float32"}) == trained
+    # Other training settings redo the training step only.
+    again = step(steps, "train", {"tower_dims": [64, 32], "head_precision": "bfloat16"})
+    assert again["settings"]["head_precision"] == "bfloat16" and again["minutes"] != trained["minutes"]
+    assert step(full_scale.Steps(tmp_path, set(), {"train_impressions": 100}), "generate", None) == first
+    # Another data set redoes everything.
+    other = full_scale.Steps(tmp_path, set(), {"train_impressions": 200})
+    assert other.done("generate") is None and other.done("train") is None

@@ -65,6 +65,7 @@ def test_tasks_from_toml(tmp_path):
         ('model.weight_features=["mean"]', "model.weight_features must be distinct names from"),
         ('model.weight_features=["sum", "sum"]', "model.weight_features must be distinct names from"),
         ('model.output_bias_init="prior"', "model.output_bias_init must be 'label_rate' or 'default'"),
+        ("model.head_precision=float16", "model.head_precision must be one of"),
         ("sharding.sharding_type=diagonal", "sharding.sharding_type must be one of"),
         ("optimizer.sparse=lamb", "optimizer.sparse must be one of"),
         ("optimizer.sparse_eps=0", "optimizer.sparse_eps must be > 0"),

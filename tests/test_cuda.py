@@ -14,31 +14,41 @@ from dist_mtl.trainer import TrainStep
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "table_wise"])
-def test_one_rank_pipeline_step_on_cuda(sharding):
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-    cfg = load_config(None, ["model.embedding_dim=16", "model.tower_dims=[16,8]", 'sharding.device="cuda"',
-                             f'sharding.sharding_type="{sharding}"'])
+def sharded_model(*overrides: str):
+    """(config, context, DMP-wrapped TrainStep) of a 1-rank CUDA job with these config overrides."""
+    cfg = load_config(None, ["model.embedding_dim=16", 'sharding.device="cuda"', *overrides])
     ctx = init_distributed("cuda")
     torch.manual_seed(0)
     step = TrainStep(MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks), MultiTaskLoss(cfg.tasks))
     dmp, _ = shard_model(step, ctx, cfg.sharding, cfg.optimizer, 256)
     init_embedding_tables(dmp, 0)
+    return cfg, ctx, dmp
+
+
+def pipeline_outputs(dmp, cfg, ctx, steps: int = 4) -> list:
+    """(task losses, model output) of each step of TorchRec's pipeline over ``steps`` random batches."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    pipeline = TrainPipelineSparseDist(dmp, dense_optimizer(dmp, cfg.optimizer), ctx.device)
+    batches = iter([random_batch(6, 64, seed=i).pin_memory() for i in range(steps)])
+    outputs = []
+    while True:
+        try:
+            outputs.append(pipeline.progress(batches))
+        except StopIteration:
+            return outputs
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "table_wise"])
+def test_one_rank_pipeline_step_on_cuda(sharding):
+    cfg, ctx, dmp = sharded_model("model.tower_dims=[16,8]", f'sharding.sharding_type="{sharding}"')
     flags_seen = []  # shard_model's hook must hand fbgemm's CUDA kernels device flags too
     for module in distributed.table_batched_modules(dmp):
         module.register_forward_pre_hook(
             lambda mod, args, kwargs: flags_seen.append(kwargs.get("feature_requires_grad")), with_kwargs=True)
-    pipeline = TrainPipelineSparseDist(dmp, dense_optimizer(dmp, cfg.optimizer), ctx.device)
-    batches = iter([random_batch(6, 64, seed=i).pin_memory() for i in range(4)])
-    losses = []
-    while True:
-        try:
-            task_losses, output = pipeline.progress(batches)
-        except StopIteration:
-            break
-        assert output.predictions["ctr"].device.type == "cuda"
-        losses.append(float(task_losses["ctr"]))
+    outputs = pipeline_outputs(dmp, cfg, ctx)
+    losses = [float(task_losses["ctr"]) for task_losses, _ in outputs]
+    assert all(output.predictions["ctr"].device.type == "cuda" for _, output in outputs)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert flags_seen and all(f is not None and f.is_cuda and not f.any() for f in flags_seen)
 
@@ -49,3 +59,13 @@ def test_pinned_batch_moves_to_cuda():
     assert moved.user_features.values().is_cuda and moved.user_index.is_cuda
     assert moved.labels["click"].is_cuda
     torch.testing.assert_close(moved.labels["click"].cpu(), batch.labels["click"])
+
+
+def test_bfloat16_heads_train_through_the_pipeline_on_cuda():
+    cfg, ctx, dmp = sharded_model("model.tower_dims=[64,32]", 'model.head_precision="bfloat16"')
+    outputs = pipeline_outputs(dmp, cfg, ctx)
+    assert len(outputs) == 4
+    for task_losses, output in outputs:
+        assert all(p.dtype == torch.float32 and p.is_cuda for p in output.predictions.values())
+        assert all(torch.isfinite(v).all() for v in task_losses.values())
+    assert all(p.dtype == torch.float32 for p in dmp.parameters())

@@ -155,6 +155,19 @@ def test_weight_features_exported_live_from_one_rank(one_rank, tmp_path):
                                    expected[task][: worker.scoring_batches()[0].num_impressions], rtol=0, atol=1e-6)
 
 
+def test_bfloat16_trained_model_is_exported_in_float32(one_rank, tmp_path):
+    cfg = worker.job_config("table_wise", {}, ('model.head_precision="bfloat16"', "model.tower_dims=[32,16]"))
+    dmp, opt = worker.build(cfg)
+    worker.train(dmp, opt, 0, 2)
+    trained = worker.predictions(dmp)  # the job's bfloat16 heads
+    got = scores(load_exported(export_model(tmp_path / "bf16", cfg, dmp=dmp)), worker.scoring_batches())
+    for task in trained:
+        assert got[task].dtype == torch.float32
+        # The same model read in float32: close to the bfloat16 scores, not bit-equal to them.
+        torch.testing.assert_close(got[task], trained[task], rtol=0.05, atol=0.01)
+        assert not torch.equal(got[task], trained[task])
+
+
 @pytest.mark.parametrize("head, expert_dims", [("mmoe", "[16]"), ("ple", "[16,8]")])
 def test_multi_tower_heads_exported_live_from_one_rank(one_rank, tmp_path, head, expert_dims):
     tasks = '[{name = "ctr", label = "click"}, {name = "ctcvr", label = "buy"}]'

@@ -57,6 +57,32 @@ def test_forward_backward_shapes(head, tasks):
     assert any(float(g.abs().sum()) > 0 for g in grads)
 
 
+@pytest.mark.parametrize("head,tasks", [("esmm", default_esmm_tasks()), ("mmoe", MMOE_TASKS), ("ple", MMOE_TASKS)])
+def test_bfloat16_heads_keep_float32_outputs_and_grads_and_track_float32(head, tasks):
+    model = build(head, tasks)
+    batch = random_batch(num_users=5, num_impressions=64, extra=("price",))
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        model.head.bfloat16 = precision == "bfloat16"
+        model.zero_grad()
+        out = model(batch)
+        loss, _ = MultiTaskLoss(tasks)(out, batch.labels)
+        loss.backward()
+        runs[precision] = (out, loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (out32, loss32, grads32), (out16, loss16, grads16) = runs["float32"], runs["bfloat16"]
+    for t in tasks:
+        assert out16.predictions[t.name].dtype == torch.float32
+        # bfloat16 keeps ~3 significant digits: close to float32, yet not bit-equal (autocast was on).
+        torch.testing.assert_close(out16.predictions[t.name], out32.predictions[t.name], rtol=0.05, atol=0.02)
+        assert not torch.equal(out16.predictions[t.name], out32.predictions[t.name])
+    torch.testing.assert_close(loss16, loss32, rtol=0.02, atol=1e-3)
+    assert grads16.keys() == grads32.keys()
+    for name, g in grads16.items():
+        assert g.dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), grads32[name].flatten(), dim=0)
+        assert float(cos) > 0.95 or float(grads32[name].norm()) < 1e-6, name
+
+
 def ple_head(level_dims):
     from dist_mtl.models.mmoe import PLEHead
 

@@ -84,6 +84,20 @@ def test_weight_features_train_through_the_pipeline(dataset, tmp_path):
     assert a["metrics"]["ctr/auc"] == pytest.approx(b["metrics"]["ctr/auc"], abs=1e-6)
 
 
+def test_bfloat16_heads_train_the_same_through_the_pipeline(dataset, tmp_path):
+    # The pipeline fx-traces the model's forward; the heads' autocast must survive that (else the
+    # pipelined run would train in float32 and match the float32 run instead).
+    bf16 = 'model.head_precision="bfloat16"'
+    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", bf16)).train()
+    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false", bf16)).train()
+    f32 = Trainer(small_config(dataset, tmp_path / "c", "train.pipeline=false")).train()
+    assert a["steps"] == b["steps"] == f32["steps"] > 0
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert a["metrics"]["ctr/logloss"] != pytest.approx(f32["metrics"]["ctr/logloss"], rel=1e-6, abs=1e-7)
+    assert a["metrics"]["ctr/logloss"] == pytest.approx(f32["metrics"]["ctr/logloss"], rel=0.02)
+
+
 def test_unwritable_run_dir_is_refused(dataset, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -15,7 +15,7 @@ from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
 from dist_mtl.losses import ModelOutput
 from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
-from dist_mtl.models.layers import GroupedRows
+from dist_mtl.models.layers import GroupedRows, MultiTaskHead
 from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
 from dist_mtl.models.mmoe import MMOEHead, PLEHead, SharedBottomHead
 from dist_mtl.models.weight_features import RowWeightFeatures
@@ -32,6 +32,7 @@ class MultiTaskModel(nn.Module):
         self.item_weights = side_weight_features(ITEM_FIELDS, cfg.weight_features)
         self.head_input = HeadInput(cfg, self.user_weights.out_dim + self.item_weights.out_dim)
         self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks)
+        self.head.bfloat16 = cfg.head_precision == "bfloat16"
 
     @torch.no_grad()
     def init_output_bias(self, label_rates: Mapping[str, float | None]) -> None:
@@ -102,7 +103,7 @@ def _ple(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Modul
                    cfg.activation, cfg.dropout)
 
 
-HEADS: dict[str, Callable[[int, ModelConfig, Sequence[TaskConfig]], nn.Module]] = {
+HEADS: dict[str, Callable[[int, ModelConfig, Sequence[TaskConfig]], MultiTaskHead]] = {
     "esmm": _esmm,
     "mmoe": _mmoe,
     "ple": _ple,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.layers import HeadRows, Tower
+from dist_mtl.models.layers import HeadRows, MultiTaskHead, Tower
 from dist_mtl.tasks import TaskConfig
 
 ESMM_TASKS = ("ctr", "cvr", "ctcvr")
@@ -34,7 +34,7 @@ def check_esmm_tasks(tasks: Sequence[TaskConfig]) -> None:
             )
 
 
-class ESMMHead(nn.Module):
+class ESMMHead(MultiTaskHead):
     def __init__(self, in_dim: int, tower_dims: Sequence[int], activation: str = "relu", dropout: float = 0.0):
         super().__init__()
         self.ctr_tower = Tower(in_dim, tower_dims, activation, dropout)
@@ -44,7 +44,7 @@ class ESMMHead(nn.Module):
         """The last layer of each task that has a logit of its own (pCTCVR has none)."""
         return {"ctr": self.ctr_tower.out, "cvr": self.cvr_tower.out}
 
-    def forward(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows) -> ModelOutput:
         ctr_logit = self.ctr_tower(x)
         cvr_logit = self.cvr_tower(x)
         p_ctr = torch.sigmoid(ctr_logit)

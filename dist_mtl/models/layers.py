@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_mtl.losses import ModelOutput
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
@@ -25,6 +27,26 @@ class GroupedRows(NamedTuple):
 
 
 HeadRows = Union[GroupedRows, torch.Tensor]
+
+
+class MultiTaskHead(nn.Module):
+    """Base of the heads: ``forward`` runs the head's ``predict`` under bfloat16 ``torch.autocast`` when
+    ``bfloat16`` is set (``model.head_precision``), on the device its input is on.
+
+    The autocast sits here, inside the head, because TrainPipelineSparseDist fx-traces the model's
+    forward with every module free of sharded tables as a leaf: a context manager in the model's own
+    forward would run once at trace time and be missing from the pipelined forward. The towers hand
+    back float32 (``Tower``), so sigmoids, pCTR x pCVR, losses and AUCs stay float32."""
+
+    bfloat16: bool = False
+
+    def forward(self, x: HeadRows) -> ModelOutput:
+        rows = x.item if isinstance(x, GroupedRows) else x
+        with torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
+            return self.predict(x)
+
+    def predict(self, x: HeadRows) -> ModelOutput:
+        raise NotImplementedError
 
 
 class GroupedInputLinear(nn.Linear):
@@ -63,7 +85,10 @@ def mlp(in_dim: int, hidden: Sequence[int], activation: str = "relu", dropout: f
 
 
 class Tower(nn.Module):
-    """An MLP ending in one output unit per row: a logit for binary tasks, a value for regression."""
+    """An MLP ending in one output unit per row: a logit for binary tasks, a value for regression.
+
+    The output is float32 even under bfloat16 autocast (``model.head_precision``): a bfloat16 logit keeps
+    8 bits of mantissa, so its sigmoids would tie across many impressions and blunt the AUCs."""
 
     def __init__(self, in_dim: int, hidden: Sequence[int], activation: str, dropout: float):
         super().__init__()
@@ -71,4 +96,4 @@ class Tower(nn.Module):
         self.out = nn.Linear(hidden[-1], 1) if hidden else GroupedInputLinear(in_dim, 1)
 
     def forward(self, x: HeadRows) -> torch.Tensor:
-        return self.out(self.body(x)).squeeze(-1)
+        return self.out(self.body(x)).squeeze(-1).float()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.layers import GroupedInputLinear, HeadRows, Tower, mlp
+from dist_mtl.models.layers import GroupedInputLinear, HeadRows, MultiTaskHead, Tower, mlp
 from dist_mtl.tasks import TaskConfig
 
 
@@ -30,7 +30,7 @@ def _gated_mixture(gate_logits: torch.Tensor, experts: torch.Tensor) -> torch.Te
     return (weights * experts).sum(dim=1)
 
 
-class MMOEHead(nn.Module):
+class MMOEHead(MultiTaskHead):
     """Shared experts; per task a softmax gate over experts and a tower on the gated mixture."""
 
     def __init__(
@@ -54,13 +54,13 @@ class MMOEHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def forward(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows) -> ModelOutput:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
         raw = {t.name: self.towers[t.name](_gated_mixture(self.gates[t.name](x), experts)) for t in self.tasks}
         return _outputs(self.tasks, raw)
 
 
-class SharedBottomHead(nn.Module):
+class SharedBottomHead(MultiTaskHead):
     """One shared MLP, then a tower per task: the baseline MMOE is compared against."""
 
     def __init__(
@@ -82,12 +82,12 @@ class SharedBottomHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def forward(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows) -> ModelOutput:
         shared = self.bottom(x)
         return _outputs(self.tasks, {t.name: self.towers[t.name](shared) for t in self.tasks})
 
 
-class PLEHead(nn.Module):
+class PLEHead(MultiTaskHead):
     """Progressive Layered Extraction: levels of task-specific and shared experts, then a tower per task.
 
     At each level every task has ``task_experts`` experts of its own and all tasks share ``shared_experts``;
@@ -134,7 +134,7 @@ class PLEHead(nn.Module):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def forward(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows) -> ModelOutput:
         names = [t.name for t in self.tasks]
         task_in = {n: x for n in names}
         shared_in = x
