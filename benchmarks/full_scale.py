@@ -7,7 +7,8 @@
 ``--heads`` adds a step per head (``train_mmoe``, ``train_ple``) that trains it for one epoch on the same
 Parquet set and evaluates it the same way; these heads train the three tasks directly (CVR on purchases
 over clicked impressions, as ``accuracy_bench.py`` does), with experts (PLE: levels) ``--expert-dims`` and
-ESMM's towers.
+ESMM's towers. The towers are the ESMM paper's 360x200x80 with the heads in bfloat16 (``--tower-dims``,
+``--head-precision``); a training step whose settings changed is redone, the data steps are kept.
 
 The synthetic stand-in has the real row counts, ~58 impressions per user (~730k user rows per split),
 ~500 history ids per user row, the real per-field vocabularies and label rates (Ali-CCP's 3.9% CTR and
