@@ -83,6 +83,16 @@ def test_bfloat16_heads_keep_float32_outputs_and_grads_and_track_float32(head, t
         assert float(cos) > 0.95 or float(grads32[name].norm()) < 1e-6, name
 
 
+def test_a_head_without_predict_cannot_be_built():
+    from dist_mtl.models.layers import MultiTaskHead
+
+    class NoPredict(MultiTaskHead):
+        pass
+
+    with pytest.raises(TypeError, match="predict"):
+        NoPredict()
+
+
 def ple_head(level_dims):
     from dist_mtl.models.mmoe import PLEHead
 

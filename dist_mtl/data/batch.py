@@ -3,8 +3,8 @@
 A batch of B impressions carries its U distinct users' features once (``user_features``, U rows) and
 ``user_index`` [B] pointing each impression at its user row. The model pools the user side at U rows,
 and the heads' first layers multiply those rows at U rows too before gathering (``index_select``) to B
-rows, which is ~58x less input and lookups on Ali-CCP than copying user rows onto impressions. ``expanded()`` gives that copying path, kept as a reference for tests and
-benchmarks only.
+rows, which is ~58x less input and lookups on Ali-CCP than copying user rows onto impressions.
+``expanded()`` gives that copying path, kept as a reference for tests and benchmarks only.
 """
 
 from __future__ import annotations

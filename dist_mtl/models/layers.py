@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -29,7 +30,7 @@ class GroupedRows(NamedTuple):
 HeadRows = Union[GroupedRows, torch.Tensor]
 
 
-class MultiTaskHead(nn.Module):
+class MultiTaskHead(nn.Module, abc.ABC):
     """Base of the heads: ``forward`` runs the head's ``predict`` under bfloat16 ``torch.autocast`` when
     ``bfloat16`` is set (``model.head_precision``), on the device its input is on.
 
@@ -45,8 +46,9 @@ class MultiTaskHead(nn.Module):
         with torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
             return self.predict(x)
 
+    @abc.abstractmethod
     def predict(self, x: HeadRows) -> ModelOutput:
-        raise NotImplementedError
+        """The head's outputs for ``x``; each head defines it (``forward`` adds the precision)."""
 
 
 class GroupedInputLinear(nn.Linear):
