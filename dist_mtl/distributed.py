@@ -270,7 +270,7 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
     tables = {k: p for k, p in params.items() if _is_table_weight(k)}
     dense = {k: p for k, p in params.items() if k not in tables}
     factories = {
-        "adam": lambda p: torch.optim.Adam(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+        "adam": lambda p: torch.optim.Adam(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, fused=_fusable(p)),
         "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
         "sgd": lambda p: torch.optim.SGD(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
     }
@@ -284,6 +284,15 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
             ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: table_cls(p, **kwargs)))
         )
     return CombinedOptimizer(optimizers)
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam (one kernel per device and dtype, CPU and CUDA) can step ``params``.
+
+    Left to its default, torch.optim.Adam runs its for-loop implementation on CPU, several small ops per
+    parameter; the fused kernel updates each parameter in one pass (torchtitan asks for it too).
+    """
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _is_table_weight(name: str) -> bool:

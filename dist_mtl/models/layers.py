@@ -67,8 +67,9 @@ class GroupedInputLinear(nn.Linear):
         if isinstance(x, torch.Tensor):
             return super().forward(x)
         user_columns = x.user.shape[1]
-        per_user = F.linear(x.user, self.weight[:, :user_columns])
-        return F.linear(x.item, self.weight[:, user_columns:], self.bias) + per_user.index_select(0, x.user_index)
+        per_user = F.linear(x.user, self.weight[:, :user_columns], self.bias)
+        # addmm adds the gathered user products inside the item GEMM: no separate [B, out] sum and temporary.
+        return torch.addmm(per_user.index_select(0, x.user_index), x.item, self.weight[:, user_columns:].t())
 
 
 def mlp(in_dim: int, hidden: Sequence[int], activation: str = "relu", dropout: float = 0.0) -> nn.Sequential:
