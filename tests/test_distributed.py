@@ -47,6 +47,18 @@ def test_no_dense_optimizer_steps_a_table_and_every_table_uses_the_table_optimiz
         assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_dense_adam_is_fused_and_trains_as_the_for_loop_adam(monkeypatch):
+    dmp, _, opt = build('sharding.sharding_type="table_wise"')
+    groups = dict(opt.optimizers)["dense"].param_groups
+    assert groups and all(g["fused"] for g in groups)
+    fused = trajectory(dmp, opt, steps=6)
+    monkeypatch.setattr(distributed, "_fusable", lambda params: False)
+    loop_dmp, _, loop_opt = build('sharding.sharding_type="table_wise"')
+    assert not any(g["fused"] for g in dict(loop_opt.optimizers)["dense"].param_groups)
+    for a, b in zip(fused, trajectory(loop_dmp, loop_opt, steps=6)):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_gpu_only_choices_are_refused_on_cpu():
     with pytest.raises(ValueError, match="row_wise.*GPU-only"):
         build('sharding.sharding_type="row_wise"')
