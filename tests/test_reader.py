@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -127,6 +128,34 @@ def test_batches_spanning_several_windows(dataset, expected):
             _assert_matches_parquet(batch, expected)
             seen += batch.labels["sample_id"].tolist()
     assert sorted(seen) == list(range(n))
+
+
+def test_every_rank_loads_windows_at_the_steps_where_rank_0_starts_one(dataset, monkeypatch):
+    """A window load stalls every rank at the next collective, so ranks load at the same steps."""
+    from dist_mtl.data import reader as reader_module
+
+    original = reader_module._WindowLoader.load
+    active: list[ParquetGroupReader] = []
+    load_steps: dict[int, set[int]] = {}
+    first_use: dict[int, dict[int, int]] = {}  # rank -> window -> first batch that reads it
+
+    def recording_load(self, window):
+        reader = active[0]
+        load_steps.setdefault(reader.rank, set()).add(reader.state_dict()["next_batch"])
+        return original(self, window)
+
+    monkeypatch.setattr(reader_module._WindowLoader, "load", recording_load)
+    world = 3
+    for rank in range(world):
+        reader = _reader(dataset, batch_size=12, window_blocks=1, rank=rank, world_size=world)
+        active[:] = [reader]
+        for step, batch in enumerate(reader):
+            for window in {int(w) for w in re.findall(r"window (\d+)", batch.source)}:
+                first_use.setdefault(rank, {}).setdefault(window, step)
+    assert all(load_steps[r] <= load_steps[0] for r in range(world)), load_steps
+    # Not vacuous: some rank loads a window before the first batch that reads it.
+    early = [(r, w) for r in range(1, world) for w, step in first_use[r].items() if step not in load_steps[r]]
+    assert early
 
 
 # -- order: determinism, shuffling, grouping -------------------------------------------------------

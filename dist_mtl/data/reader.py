@@ -29,6 +29,16 @@ DataLoader workers
     decoding cost multiplies by ``num_workers``; batch assembly is what workers split). A batch's
     tensors are views of one storage, so it crosses processes as one shared-memory segment.
 
+Window loads line up across ranks
+    A rank loads a window synchronously (tens to hundreds of ms), and the next collective of the
+    training step makes every other rank wait for it; ranks whose windows start at different steps
+    would therefore each stall all of them in turn (W ranks: W stalls per window). So every rank loads
+    at the same steps, those where rank 0 starts a window (``_window_load_steps``, the same on every
+    rank since it depends on metadata.json only), and then loads every window its batches need until
+    the next such step: the stalls overlap instead of adding up, at the cost of loading a window up to
+    one of rank 0's windows early (a rank then holds up to three windows). The batches are unchanged.
+    Measured with 2 gloo ranks on 2 cores (``benchmarks/RESULTS.md``, User groups).
+
 Cursor
     ``state_dict()["next_batch"]`` is the index of the next batch this rank yields. Iterating the
     reader in-process, or through ``make_dataloader`` with any number of workers, advances it as
@@ -704,12 +714,23 @@ class ParquetGroupReader(IterableDataset):
         epoch, first = self._epoch, self._next_batch
         plan = self._plan(epoch)
         loader = _WindowLoader(self._spec, plan, epoch)
+        load_steps = self._window_load_steps(plan)
         windows: dict[int, _Window] = {}
+        next_load = 0  # index into load_steps of the next shared load step ahead of this batch
         try:
             for batch_index in range(first + worker_id, self._steps, num_workers):
                 pieces = plan.pieces(int(self._batch_bounds[batch_index]), int(self._batch_bounds[batch_index + 1]))
                 for stale in [w for w in windows if w < pieces[0][0]]:
                     del windows[stale]
+                if load_steps[next_load] <= batch_index:
+                    while load_steps[next_load] <= batch_index:
+                        next_load += 1
+                    # A shared load step (or the first batch): load what this rank needs until the next one.
+                    ahead = plan.pieces(int(self._batch_bounds[batch_index]),
+                                        int(self._batch_bounds[load_steps[next_load]]))
+                    for w, _, _ in ahead:
+                        if w not in windows:
+                            windows[w] = loader.load(w)
                 for w, _, _ in pieces:
                     if w not in windows:
                         windows[w] = loader.load(w)
@@ -719,6 +740,14 @@ class ParquetGroupReader(IterableDataset):
                 yield batch
         finally:
             loader.close()
+
+    def _window_load_steps(self, plan: _EpochPlan) -> list[int]:
+        """The steps at which rank 0 starts a window (0 included), then ``steps`` as a sentinel."""
+        rank0 = _balanced_bounds(0, int(self._rank_bounds[1]), self._steps)
+        # The window holding the last impression of each of rank 0's batches.
+        last_window = np.searchsorted(plan.window_starts, rank0[1:] - 1, side="right") - 1
+        starts = np.flatnonzero(np.diff(last_window)) + 1
+        return [0, *starts.tolist(), self._steps]
 
     def _assemble(self, batch_index: int, pieces: list[tuple[_Window, int, int]]) -> GroupedBatch:
         user_pieces, item_pieces, user_index = [], [], []
