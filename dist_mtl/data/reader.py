@@ -36,7 +36,8 @@ Window loads line up across ranks
     at the same steps, those where rank 0 starts a window (``_window_load_steps``, the same on every
     rank since it depends on metadata.json only), and then loads every window its batches need until
     the next such step: the stalls overlap instead of adding up, at the cost of loading a window up to
-    one of rank 0's windows early (a rank then holds up to three windows). The batches are unchanged.
+    one of rank 0's windows early, so a rank holds about one window more than it reads from. The
+    batches are unchanged.
     Measured with 2 gloo ranks on 2 cores (``benchmarks/RESULTS.md``, User groups).
 
 Cursor
