@@ -723,16 +723,14 @@ class ParquetGroupReader(IterableDataset):
                 pieces = plan.pieces(int(self._batch_bounds[batch_index]), int(self._batch_bounds[batch_index + 1]))
                 for stale in [w for w in windows if w < pieces[0][0]]:
                     del windows[stale]
+                needed = pieces
                 if load_steps[next_load] <= batch_index:
                     while load_steps[next_load] <= batch_index:
                         next_load += 1
-                    # A shared load step (or the first batch): load what this rank needs until the next one.
-                    ahead = plan.pieces(int(self._batch_bounds[batch_index]),
-                                        int(self._batch_bounds[load_steps[next_load]]))
-                    for w, _, _ in ahead:
-                        if w not in windows:
-                            windows[w] = loader.load(w)
-                for w, _, _ in pieces:
+                    # A shared load step (or the first batch): what this rank needs until the next one.
+                    needed = plan.pieces(int(self._batch_bounds[batch_index]),
+                                         int(self._batch_bounds[load_steps[next_load]]))
+                for w, _, _ in needed:
                     if w not in windows:
                         windows[w] = loader.load(w)
                 batch = self._assemble(batch_index, [(windows[w], lo, hi) for w, lo, hi in pieces])
