@@ -1,6 +1,6 @@
 """The main job end to end on an embedded default: synthetic raw Ali-CCP -> Parquet -> torchrun ESMM.
 
-    .venv/bin/python launch/main_job.py            # 2 CPU ranks, a few minutes on 2 cores
+    .venv/bin/python launch/main_job.py            # 2 CPU ranks, well under a minute on 2 cores
 
 Steps that finished before are reused (the raw set by its generation record, the dataset by its
 metadata.json), so an interrupted job reruns only what is missing; ``--force`` redoes everything.
@@ -26,7 +26,7 @@ from dist_mtl.data.convert import convert_raw  # noqa: E402
 from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
 from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle_auc, write_raw  # noqa: E402
 
-# Small enough for a few minutes on 2 cores; rates raised from Ali-CCP's 3.9% / 0.54% so that
+# Small enough for well under a minute on 2 cores; rates raised from Ali-CCP's 3.9% / 0.54% so that
 # ~300k impressions hold enough conversions for a CTCVR AUC worth reading.
 DEFAULT_DATA = SyntheticConfig(
     train_impressions=300_000,
