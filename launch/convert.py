@@ -66,6 +66,13 @@ class ProgressPrinter:
         )
 
 
+_DROPPED_FEATURE_NOTES = (
+    ("ignored_unknown_field_features", "features of unknown fields ignored"),
+    ("ignored_other_side_field_features", "features of the other file's fields ignored"),
+    ("repeated_single_valued_features_dropped", "repeats of single-valued fields dropped"),
+)
+
+
 def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
     impressions = sum(s.num_impressions for s in meta.splits.values())
     rate = impressions / seconds if seconds > 0 else 0.0
@@ -80,6 +87,13 @@ def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
         )
         skipped = ", ".join(f"{k}={v:,}" for k, v in s.skipped.items() if v) or "none"
         lines.append(f"    skipped: {skipped}")
+        # Features dropped inside kept rows (recorded in metadata.json's notes): shown so that a field
+        # lost to, say, a changed field id is seen at once.
+        notes = meta.notes.get("splits", {}).get(name, {}) if isinstance(meta.notes, dict) else {}
+        for key, label in _DROPPED_FEATURE_NOTES:
+            counts = notes.get(key) or {}
+            if counts:
+                lines.append(f"    {label}: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
     vocab = ", ".join(f"{k}={v:,}" for k, v in meta.vocab_sizes.items())
     lines.append(f"  vocab sizes (index 0 reserved): {vocab}")
     return "\n".join(lines)

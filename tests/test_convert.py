@@ -18,7 +18,7 @@ import pytest
 
 from dist_mtl.data import schema
 from dist_mtl.data.convert import FieldVocabulary, IdCounter, KeyIndex, convert_raw
-from dist_mtl.data.raw import RawFormatError
+from dist_mtl.data.raw import LineBlocks, RawFormatError
 
 REPO = Path(__file__).resolve().parents[1]
 Feature = tuple[str, int, float]  # (field id, raw feature id, weight)
@@ -244,6 +244,10 @@ SKELETON_CASES = {
     "non_numeric_label": ("2,yes,0,a,1,205\x024\x031.0", "click"),
     "label_outside_0_1": ("2,1,2,a,1,205\x024\x031.0", "buy"),
     "no_common_features_row": ("2,1,0,zz,1,205\x024\x031.0", "common_feature_index"),
+    "malformed_field_id": ("2,1,0,a,1,2O5\x024\x031.0", "feature_list"),  # letter O: not an unknown field
+    "negative_value": ("2,1,0,a,1,205\x024\x03-7", "205"),
+    # Fixed-width byte keys would match 'a\x00' to user 'a'.
+    "nul_byte_in_key": ("2,1,0,a\x00,1,205\x024\x031.0", "common_feature_index"),
 }
 
 
@@ -265,7 +269,8 @@ def test_bad_skeleton_line_names_file_line_and_field(tmp_path, case):
 @pytest.mark.parametrize(
     "text, field_name",
     [("b,1,101\x02two\x031.0", "101"), ("b,2,101\x022\x031.0", "feature_num"), ("b", "line"),
-     ("a,1,101\x029\x031.0", "common_feature_index")],  # the last one repeats key "a" from line 1
+     ("a,1,101\x029\x031.0", "common_feature_index"),  # repeats key "a" from line 1
+     ("b\x00,1,101\x022\x031.0", "common_feature_index")],  # fixed-width keys would join it to "b"
 )
 def test_bad_common_features_line(tmp_path, text, field_name):
     write_raw(tmp_path / "raw", "train", *good_train())
@@ -275,6 +280,33 @@ def test_bad_common_features_line(tmp_path, text, field_name):
         convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",))
     assert (Path(err.value.path).name, err.value.line, err.value.field) == (common.name, 2, field_name)
     assert common.name in str(err.value) and "line 2" in str(err.value)
+
+
+def test_an_empty_split_is_an_error_naming_its_file(tmp_path):
+    write_raw(tmp_path / "raw", "train", *good_train())
+    skeleton = tmp_path / "raw" / "sample_skeleton_train.csv"
+    skeleton.write_bytes(b"")
+    with pytest.raises(RawFormatError, match="no impressions to write for split 'train'") as err:
+        convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",))
+    assert Path(err.value.path) == skeleton and err.value.line is None
+    assert not (tmp_path / "out" / schema.METADATA_FILE).exists()
+
+
+def test_a_line_without_end_stops_at_the_line_limit(tmp_path):
+    # CR-only line ends: no '\n' anywhere. The reader must not buffer the whole file as one line.
+    path = tmp_path / "common_features_train.csv"
+    path.write_bytes(b"a,1,101\x021\x031.0\r" * 400)  # ~6 KB
+    blocks = LineBlocks(path, block_bytes=512, max_line_bytes=2048)
+    with pytest.raises(RawFormatError, match="no line end") as err:
+        list(blocks)
+    assert (err.value.line, err.value.field) == (1, "line")
+    # Lines before the long one are handed out and counted.
+    path.write_bytes(b"x\ny\n" + b"z" * 5000)
+    seen = []
+    with pytest.raises(RawFormatError) as err:
+        for data, first in LineBlocks(path, block_bytes=512, max_line_bytes=2048):
+            seen.append((data, first))
+    assert seen == [(b"x\ny\n", 1)] and err.value.line == 3
 
 
 def test_missing_input_file(tmp_path):
@@ -304,7 +336,8 @@ def test_skip_bad_rows_counts_every_reason(tmp_path):
     meta = convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",), skip_bad_rows=True, read_block_bytes=80)
     train = meta.split("train")
     assert train.skipped == {
-        "bad_feature_id": 1, "bad_feature_token": 2, "bad_feature_value": 2, "bad_label": 2, "click0_buy1": 1,
+        "bad_common_feature_index": 1, "bad_feature_id": 1, "bad_feature_token": 3, "bad_feature_value": 3,
+        "bad_label": 2, "click0_buy1": 1,
         "common_features.bad_feature_id": 1, "common_features.duplicate_common_feature_index": 1,
         "feature_num_mismatch": 1, "no_common_features": 1, "user_row_skipped": 2, "wrong_column_count": 1,
     }
@@ -347,6 +380,10 @@ def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert meta.min_count == 2 and list(meta.splits) == ["train"]
     assert "train impressions:" in out and "rows/s" in out and "skipped: click0_buy1=1" in out
+    # Features dropped inside kept rows are printed, not only kept in metadata.json's notes.
+    assert "features of unknown fields ignored: 998=1, 999=1" in out
+    assert "features of the other file's fields ignored: 101=1, 205=1" in out
+    assert "repeats of single-valued fields dropped: 121=1, 205=1" in out
     with pytest.raises(SystemExit):
         launcher.main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "o2"), "--splits", "test"])
     with pytest.raises(SystemExit):  # the test split's files are missing

@@ -410,8 +410,63 @@ def test_row_count_mismatch_with_metadata(small):
     meta_path = small / schema.METADATA_FILE
     meta = json.loads(meta_path.read_text())
     meta["splits"]["train"]["parts"][0]["blocks"][1][1] += 1
+    meta["splits"]["train"]["num_impressions"] += 1  # the totals agree: the files are what disagrees
     meta_path.write_text(json.dumps(meta))
     assert "impressions-00000.parquet row group 1: " in _first_error(small)
+
+
+def _edit(meta: dict, path: str, value) -> None:
+    keys = path.split("/")
+    for k in keys[:-1]:
+        meta = meta[int(k) if isinstance(meta, list) else k]
+    last = keys[-1]
+    if value is _DELETE:
+        del meta[last]
+    else:
+        meta[int(last) if isinstance(meta, list) else last] = value
+
+
+_DELETE = object()
+_TRAIN_PART = "splits/train/parts/0"
+METADATA_DAMAGE = {
+    "block_of_one_number": (f"{_TRAIN_PART}/blocks/0", [5], "blocks[0]: [5] is not [num_users, num_impressions]"),
+    "block_of_strings": (f"{_TRAIN_PART}/blocks/0", ["5", "7"], "blocks[0][0]: '5' is not an integer >= 0"),
+    "blocks_null": (f"{_TRAIN_PART}/blocks", None, "blocks: is not a list"),
+    "part_path_not_a_string": (f"{_TRAIN_PART}/users", 5, "users: 5 is not a file path"),
+    "vocab_field_missing": ("vocab_sizes/205", _DELETE, "vocab_sizes: field '205' is missing"),
+    "vocab_size_a_string": ("vocab_sizes/205", "1000", "vocab_sizes['205']: '1000' is not an integer >= 1"),
+    "wrong_total": ("splits/train/num_impressions", 5, "num_impressions / num_users are 5 / "),
+    "splits_a_list": ("splits", [], "not a dist_mtl metadata file"),
+    "split_null": ("splits/train", None, "not a dist_mtl metadata file"),
+    "bad_extra_type": ("extra_columns", {"x": "int33"}, "extra_columns['x']: 'int33' is not an Arrow type name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METADATA_DAMAGE))
+def test_damaged_metadata_is_an_error_naming_the_key(small, case):
+    path, value, expected = METADATA_DAMAGE[case]
+    meta_path = small / schema.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    _edit(meta, path, value)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError) as info:
+        ParquetGroupReader(small, "train", 16)
+    assert "metadata.json" in str(info.value) and expected in str(info.value)
+
+
+def test_a_part_listed_twice_is_an_error(small):
+    meta_path = small / schema.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    split = meta["splits"]["train"]
+    split["parts"].append(dict(split["parts"][0]))  # its rows would be read twice
+    split["num_impressions"] += sum(b[1] for b in split["parts"][0]["blocks"])
+    split["num_users"] += sum(b[0] for b in split["parts"][0]["blocks"])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"parts\[\d\]\.users: 'train/users-00000.parquet' is listed twice"):
+        ParquetGroupReader(small, "train", 16)
+    meta_path.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(DatasetError, match="metadata.json: not a dist_mtl metadata file"):
+        ParquetGroupReader(small, "train", 16)
 
 
 def test_id_beyond_vocabulary_names_field_file_row_group_row(small):

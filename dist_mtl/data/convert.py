@@ -721,6 +721,12 @@ def convert_raw(
                     groups.push(batch)
             groups.finish()
             infos[split] = split_writer.close(skipped=dict(sorted(stats.skipped.items())))
+            if infos[split].num_impressions == 0:
+                skipped = ", ".join(f"{k}={v:,}" for k, v in sorted(stats.skipped.items()) if v) or "none"
+                raise RawFormatError(
+                    SKELETON.path(raw_dir, split), None, "file",
+                    f"no impressions to write for split '{split}' (rows skipped: {skipped})",
+                )
             split_notes[split] = {
                 "ignored_unknown_field_features": dict(sorted(stats.unknown_fields.items())),
                 "ignored_other_side_field_features": dict(sorted(stats.misplaced_fields.items())),

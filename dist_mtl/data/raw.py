@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
@@ -49,6 +50,8 @@ from dist_mtl.data.schema import ALI_CCP_FIELDS, FieldSpec, USER_KEY_COLUMN
 SKELETON_FILE = "sample_skeleton_{split}.csv"
 COMMON_FILE = "common_features_{split}.csv"
 DEFAULT_BLOCK_BYTES = 32 << 20
+#: Longest raw line accepted: real common-features rows run to ~60 KB (about 2,700 features).
+MAX_LINE_BYTES = 64 << 20
 PARSE_WORKERS = 2  # blocks parsed at once: the target machine has 2 cores
 
 # Reasons a row is skipped with skip_bad_rows (keys of the ``skipped`` counts).
@@ -64,6 +67,9 @@ BAD_FEATURE_ID = "bad_feature_id"
 BAD_FEATURE_VALUE = "bad_feature_value"
 
 _MAX_EXAMPLES = 20
+#: A field id as Ali-CCP writes them: digits, or digits '_' digits (205, 109_14). Any other text is a
+#: damaged token, not an unknown field to ignore.
+_FIELD_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 _T = TypeVar("_T")
 _CSV_BLOCK_BYTES = 4 << 20
 # \x01 separates features, \x02 and \x03 separate field, id and value inside one feature.
@@ -238,6 +244,9 @@ def _parse_fast(data: bytes, kind: RawFileKind) -> ParsedBlock:
     keys = top.column(USER_KEY_COLUMN).combine_chunks()
     if n and pc.min(pc.binary_length(keys)).as_py() == 0:
         raise Rejected("empty common_feature_index")
+    # The key join compares fixed-width byte strings, which do not tell 'a' from 'a\x00'.
+    if n and pc.any(pc.match_substring(keys, "\x00")).as_py():
+        raise Rejected("NUL byte in a common_feature_index")
     block = ParsedBlock(lines=np.arange(n, dtype=np.int64), keys=keys, features={})
     if kind is SKELETON:
         block.sample_id = _column_numpy(top, "sample_id")
@@ -288,6 +297,8 @@ def _parse_fast(data: bytes, kind: RawFileKind) -> ParsedBlock:
     weights = _column_numpy(tokens, "value")
     if not np.isfinite(weights).all():
         raise Rejected("non-finite feature value")
+    if (weights < 0).any():
+        raise Rejected("negative feature value")
     codes = _encode_fields(tokens.column("field"), kind, block)
     del tokens
     rows = np.repeat(np.arange(n, dtype=np.int32), counts)
@@ -303,6 +314,8 @@ def _encode_fields(fields: pa.ChunkedArray, kind: RawFileKind, block: ParsedBloc
         names = chunk.dictionary.to_pylist()
         if "" in names:
             raise Rejected("empty field id")
+        if not all(_FIELD_ID.fullmatch(name) for name in names):
+            raise Rejected("malformed field id")
         table = np.array([known.get(name, -1) for name in names], dtype=np.int8)
         indices = chunk.indices.to_numpy()
         parts.append(table[indices])
@@ -460,6 +473,8 @@ def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
             return name, BAD_LABEL, f"label {parsed} is not 0 or 1"
         if name == USER_KEY_COLUMN and not parsed:
             return name, BAD_KEY, "is empty"
+        if name == USER_KEY_COLUMN and "\x00" in parsed:
+            return name, BAD_KEY, f"{values[name][:80]!r} contains a NUL byte"
     features = values["feature_list"].split(b"\x01") if values["feature_list"] else []
     parts = []
     for i, token in enumerate(features):
@@ -473,6 +488,9 @@ def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
             name = ""
         if not name:
             return "feature_list", BAD_FEATURE_TOKEN, f"feature {i + 1} {token[:80]!r} has no valid field id"
+        if not _FIELD_ID.fullmatch(name):
+            return ("feature_list", BAD_FEATURE_TOKEN,
+                    f"feature {i + 1} {token[:80]!r}: field id {name[:40]!r} is not of the form 205 or 109_14")
         parts.append((name, feature_id, value))
     bad_id = _first_rejected([p[1] for p in parts], pa.int64())
     if bad_id is not None:
@@ -483,8 +501,12 @@ def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
         name, _, value = parts[bad_value]
         return name, BAD_FEATURE_VALUE, f"feature {bad_value + 1}: value {value[:80]!r} is not a number"
     for i, (name, _, value) in enumerate(parts):
-        if not np.isfinite(np.float32(csv_value(value, pa.float32()))):
+        number = np.float32(csv_value(value, pa.float32()))
+        if not np.isfinite(number):
             return name, BAD_FEATURE_VALUE, f"feature {i + 1}: value {value[:80]!r} is not finite"
+        if number < 0:
+            return (name, BAD_FEATURE_VALUE,
+                    f"feature {i + 1}: value {value[:80]!r} is negative (Ali-CCP's values are non-negative weights)")
     declared = csv_value(values["feature_num"], pa.int32())
     if declared != len(parts):
         return "feature_num", FEATURE_NUM_MISMATCH, f"is {declared} but feature_list holds {len(parts)} features"
@@ -565,11 +587,13 @@ class LineBlocks:
     the file was read to the end.
     """
 
-    def __init__(self, path: str | os.PathLike, block_bytes: int = DEFAULT_BLOCK_BYTES, what: str = "input"):
+    def __init__(self, path: str | os.PathLike, block_bytes: int = DEFAULT_BLOCK_BYTES, what: str = "input",
+                 max_line_bytes: int = MAX_LINE_BYTES):
         self.path = Path(path)
         if not self.path.is_file():
             raise RawFormatError(self.path, None, "file", f"no such {what} file")
         self.block_bytes = block_bytes
+        self.max_line_bytes = max_line_bytes
         self.bytes_total = self.path.stat().st_size
         self.bytes_done = 0
         self._sha256: str | None = None
@@ -626,21 +650,34 @@ class LineBlocks:
 
         try:
             digest = hashlib.sha256()
-            carry, line = b"", 1
+            # The unfinished line's pieces: each new chunk is searched alone, so a line longer than a
+            # block (or a file with no '\n' at all) costs linear time, and is cut off at max_line_bytes.
+            pending: list[bytes] = []
+            pending_bytes, line = 0, 1
             with open(self.path, "rb") as f:
                 while not stop.is_set():
                     chunk = f.read(self.block_bytes)
                     if not chunk:
-                        if carry and not put((len(carry), pool.submit(work, carry, line))):
-                            return
+                        if pending:
+                            tail = b"".join(pending)
+                            if not put((len(tail), pool.submit(work, tail, line))):
+                                return
                         break
                     digest.update(chunk)
-                    data = carry + chunk if carry else chunk
-                    cut = data.rfind(b"\n") + 1
-                    if cut == 0:  # a line longer than a block: keep reading
-                        carry = data
+                    cut = chunk.rfind(b"\n") + 1
+                    if cut == 0:
+                        pending.append(chunk)
+                        pending_bytes += len(chunk)
+                        if pending_bytes > self.max_line_bytes:
+                            raise RawFormatError(
+                                self.path, line, "line",
+                                f"no line end ('\\n') in {pending_bytes:,} bytes (more than {self.max_line_bytes:,}: "
+                                f"a binary file, or one with CR-only line ends?)",
+                            )
                         continue
-                    block, carry = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
+                    block = b"".join([*pending, chunk[:cut]]) if pending else chunk[:cut]
+                    rest = chunk[cut:]
+                    pending, pending_bytes = ([rest], len(rest)) if rest else ([], 0)
                     if not put((len(block), pool.submit(work, block, line))):
                         return
                     line += block.count(b"\n")

@@ -185,9 +185,68 @@ class DatasetMetadata:
                 )
                 for name, s in raw.pop("splits").items()
             }
-            return cls(splits=splits, **raw)
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise DatasetError(f"{source}: not a dist_mtl metadata file ({e})") from e
+            meta = cls(splits=splits, **raw)
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{source}: not a dist_mtl metadata file ({type(e).__name__}: {e})") from e
+        meta._check(source)
+        return meta
+
+    def _check(self, source: str) -> None:
+        """The structure every reader relies on, so that a damaged or hand-edited file fails here, naming
+        the key, and not later as an IndexError or a silently misread split."""
+
+        def bad(where: str, detail: str) -> DatasetError:
+            return DatasetError(f"{source}: {where}: {detail}")
+
+        def count(value, where: str, minimum: int = 0) -> None:
+            if type(value) is not int or value < minimum:
+                raise bad(where, f"{value!r} is not an integer >= {minimum}")
+
+        if not isinstance(self.vocab_sizes, dict):
+            raise bad("vocab_sizes", "is not an object")
+        for f in ALI_CCP_FIELDS:
+            if f.name not in self.vocab_sizes:
+                raise bad("vocab_sizes", f"field '{f.name}' is missing")
+            count(self.vocab_sizes[f.name], f"vocab_sizes['{f.name}']", 1)
+        count(self.min_count, "min_count", 1)
+        if not isinstance(self.extra_columns, dict):
+            raise bad("extra_columns", "is not an object")
+        for name, alias in self.extra_columns.items():
+            try:
+                pa.type_for_alias(alias)
+            except (ValueError, TypeError) as e:
+                raise bad(f"extra_columns['{name}']", f"{alias!r} is not an Arrow type name") from e
+        if not isinstance(self.splits, dict):
+            raise bad("splits", "is not an object")
+        seen: dict[str, str] = {}
+        for name, split in self.splits.items():
+            users = impressions = 0
+            for i, part in enumerate(split.parts):
+                where = f"splits['{name}'].parts[{i}]"
+                for kind in ("users", "impressions"):
+                    rel = getattr(part, kind)
+                    if not isinstance(rel, str) or not rel:
+                        raise bad(f"{where}.{kind}", f"{rel!r} is not a file path")
+                    if rel in seen:
+                        raise bad(f"{where}.{kind}", f"'{rel}' is listed twice (also at {seen[rel]})")
+                    seen[rel] = f"{where}.{kind}"
+                if not isinstance(part.blocks, list):
+                    raise bad(f"{where}.blocks", "is not a list")
+                for j, block in enumerate(part.blocks):
+                    if not isinstance(block, list) or len(block) != 2:
+                        raise bad(f"{where}.blocks[{j}]", f"{block!r} is not [num_users, num_impressions]")
+                    count(block[0], f"{where}.blocks[{j}][0]")
+                    count(block[1], f"{where}.blocks[{j}][1]")
+                    users += block[0]
+                    impressions += block[1]
+            for key in ("num_impressions", "num_users", "num_clicks", "num_buys"):
+                count(getattr(split, key), f"splits['{name}'].{key}")
+            if (split.num_impressions, split.num_users) != (impressions, users):
+                raise bad(
+                    f"splits['{name}']",
+                    f"num_impressions / num_users are {split.num_impressions} / {split.num_users} but its blocks "
+                    f"hold {impressions} / {users}",
+                )
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> "DatasetMetadata":
@@ -195,7 +254,11 @@ class DatasetMetadata:
         if not path.exists():
             hint = " (an interrupted conversion leaves no metadata.json)" if Path(root).exists() else ""
             raise DatasetError(f"{path}: no such file; {root} is not a complete dist_mtl dataset{hint}")
-        return cls.from_json(path.read_text(), str(path))
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}: not a dist_mtl metadata file (not UTF-8 text: {e})") from e
+        return cls.from_json(text, str(path))
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
