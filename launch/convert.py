@@ -70,6 +70,7 @@ _DROPPED_FEATURE_NOTES = (
     ("ignored_unknown_field_features", "features of unknown fields ignored"),
     ("ignored_other_side_field_features", "features of the other file's fields ignored"),
     ("repeated_single_valued_features_dropped", "repeats of single-valued fields dropped"),
+    ("single_valued_values_other_than_1_dropped", "values other than 1 of single-valued fields dropped"),
 )
 
 

@@ -282,6 +282,16 @@ def test_bad_common_features_line(tmp_path, text, field_name):
     assert common.name in str(err.value) and "line 2" in str(err.value)
 
 
+def test_values_of_single_valued_fields_other_than_1_are_counted(tmp_path):
+    users, impressions = good_train()
+    impressions[1] = Impression(2, 1, 0, "a", [("205", 4, 99.5), ("206", 5, 1.0)])
+    write_raw(tmp_path / "raw", "train", users, impressions)
+    meta = convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",))
+    # The id is kept; its value cannot be (single-valued ids are stored without weights): counted.
+    assert meta.notes["splits"]["train"]["single_valued_values_other_than_1_dropped"] == {"205": 1}
+    assert meta.split("train").num_impressions == 3
+
+
 def test_an_empty_split_is_an_error_naming_its_file(tmp_path):
     write_raw(tmp_path / "raw", "train", *good_train())
     skeleton = tmp_path / "raw" / "sample_skeleton_train.csv"

@@ -485,11 +485,12 @@ class _SplitStats:
     unknown_fields: Counter
     misplaced_fields: Counter
     repeated_fields: Counter
+    single_valued_weights: Counter
     examples: list
 
     @classmethod
     def empty(cls) -> "_SplitStats":
-        return cls(Counter(), Counter(), Counter(), Counter(), [])
+        return cls(Counter(), Counter(), Counter(), Counter(), Counter(), [])
 
     def absorb(self, block: ParsedBlock, prefix: str = "") -> None:
         for reason, count in block.skipped.items():
@@ -497,6 +498,7 @@ class _SplitStats:
         self.unknown_fields.update(block.unknown_fields)
         self.misplaced_fields.update(block.misplaced_fields)
         self.repeated_fields.update(block.repeated_fields)
+        self.single_valued_weights.update(block.single_valued_weights)
         self.examples.extend(block.skipped_examples[: max(0, 20 - len(self.examples))])
 
 
@@ -731,6 +733,7 @@ def convert_raw(
                 "ignored_unknown_field_features": dict(sorted(stats.unknown_fields.items())),
                 "ignored_other_side_field_features": dict(sorted(stats.misplaced_fields.items())),
                 "repeated_single_valued_features_dropped": dict(sorted(stats.repeated_fields.items())),
+                "single_valued_values_other_than_1_dropped": dict(sorted(stats.single_valued_weights.items())),
                 "user_group_reappearances": groups.reappearances,
                 "user_rows_without_impressions": groups.unreferenced_users,
                 "skipped_examples": stats.examples,

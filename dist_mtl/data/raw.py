@@ -171,6 +171,8 @@ class ParsedBlock:
     unknown_fields: Counter = field(default_factory=Counter)  # field id -> features ignored
     misplaced_fields: Counter = field(default_factory=Counter)  # field of the other side -> features ignored
     repeated_fields: Counter = field(default_factory=Counter)  # single-valued field -> extra occurrences
+    # single-valued field -> features whose value was not 1 (a single-valued id is stored without weight)
+    single_valued_weights: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)  # reason -> rows (skip_bad_rows only)
     skipped_keys: list[str] = field(default_factory=list)  # keys of skipped rows, where readable
     skipped_examples: list[str] = field(default_factory=list)
@@ -302,7 +304,8 @@ def _parse_fast(data: bytes, kind: RawFileKind) -> ParsedBlock:
     codes = _encode_fields(tokens.column("field"), kind, block)
     del tokens
     rows = np.repeat(np.arange(n, dtype=np.int32), counts)
-    block.features = _group_by_field(rows, codes, ids, weights, n, kind.fields, block.repeated_fields)
+    block.features = _group_by_field(rows, codes, ids, weights, n, kind.fields, block.repeated_fields,
+                                     block.single_valued_weights)
     return block
 
 
@@ -337,6 +340,7 @@ def _group_by_field(
     n_rows: int,
     fields: tuple[FieldSpec, ...],
     repeated: Counter,
+    dropped_weights: Counter,
 ) -> dict[str, FeatureLists]:
     # A stable sort on int8 is a radix sort: features of one field become contiguous, still in row order.
     order = np.argsort(codes, kind="stable")
@@ -353,6 +357,10 @@ def _group_by_field(
             if extra:
                 repeated[spec.name] += extra
                 take, field_rows = take[last], field_rows[last]
+        if not spec.multi_valued:
+            not_one = int(np.count_nonzero(weights[take] != 1))
+            if not_one:
+                dropped_weights[spec.name] += not_one
         offsets = np.zeros(n_rows + 1, np.int32)
         np.cumsum(np.bincount(field_rows, minlength=n_rows), out=offsets[1:])
         out[spec.name] = FeatureLists(offsets, ids[take], weights[take])
