@@ -321,6 +321,13 @@ def _validate(cfg: JobConfig) -> None:
     m = cfg.model
     if m.head not in HEADS:
         raise ConfigError(f"model.head must be one of {HEADS}, got {m.head!r}")
+    from dist_mtl.data.schema import ALI_CCP_FIELDS
+
+    unknown = sorted(set(m.field_dims) - {f.name for f in ALI_CCP_FIELDS})
+    if unknown:
+        raise ConfigError(
+            f"model.field_dims names no field: {unknown} (fields: {[f.name for f in ALI_CCP_FIELDS]})"
+        )
     for where, dim in [("model.embedding_dim", m.embedding_dim)] + [
         (f"model.field_dims.{k}", v) for k, v in m.field_dims.items()
     ]:
@@ -392,6 +399,7 @@ def _validate(cfg: JobConfig) -> None:
     if t.max_steps < 0 or t.eval_every_steps < 0:
         raise ConfigError("train.max_steps and train.eval_every_steps must be >= 0")
     positive("train.log_every_steps", t.log_every_steps)
+    positive("train.early_stop_patience", t.early_stop_patience)
     if cfg.checkpoint.interval_steps < 0:
         raise ConfigError(f"checkpoint.interval_steps must be >= 0, got {cfg.checkpoint.interval_steps}")
     positive("checkpoint.keep", cfg.checkpoint.keep)
@@ -408,9 +416,18 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"tasks: {e}") from e
     if not any(task.loss_weight > 0 for task in cfg.tasks):
         raise ConfigError("tasks: every task has loss_weight 0, nothing would be trained")
-    metric_task = t.early_stop_metric.split("/")[0]
+    metric_task, _, metric_name = t.early_stop_metric.partition("/")
     if metric_task not in names:
         raise ConfigError(f"train.early_stop_metric {t.early_stop_metric!r} names no task in {names}")
+    # Only metrics that rank models: a name the evaluation does not produce would read as NaN, never
+    # improve, and stop the run early without a best model.
+    rankable = {"binary": ("auc", "logloss"), "regression": ("mse", "mae")}
+    task_type = next(task.type for task in cfg.tasks if task.name == metric_task)
+    if metric_name not in rankable.get(task_type, ()):
+        raise ConfigError(
+            f"train.early_stop_metric {t.early_stop_metric!r}: a {task_type} task is ranked by "
+            f"{[f'{metric_task}/{n}' for n in rankable.get(task_type, ())]}"
+        )
     if m.head != "esmm":
         # Only ESMM derives a prediction from other tasks' towers (pCTCVR = pCTR x pCVR); elsewhere a
         # zero-weight task's tower and gate never get a gradient and its metrics score random weights.

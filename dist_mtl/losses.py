@@ -28,8 +28,12 @@ class ModelOutput:
     predictions: dict[str, torch.Tensor]
     """[B] per task: a probability for binary tasks, the predicted value for regression tasks."""
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    """[B] logit of a binary task whose head has one. ESMM's ctcvr (pCTR x pCVR) has none, so its
-    loss is BCE on the clamped probability."""
+    """[B] logit of a binary task whose head has one."""
+    log_probabilities: dict[str, torch.Tensor] = field(default_factory=dict)
+    """[B] log of the probability of a binary task without a logit whose head can give it exactly:
+    ESMM's ctcvr, ``logsigmoid(ctr_logit) + logsigmoid(cvr_logit)``. Its loss is then exact where the
+    probability underflows, instead of BCE on the clamped probability, whose clamp zeroes the gradient
+    of exactly the rows (a purchase the model rates near 0) it most needs to learn from."""
 
 
 def _column(labels: Mapping[str, torch.Tensor], task: TaskConfig, role: str, name: str) -> torch.Tensor:
@@ -59,12 +63,31 @@ def binary_cross_entropy_on_probability(probability: torch.Tensor, target: torch
     return -(target * torch.log(p) + (1.0 - target) * torch.log1p(-p))
 
 
+def binary_cross_entropy_on_log_probability(log_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row BCE of a probability given by its log: ``-(t log p + (1 - t) log(1 - p))``.
+
+    ``log(1 - p)`` is ``log1mexp(log p)``: ``log(-expm1(x))`` near 0 and ``log1p(-exp(x))`` below
+    ``-log 2`` (Maechler's split, accurate on both sides). Each branch gets a harmless input where it is
+    not chosen, so no inf or NaN reaches the gradient through ``torch.where``. ``log p`` is kept below
+    -1e-12: a product of two sigmoids is never 1, and log(1 - 1) would be -inf.
+    """
+    x = log_p.clamp(max=-1e-12)
+    near_zero = x > -0.6931471805599453
+    log_1m_p = torch.where(
+        near_zero,
+        torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0)))),
+        torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x))),
+    )
+    return -(target * log_p + (1.0 - target) * log_1m_p)
+
+
 class MultiTaskLoss(torch.nn.Module):
     """``total = sum_t loss_weight_t * loss_t`` over the configured tasks.
 
     Per task: binary tasks use BCE-with-logits when the model gives the task a logit (numerically
-    stable), else BCE on the probability clamped to [``PROBABILITY_EPS``, 1 - ``PROBABILITY_EPS``] (the
-    clamp stops the gradient of saturated rows); regression tasks use squared error. The task's loss is
+    stable), else BCE computed from the log probability when the model gives that (ESMM's ctcvr), else
+    BCE on the probability clamped to [``PROBABILITY_EPS``, 1 - ``PROBABILITY_EPS``] (the clamp stops the
+    gradient of saturated rows); regression tasks use squared error. The task's loss is
     ``sum_i(w_i * l_i) / n_t`` over its rows (all rows, or those whose ``rows`` column is 1), ``w_i``
     the ``weight_column`` value or 1, ``n_t`` the number of such rows; a batch without any of the task's
     rows gives 0 with a valid graph and zero gradients.
@@ -140,9 +163,13 @@ class MultiTaskLoss(torch.nn.Module):
 
         if task.type == "binary":
             logit = output.logits.get(task.name)
+            log_p = output.log_probabilities.get(task.name)
             if logit is not None:
                 _check_rows(task, "logit", logit, prediction.shape)
                 per_row = F.binary_cross_entropy_with_logits(logit.float(), target, reduction="none")
+            elif log_p is not None:
+                _check_rows(task, "log probability", log_p, prediction.shape)
+                per_row = binary_cross_entropy_on_log_probability(log_p.float(), target)
             else:
                 per_row = binary_cross_entropy_on_probability(prediction.float(), target)
         else:

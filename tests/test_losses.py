@@ -45,6 +45,34 @@ def test_extreme_logit_stays_finite_where_probability_saturates():
     assert torch.isfinite(logit.grad).all()
 
 
+def test_ctcvr_loss_from_log_probability_is_exact_where_the_product_underflows():
+    task = TaskConfig(name="ctcvr", label="buy")
+    ctr, cvr = torch.tensor([-9.0, 0.3, 2.0], requires_grad=True), torch.tensor([-9.0, -1.0, 8.0], requires_grad=True)
+    labels = {"buy": torch.tensor([1.0, 0.0, 0.0])}
+
+    def loss(with_log_probability: bool) -> torch.Tensor:
+        p = torch.sigmoid(ctr) * torch.sigmoid(cvr)
+        log_p = torch.nn.functional.logsigmoid(ctr) + torch.nn.functional.logsigmoid(cvr)
+        out = ModelOutput({"ctcvr": p}, log_probabilities={"ctcvr": log_p} if with_log_probability else {})
+        return MultiTaskLoss.task_loss(task, out, labels)
+
+    exact = loss(True)
+    grad_ctr, grad_cvr = torch.autograd.grad(exact, (ctr, cvr))
+    # Row 0: a purchase rated p = sigmoid(-9)^2 ~ 1.5e-8, below the clamp: -log p = 18.0002 exactly,
+    # and its gradient reaches both towers. The clamped probability reads 16.1 with zero gradient.
+    log_p = np.log(1 / (1 + np.exp(9.0))) * 2
+    p1 = 1 / (1 + np.exp(-0.3)) / (1 + np.exp(1.0))
+    p2 = 1 / (1 + np.exp(-2.0)) / (1 + np.exp(-8.0))
+    expected = (-log_p - np.log1p(-p1) - np.log1p(-p2)) / 3
+    assert exact.item() == pytest.approx(expected, rel=1e-5)
+    assert grad_ctr[0] < -0.3 and grad_cvr[0] < -0.3  # d/da of -log sigmoid(a) / 3 at a = -9
+    clamped = loss(False)
+    clamped_grad_ctr, _ = torch.autograd.grad(clamped, (ctr, cvr))
+    assert clamped.item() < exact.item() - 0.5 and clamped_grad_ctr[0] == 0
+    # Rows 1 and 2 (p inside the clamp's range) get the same gradient either way.
+    torch.testing.assert_close(grad_ctr[1:], clamped_grad_ctr[1:], rtol=1e-4, atol=1e-6)
+
+
 def test_masked_rows_are_excluded_from_value_and_gradient():
     logits, labels = _batch(n=50, seed=1)
     task = TaskConfig(name="cvr", label="buy", rows="click")

@@ -75,6 +75,9 @@ def test_bfloat16_heads_keep_float32_outputs_and_grads_and_track_float32(head, t
         # bfloat16 keeps ~3 significant digits: close to float32, yet not bit-equal (autocast was on).
         torch.testing.assert_close(out16.predictions[t.name], out32.predictions[t.name], rtol=0.05, atol=0.02)
         assert not torch.equal(out16.predictions[t.name], out32.predictions[t.name])
+    for name, logit in out16.logits.items():
+        # The output unit runs in float32: its logits are not bfloat16 values cast back.
+        assert logit.dtype == torch.float32 and not torch.equal(logit, logit.to(torch.bfloat16).float()), name
     torch.testing.assert_close(loss16, loss32, rtol=0.02, atol=1e-3)
     assert grads16.keys() == grads32.keys()
     for name, g in grads16.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dist_mtl.losses import ModelOutput
@@ -32,6 +33,11 @@ def check_esmm_tasks(tasks: Sequence[TaskConfig]) -> None:
                 f"task '{t.name}' is {t.type}, but the esmm head carries only binary tasks "
                 f"(pCTCVR = pCTR x pCVR); use head = \"mmoe\" for regression tasks"
             )
+    if by_name["cvr"].loss_weight == 0 and by_name["ctcvr"].loss_weight == 0:
+        raise ValueError(
+            "cvr and ctcvr both have loss_weight 0, so the CVR tower would never train and their metrics "
+            "would score random weights; give one of them a weight"
+        )
 
 
 class ESMMHead(MultiTaskHead):
@@ -51,6 +57,7 @@ class ESMMHead(MultiTaskHead):
         p_cvr = torch.sigmoid(cvr_logit)
         return ModelOutput(
             predictions={"ctr": p_ctr, "cvr": p_cvr, "ctcvr": p_ctr * p_cvr},
-            # pCTCVR is a product of probabilities and has no logit: its BCE is taken on the probability.
             logits={"ctr": ctr_logit, "cvr": cvr_logit},
+            # pCTCVR is a product of probabilities and has no logit; its log is exact from the two logits.
+            log_probabilities={"ctcvr": F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)},
         )

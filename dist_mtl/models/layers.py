@@ -99,4 +99,11 @@ class Tower(nn.Module):
         self.out = nn.Linear(hidden[-1], 1) if hidden else GroupedInputLinear(in_dim, 1)
 
     def forward(self, x: HeadRows) -> torch.Tensor:
-        return self.out(self.body(x)).squeeze(-1).float()
+        h = self.body(x)
+        rows = h.item if isinstance(h, GroupedRows) else h
+        # The output unit itself runs in float32: under autocast it would round the logit to bfloat16
+        # before any cast back (a few distinct values per batch near a label rate's logit).
+        with torch.autocast(rows.device.type, enabled=False):
+            if isinstance(h, torch.Tensor):
+                h = h.float()
+            return self.out(h).squeeze(-1)
