@@ -340,6 +340,10 @@ class CheckpointManager:
         committed = self.committed()
         return committed[-1] if committed else None
 
+    def path_of(self, step: int) -> Path | None:
+        """The committed checkpoint of ``step``, if there is one."""
+        return next((path for s, path in self._step_dirs() if s == step and is_committed(path)), None)
+
     # ------------------------------------------------------------------------------------------- saving
 
     def save(

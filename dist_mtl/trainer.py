@@ -144,6 +144,9 @@ class Trainer:
         self.stopped_by = ""  # "early_stop" or "max_steps" once training stopped before its epochs ran out
         self.resumed_from: dict | None = None
         self.skipped_on_resume = 0
+        # RNG states of a mid-epoch checkpoint, restored once the epoch's loader iterator exists: building
+        # the iterator draws a seed from the global generator, which the saved state already includes.
+        self._pending_rng: dict | None = None
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -294,6 +297,9 @@ class Trainer:
                 self.epoch_samples = 0
             self.epoch, self.batches_in_epoch, next_batch = epoch, next_batch, 0
             batches = self._batches(self.train_reader)
+            if self._pending_rng is not None:
+                self._restore_rng(self._pending_rng)
+                self._pending_rng = None
             bar = self._progress(steps_per_epoch, f"epoch {epoch}", initial=self.batches_in_epoch)
             epoch_done = self.batches_in_epoch >= steps_per_epoch
             # An epoch runs in segments that end where the job evaluates, checkpoints or stops, and each
@@ -314,7 +320,11 @@ class Trainer:
                     self._save_checkpoint()
             if bar is not None:
                 bar.close()
-            if not self.history or self.history[-1]["step"] != self.global_step:
+            # A max_steps pause inside an epoch is not an evaluation point: an uninterrupted run has none
+            # there, so evaluating (and possibly keeping a best model, counting patience) would make the
+            # paused-and-resumed run choose differently. The final report below still scores a model.
+            paused = self.stopped_by == "max_steps" and not epoch_done
+            if not paused and (not self.history or self.history[-1]["step"] != self.global_step):
                 if self._evaluate_and_track(epoch):
                     stop, self.stopped_by = True, self.stopped_by or "early_stop"
             if epoch_done:
@@ -412,13 +422,32 @@ class Trainer:
         self.best_checkpoint.save(self.global_step, self.model, self.optimizer, {"step": self.global_step})
 
     def _load_best(self) -> None:
-        self.best_checkpoint.load(self.best_checkpoint.latest(), self.model, self.optimizer)
+        # The best step this run's state names, not the newest folder: a crash after a new best was
+        # saved but before the next checkpoint leaves best/ a step ahead of the resumed trajectory.
+        _, best_step, _ = self.best
+        path = self.best_checkpoint.path_of(best_step)
+        if path is None:
+            raise TrainingError(f"the best model of step {best_step} is missing from {self.best_checkpoint.root}")
+        self.best_checkpoint.load(path, self.model, self.optimizer)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        return state
+
+    def _restore_rng(self, state) -> None:
+        if isinstance(state, torch.Tensor):  # checkpoints before the CUDA state was kept
+            state = {"cpu": state}
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.ctx.device)
+
     def _save_checkpoint(self) -> None:
         rng = [None] * self.ctx.world_size
-        dist.all_gather_object(rng, torch.get_rng_state())
+        dist.all_gather_object(rng, self._rng_state())
         extra = {
             "step": self.global_step,
             "epoch": self.epoch,
@@ -432,6 +461,7 @@ class Trainer:
             "stopped_by": self.stopped_by,
             "world_size": self.ctx.world_size,
             "rng": rng,
+            "reader": self.train_reader.state_dict(),
         }
         self.checkpoints.save(self.global_step, self.model, self.optimizer, extra)
 
@@ -439,9 +469,10 @@ class Trainer:
         """Load the newest committed checkpoint, if any; returns (epoch, next batch) to continue from.
 
         Same world size: the epoch continues at the batch after the last one trained, so no impression
-        is trained twice or skipped. Another world size: the tables are resharded and the model continues
-        exactly, but a mid-epoch data position cannot be mapped onto another rank split; the rest of that
-        epoch is skipped, counted and reported, and training continues with the next epoch.
+        is trained twice or skipped, and dropout continues with the RNG state it would have had. Another
+        world size (or batch size, seed, shuffle or window_blocks): the tables are resharded and the model
+        continues exactly, but a mid-epoch data position cannot be mapped onto other batches; the rest of
+        that epoch is skipped, counted and reported, and training continues with the next epoch.
         """
         latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
@@ -458,14 +489,24 @@ class Trainer:
                              "next_batch": self.batches_in_epoch, "samples_trained": self.samples_trained,
                              "world_size": int(extra["world_size"])}
         epoch, next_batch = self.epoch, self.batches_in_epoch
-        if int(extra["world_size"]) == self.ctx.world_size:
-            torch.set_rng_state(extra["rng"][self.ctx.rank])
+        # A mid-epoch batch index names the same impressions only under the same rank split and batching.
+        saved_reader = extra.get("reader", {"world_size": int(extra["world_size"])})
+        mine = self.train_reader.state_dict()
+        changed = [k for k in ("world_size", "batch_size", "seed", "shuffle", "window_blocks")
+                   if k in saved_reader and saved_reader[k] != mine[k]]
+        if next_batch and not changed or not next_batch and int(extra["world_size"]) == self.ctx.world_size:
+            rng = extra["rng"][self.ctx.rank]
+            if next_batch:
+                self._pending_rng = rng
+            else:
+                self._restore_rng(rng)
         elif next_batch:
             self.skipped_on_resume = self.train_reader.num_impressions - self.epoch_samples
+            what = ", ".join(f"{k} {saved_reader[k]!r} -> {mine[k]!r}" for k in changed)
             self._print(
-                f"resuming on {self.ctx.world_size} ranks from {latest}, saved mid-epoch on "
-                f"{extra['world_size']} ranks: the {self.skipped_on_resume:,} impressions of epoch {epoch} not "
-                f"yet trained are skipped; training continues with epoch {epoch + 1}")
+                f"resuming from {latest}, saved mid-epoch with other data settings ({what}): the "
+                f"{self.skipped_on_resume:,} impressions of epoch {epoch} not yet trained are skipped; "
+                f"training continues with epoch {epoch + 1}")
             epoch, next_batch = epoch + 1, 0
             self.epoch, self.batches_in_epoch, self.epoch_samples = epoch, 0, 0
         self._print(f"resumed from {latest}: step {self.global_step}, epoch {epoch}, batch {next_batch}")

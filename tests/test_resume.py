@@ -36,12 +36,18 @@ def epoch_end_evals(summary: dict, steps_per_epoch: int) -> list[dict]:
 
 
 def test_resume_mid_epoch_continues_exactly(dataset, tmp_path):
-    whole = Trainer(load_config(None, overrides(dataset, tmp_path / "whole"))).train()
+    # Dropout: the resumed run must also continue the random stream (the loader iterator draws a seed
+    # from it when an epoch starts); ctr/logloss: a pause must not add an evaluation that picks a best.
+    extra = ("model.dropout=0.3", 'train.early_stop_metric="ctr/logloss"')
+    whole = Trainer(load_config(None, overrides(dataset, tmp_path / "whole", *extra))).train()
     steps_per_epoch = whole["steps"] // 2
     cut = steps_per_epoch // 2 + 1
-    first = Trainer(load_config(None, overrides(dataset, tmp_path / "cut", f"train.max_steps={cut}"))).train()
+    first = Trainer(load_config(None, overrides(dataset, tmp_path / "cut", f"train.max_steps={cut}", *extra))).train()
     assert first["steps"] == cut and first["stopped_by"] == "max_steps"
-    second = Trainer(load_config(None, overrides(dataset, tmp_path / "cut"))).train()
+    assert first["history"] == []  # the pause is not an evaluation point of the uninterrupted run
+    second = Trainer(load_config(None, overrides(dataset, tmp_path / "cut", *extra))).train()
+    assert [h["step"] for h in second["history"]] == [h["step"] for h in whole["history"]]
+    assert second["best_step"] == whole["best_step"]
     assert second["resumed_from"]["step"] == cut and second["resumed_from"]["next_batch"] == cut
     assert second["steps"] == whole["steps"]
     # Every impression of both epochs trained exactly once over the two runs.
@@ -52,6 +58,33 @@ def test_resume_mid_epoch_continues_exactly(dataset, tmp_path):
         assert a["step"] == b["step"]
         for key in ("ctr/auc", "ctr/logloss", "ctcvr/logloss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_resume_with_another_batch_size_skips_the_rest_of_the_epoch(dataset, tmp_path, capsys):
+    first = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "train.max_steps=5"))).train()
+    resumed = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "data.batch_size=64"))).train()
+    train_impressions = json.loads((dataset / "metadata.json").read_text())["splits"]["train"]["num_impressions"]
+    # Batch 5 of batch size 32 names other impressions at batch size 64: not resumed as if it did.
+    assert "other data settings (batch_size 32 -> 64)" in capsys.readouterr().out
+    assert resumed["impressions_skipped_on_resume"] == train_impressions - first["samples_trained"]
+    assert resumed["samples_trained_this_run"] == train_impressions  # epoch 1, whole
+
+
+def test_the_best_model_is_found_by_its_step_not_as_the_newest(tmp_path):
+    from dist_mtl.checkpoint import DCP_METADATA_FILE, SIDE_FILE, CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "best", keep=3)
+    for step, committed in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / "best" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / DCP_METADATA_FILE).touch()
+        if committed:
+            (folder / SIDE_FILE).touch()
+    # The trainer loads best/ by its recorded best step: a newer best saved by a run that crashed before
+    # its next checkpoint (step 20 here) belongs to a trajectory the resumed run did not take.
+    assert manager.path_of(10) == tmp_path / "best" / "step-00000010"
+    assert manager.latest() == tmp_path / "best" / "step-00000020"
+    assert manager.path_of(30) is None and manager.path_of(15) is None
 
 
 def test_resume_on_another_world_size(dataset, tmp_path):
