@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--history-ids-per-user", type=float, default=500.0)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=400,
-                        help="training steps per measurement (at most one epoch: 488 steps on 1 rank, 244 on 2)")
+                        help="training steps per measurement (at most one epoch: 489 steps on 1 rank, 245 on 2)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each variant, interleaved; the figure is their median")
     parser.add_argument("--nproc", default="1,2", help="world sizes to measure")

@@ -66,7 +66,7 @@ from dist_mtl.data.synthetic import (  # noqa: E402
 # ~500 history ids per user and the real (count > 10 filtered) table sizes of Ali-CCP, whatever the
 # number of impressions: torch-rechub steps Adam densely over every embedding row, so its speed depends
 # on the table sizes users train with, not on how many impressions a benchmark run holds (RESULTS.md:
-# 41.6k samples/s with tables of the ids 1M impressions hold, 30.6k with every id of the full tables).
+# 38.6k samples/s with tables of the ids 1M impressions hold, 27.6k with every id of the full tables).
 # Click and conversion rates are raised from Ali-CCP's 3.9% / 0.54% (as in launch/main_job.py) so that
 # the test split holds enough conversions for CVR and CTCVR AUCs worth comparing; speed does not
 # depend on them.
