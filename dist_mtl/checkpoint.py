@@ -310,11 +310,12 @@ class CheckpointManager:
     """Numbered DCP checkpoints under one root (``<run_dir>/checkpoints``).
 
     ``save`` and ``load`` are collective (every rank calls them); ``latest`` reads the file system and
-    ``prune`` deletes on rank 0 only. ``save`` prunes to the newest ``keep`` committed checkpoints.
+    ``prune`` deletes on rank 0 only. ``save`` prunes to the newest ``keep`` committed checkpoints;
+    with ``keep=None`` it keeps them all and the owner prunes with ``prune_except``.
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 3):
-        if keep < 1:
+    def __init__(self, root: str | os.PathLike, keep: int | None = 3):
+        if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (the checkpoint just saved is always kept), got {keep}")
         self.root = Path(root)
         self.keep = keep
@@ -398,10 +399,21 @@ class CheckpointManager:
             tmp = path / f".{SIDE_FILE}.tmp"
             torch.save(content, tmp)
             os.replace(tmp, path / SIDE_FILE)
-            self.prune()
+            if self.keep is not None:
+                self.prune()
 
         run_on_rank0(commit, f"commit {path}")
         return path
+
+    def prune_except(self, step: int) -> None:
+        """Delete every checkpoint but the committed one of ``step`` (all of them when ``step`` has none).
+        Rank 0 only."""
+        if _rank() != 0:
+            return
+        for s, path in self._step_dirs():
+            if s != step or not is_committed(path):
+                (path / SIDE_FILE).unlink(missing_ok=True)
+                shutil.rmtree(path)
 
     def prune(self) -> None:
         """Keep the newest ``keep`` committed checkpoints; also drop interrupted saves older than the newest

@@ -125,7 +125,10 @@ class Trainer:
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-        self.best_checkpoint = CheckpointManager(self.run_dir / "best", keep=1)
+        # Every best saved since the last checkpoint is kept until the next one commits (then only the
+        # best of that checkpoint's state stays): a job resumed after a crash finds the best of the state
+        # it resumes, not only a newer best of the trajectory it abandoned.
+        self.best_checkpoint = CheckpointManager(self.run_dir / "best", keep=None)
         # Device-side record of the first non-finite step (see _watch_finite) and the batch source of
         # every step since the last host check.
         self._first_nonfinite: torch.Tensor | None = None
@@ -427,7 +430,10 @@ class Trainer:
         _, best_step, _ = self.best
         path = self.best_checkpoint.path_of(best_step)
         if path is None:
-            raise TrainingError(f"the best model of step {best_step} is missing from {self.best_checkpoint.root}")
+            raise TrainingError(
+                f"the best model of step {best_step} is missing from {self.best_checkpoint.root} (a run "
+                f"directory written before best models were kept until the next checkpoint?)"
+            )
         self.best_checkpoint.load(path, self.model, self.optimizer)
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -464,6 +470,7 @@ class Trainer:
             "reader": self.train_reader.state_dict(),
         }
         self.checkpoints.save(self.global_step, self.model, self.optimizer, extra)
+        self.best_checkpoint.prune_except(self.best[1])
 
     def _resume(self) -> tuple[int, int]:
         """Load the newest committed checkpoint, if any; returns (epoch, next batch) to continue from.

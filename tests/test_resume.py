@@ -85,6 +85,9 @@ def test_the_best_model_is_found_by_its_step_not_as_the_newest(tmp_path):
     assert manager.path_of(10) == tmp_path / "best" / "step-00000010"
     assert manager.latest() == tmp_path / "best" / "step-00000020"
     assert manager.path_of(30) is None and manager.path_of(15) is None
+    # When the next checkpoint commits, the trainer keeps only the best of the state it saved.
+    manager.prune_except(10)
+    assert [p.name for p in (tmp_path / "best").iterdir()] == ["step-00000010"]
 
 
 def test_resume_on_another_world_size(dataset, tmp_path):

@@ -87,7 +87,9 @@ USER_FIELDS: tuple[FieldSpec, ...] = tuple(f for f in ALI_CCP_FIELDS if f.side =
 ITEM_FIELDS: tuple[FieldSpec, ...] = tuple(f for f in ALI_CCP_FIELDS if f.side == "item")
 
 #: Publicly reported distinct-id counts after a count>10 filter (AITM), used to size synthetic data.
-#: History fields share their id space with the item field they describe.
+#: Not reported, so assumed: 210 (AITM drops the field) takes 853's count, since 853 crosses 150_14 with
+#: 210; each history field takes the count of the item field it describes (a user's categories, shops,
+#: brands and intention nodes are drawn from the items').
 ALI_CCP_VOCAB_AFTER_FILTER: dict[str, int] = {
     "101": 238_635, "121": 98, "122": 14, "124": 3, "125": 8, "126": 4, "127": 4, "128": 3, "129": 5,
     "205": 467_298, "206": 6_929, "207": 263_942, "210": 37_148, "216": 106_399,
