@@ -115,6 +115,11 @@ def test_steps_and_stats_follow_the_balanced_policy(dataset):
         assert max(stats["impressions_per_rank"]) - min(stats["impressions_per_rank"]) <= 1
         assert stats["dropped"] == 0 and stats["padded"] == 0
         assert stats["batch_impressions_max"] <= BATCH
+        # The stats are the plan; the batches themselves must follow it.
+        sizes = [[b.num_impressions for b in r] for r in readers]
+        assert [sum(s) for s in sizes] == stats["impressions_per_rank"]
+        assert {len(s) for s in sizes} == {expected_steps}
+        assert max(max(s) for s in sizes) <= BATCH and min(min(s) for s in sizes) > 0
 
 
 def test_batches_spanning_several_windows(dataset, expected):

@@ -60,6 +60,52 @@ def test_resume_mid_epoch_continues_exactly(dataset, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
+def test_resume_at_an_epoch_boundary_continues_the_random_stream(dataset, tmp_path):
+    extra = ("model.dropout=0.3", 'train.early_stop_metric="ctr/logloss"')
+    whole = Trainer(load_config(None, overrides(dataset, tmp_path / "whole", *extra))).train()
+    steps_per_epoch = whole["steps"] // 2
+    Trainer(load_config(None, overrides(dataset, tmp_path / "cut", f"train.max_steps={steps_per_epoch}", *extra))).train()
+    second = Trainer(load_config(None, overrides(dataset, tmp_path / "cut", *extra))).train()
+    assert second["resumed_from"]["next_batch"] == 0 and second["resumed_from"]["epoch"] == 1
+    for key in ("ctr/auc", "ctr/logloss", "ctcvr/logloss"):
+        assert second["history"][-1][key] == pytest.approx(whole["history"][-1][key], rel=1e-5, abs=1e-7), key
+
+
+def test_after_a_crash_the_final_model_is_the_resumed_state_s_best(dataset, tmp_path, monkeypatch):
+    # Every evaluation (each 4 steps) is a new best; the checkpoint of step 10 records step 8's. The job
+    # dies saving the checkpoint of step 20, after the bests of steps 12, 16 and 20 were saved.
+    from dist_mtl.checkpoint import CheckpointManager
+
+    extra = ("train.epochs=1", "train.eval_every_steps=4", "checkpoint.interval_steps=10",
+             "train.early_stop_patience=100", 'train.early_stop_metric="ctr/logloss"')
+    losses = iter(range(100, 0, -1))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, split: {"ctr/logloss": float(next(losses))})
+    saves = []
+    real_save = Trainer._save_checkpoint
+
+    def save_then_die(self):
+        saves.append(self.global_step)
+        if len(saves) == 2:
+            raise RuntimeError("killed while saving")
+        real_save(self)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(load_config(None, overrides(dataset, tmp_path / "run", *extra))).train()
+    monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
+    assert saves == [10, 20]
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir())[-1] == "step-00000020"
+    loaded = []
+    real_load = CheckpointManager.load
+    monkeypatch.setattr(CheckpointManager, "load", lambda self, path, *a, **k: (loaded.append(Path(path).name),
+                                                                             real_load(self, path, *a, **k))[1])
+    # Resumed with another batch size the rest of the epoch is skipped: the final report loads the best
+    # model of the resumed state (step 8), not the newest one in best/ (step 20, an abandoned trajectory).
+    resumed = Trainer(load_config(None, overrides(dataset, tmp_path / "run", *extra, "data.batch_size=64"))).train()
+    assert resumed["resumed_from"]["step"] == 10 and resumed["best_step"] == 8
+    assert loaded == ["step-00000010", "step-00000008"]  # the checkpoint, then the best model
+
+
 def test_resume_with_another_batch_size_skips_the_rest_of_the_epoch(dataset, tmp_path, capsys):
     first = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "train.max_steps=5"))).train()
     resumed = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "data.batch_size=64"))).train()

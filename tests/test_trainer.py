@@ -50,13 +50,20 @@ def test_early_stopping_keeps_the_best_model(dataset, tmp_path, monkeypatch):
     scripted = iter([0.60, 0.70, 0.65, 0.64, 0.99, 0.99])  # best after epoch 2, then two worse ones
     loaded = []
     monkeypatch.setattr(trainer, "evaluate", lambda split: {"ctcvr/auc": next(scripted, 0.0)})
-    monkeypatch.setattr(trainer, "_load_best", lambda: loaded.append(trainer.global_step))
+    real_load = trainer.best_checkpoint.load
+
+    def load(path, *args, **kwargs):
+        loaded.append((trainer.global_step, path.name))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.best_checkpoint, "load", load)
     summary = trainer.train()
     steps_per_epoch = trainer.train_reader.steps_per_epoch()
     assert [h["ctcvr/auc"] for h in summary["history"]] == [0.60, 0.70, 0.65, 0.64]
     assert summary["best_step"] == 2 * steps_per_epoch
     assert summary["steps"] == 4 * steps_per_epoch  # stopped after 2 evaluations without improvement
-    assert loaded == [4 * steps_per_epoch]  # the best model was restored before the final evaluation
+    # The best model (of step 2 epochs) was loaded into the model before the final evaluation.
+    assert loaded == [(4 * steps_per_epoch, f"step-{2 * steps_per_epoch:08d}")]
 
 
 def test_plain_loop_and_pipeline_train_the_same(dataset, tmp_path):

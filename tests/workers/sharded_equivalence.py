@@ -42,11 +42,14 @@ def impression_slice(batch: GroupedBatch, start: int, end: int) -> GroupedBatch:
 
 
 def main() -> None:
-    out, sharding_type, path, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    out, sharding_type, path, steps, sparse = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     ctx = init_distributed("cpu")
+    # column_wise splits a table into shards of at least 128 columns: one wide table makes it really
+    # split (at dim 8 every "column_wise" table is a single shard, as table_wise).
+    wide = ['model.field_dims={"205" = 256}']
     cfg = load_config(None, ["model.embedding_dim=8", "model.tower_dims=[16,8]",
                              f'sharding.sharding_type="{sharding_type}"', "optimizer.sparse_lr=0.1",
-                             "optimizer.dense_lr=0.01"])
+                             "optimizer.dense_lr=0.01", f'optimizer.sparse="{sparse}"', *wide])
     torch.manual_seed(0)
     step = TrainStep(MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks), MultiTaskLoss(cfg.tasks),
                      expand_users=path == "expanded")
@@ -68,10 +71,19 @@ def main() -> None:
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss)
         trajectory.append(float(global_loss) / ctx.world_size)
+    # The first batch again after training: its loss must have fallen (a check that does not depend
+    # on how hard the later random batches happen to be).
+    full = random_batch(num_users=5, num_impressions=2 * half, seed=100)
+    batch = full if ctx.world_size == 1 else impression_slice(full, ctx.rank * half, (ctx.rank + 1) * half)
+    with torch.no_grad():
+        first_again, _ = dmp(batch)
+    first_again = first_again.detach().clone()
+    dist.all_reduce(first_again)
     counts = [None] * ctx.world_size
     dist.all_gather_object(counts, user_counts)
     if ctx.rank == 0:
-        Path(out).write_text(json.dumps({"losses": trajectory, "user_counts": counts}))
+        Path(out).write_text(json.dumps({"losses": trajectory, "user_counts": counts,
+                                         "first_batch_after": float(first_again) / ctx.world_size}))
     dist.barrier()
     dist.destroy_process_group()
 
