@@ -106,6 +106,26 @@ def test_after_a_crash_the_final_model_is_the_resumed_state_s_best(dataset, tmp_
     assert loaded == ["step-00000010", "step-00000008"]  # the checkpoint, then the best model
 
 
+def test_a_checkpoint_written_before_the_reader_state_and_cuda_rng_were_kept_resumes(dataset, tmp_path):
+    import torch
+
+    from dist_mtl.checkpoint import SIDE_FILE
+
+    whole = Trainer(load_config(None, overrides(dataset, tmp_path / "whole"))).train()
+    Trainer(load_config(None, overrides(dataset, tmp_path / "cut", "train.max_steps=30"))).train()
+    side = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))[-1] / SIDE_FILE
+    content = torch.load(side, map_location="cpu", weights_only=True)
+    extra = content["extra"]
+    del extra["reader"]  # the older layout: no reader settings, one CPU RNG tensor per rank
+    extra["rng"] = [state["cpu"] for state in extra["rng"]]
+    torch.save(content, side)
+    resumed = Trainer(load_config(None, overrides(dataset, tmp_path / "cut"))).train()
+    assert resumed["resumed_from"]["step"] == 30 and resumed["steps"] == whole["steps"]
+    assert resumed["samples_trained"] == whole["samples_trained"]
+    for key in ("ctr/auc", "ctcvr/logloss"):
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
 def test_resume_with_another_batch_size_skips_the_rest_of_the_epoch(dataset, tmp_path, capsys):
     first = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "train.max_steps=5"))).train()
     resumed = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "data.batch_size=64"))).train()
