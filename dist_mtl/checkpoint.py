@@ -114,6 +114,12 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _delete(path: Path) -> None:
+    # Un-commit first: a deletion cut short leaves a folder that no longer counts as a checkpoint.
+    (path / SIDE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
 def is_committed(path: str | os.PathLike) -> bool:
     path = Path(path)
     return (path / DCP_METADATA_FILE).is_file() and (path / SIDE_FILE).is_file()
@@ -412,8 +418,7 @@ class CheckpointManager:
             return
         for s, path in self._step_dirs():
             if s != step or not is_committed(path):
-                (path / SIDE_FILE).unlink(missing_ok=True)
-                shutil.rmtree(path)
+                _delete(path)
 
     def prune(self) -> None:
         """Keep the newest ``keep`` committed checkpoints; also drop interrupted saves older than the newest
@@ -428,8 +433,7 @@ class CheckpointManager:
         doomed = [p for _, p in committed[: -self.keep]]
         doomed += [p for s, p in steps if s < newest and not is_committed(p)]
         for path in doomed:
-            (path / SIDE_FILE).unlink(missing_ok=True)
-            shutil.rmtree(path)
+            _delete(path)
 
     # ------------------------------------------------------------------------------------------ loading
 

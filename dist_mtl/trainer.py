@@ -497,19 +497,15 @@ class Trainer:
                              "world_size": int(extra["world_size"])}
         epoch, next_batch = self.epoch, self.batches_in_epoch
         # A mid-epoch batch index names the same impressions only under the same rank split and batching.
-        saved_reader = extra.get("reader", {"world_size": int(extra["world_size"])})
-        mine = self.train_reader.state_dict()
-        changed = [k for k in ("world_size", "batch_size", "seed", "shuffle", "window_blocks")
-                   if k in saved_reader and saved_reader[k] != mine[k]]
-        if next_batch and not changed or not next_batch and int(extra["world_size"]) == self.ctx.world_size:
-            rng = extra["rng"][self.ctx.rank]
-            if next_batch:
-                self._pending_rng = rng
-            else:
-                self._restore_rng(rng)
+        saved_reader = extra.get("reader", {"world_size": int(extra["world_size"])})  # older checkpoints
+        changed = self.train_reader.settings_changed(saved_reader)
+        if next_batch and not changed:
+            self._pending_rng = extra["rng"][self.ctx.rank]
+        elif not next_batch and int(extra["world_size"]) == self.ctx.world_size:
+            self._restore_rng(extra["rng"][self.ctx.rank])
         elif next_batch:
             self.skipped_on_resume = self.train_reader.num_impressions - self.epoch_samples
-            what = ", ".join(f"{k} {saved_reader[k]!r} -> {mine[k]!r}" for k in changed)
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             self._print(
                 f"resuming from {latest}, saved mid-epoch with other data settings ({what}): the "
                 f"{self.skipped_on_resume:,} impressions of epoch {epoch} not yet trained are skipped; "

@@ -74,6 +74,10 @@ _DROPPED_FEATURE_NOTES = (
 )
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v:,}" for k, v in counts.items() if v)
+
+
 def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
     impressions = sum(s.num_impressions for s in meta.splits.values())
     rate = impressions / seconds if seconds > 0 else 0.0
@@ -86,15 +90,14 @@ def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
             f"  {name}: {s.num_impressions:,} impressions, {s.num_users:,} user rows, {s.num_clicks:,} clicks, "
             f"{s.num_buys:,} buys, {s.num_blocks} blocks"
         )
-        skipped = ", ".join(f"{k}={v:,}" for k, v in s.skipped.items() if v) or "none"
-        lines.append(f"    skipped: {skipped}")
+        lines.append(f"    skipped: {_counts(s.skipped) or 'none'}")
         # Features dropped inside kept rows (recorded in metadata.json's notes): shown so that a field
         # lost to, say, a changed field id is seen at once.
         notes = meta.notes.get("splits", {}).get(name, {}) if isinstance(meta.notes, dict) else {}
         for key, label in _DROPPED_FEATURE_NOTES:
-            counts = notes.get(key) or {}
-            if counts:
-                lines.append(f"    {label}: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+            dropped = _counts(notes.get(key) or {})
+            if dropped:
+                lines.append(f"    {label}: {dropped}")
     vocab = ", ".join(f"{k}={v:,}" for k, v in meta.vocab_sizes.items())
     lines.append(f"  vocab sizes (index 0 reserved): {vocab}")
     return "\n".join(lines)

@@ -667,15 +667,21 @@ class ParquetGroupReader(IterableDataset):
                 f"reader state epoch {epoch}, next_batch {next_batch} is outside [0, {self._steps}] steps"
             )
         if next_batch:
-            mine = self.state_dict()
-            changed = [k for k in _STATE_CONFIG_KEYS if k in state and state[k] != mine[k]]
+            changed = self.settings_changed(state)
             if changed:
                 raise ValueError(
                     "reader state was saved mid-epoch with different "
-                    + ", ".join(f"{k} ({state[k]!r} -> {mine[k]!r})" for k in changed)
+                    + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items())
                     + "; such a position cannot be resumed exactly: resume from an epoch boundary"
                 )
         self._epoch, self._next_batch = epoch, next_batch
+
+    def settings_changed(self, state: dict) -> dict[str, tuple]:
+        """``{key: (saved, now)}`` for the settings of ``state_dict`` (split, world size, batch size, seed,
+        shuffle, window) that ``state`` holds and that differ from this reader's: where any does, a
+        mid-epoch batch index of ``state`` names other impressions here."""
+        mine = self.state_dict()
+        return {k: (state[k], mine[k]) for k in _STATE_CONFIG_KEYS if k in state and state[k] != mine[k]}
 
     def _advance_cursor(self) -> None:
         self._next_batch += 1
