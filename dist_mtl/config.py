@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from dist_mtl.tasks import TaskConfig, default_esmm_tasks, default_multi_tower_tasks
+from dist_mtl.tasks import RANKING_METRICS, TaskConfig, default_esmm_tasks, default_multi_tower_tasks
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
@@ -421,12 +421,11 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"train.early_stop_metric {t.early_stop_metric!r} names no task in {names}")
     # Only metrics that rank models: a name the evaluation does not produce would read as NaN, never
     # improve, and stop the run early without a best model.
-    rankable = {"binary": ("auc", "logloss"), "regression": ("mse", "mae")}
     task_type = next(task.type for task in cfg.tasks if task.name == metric_task)
-    if metric_name not in rankable.get(task_type, ()):
+    if metric_name not in RANKING_METRICS[task_type]:
         raise ConfigError(
             f"train.early_stop_metric {t.early_stop_metric!r}: a {task_type} task is ranked by "
-            f"{[f'{metric_task}/{n}' for n in rankable.get(task_type, ())]}"
+            f"{[f'{metric_task}/{n}' for n in RANKING_METRICS[task_type]]}"
         )
     if m.head != "esmm":
         # Only ESMM derives a prediction from other tasks' towers (pCTCVR = pCTR x pCVR); elsewhere a

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from dist_mtl.data.schema import SplitInfo
 
 TASK_TYPES = ("binary", "regression")
+#: The metrics that can rank models of a task type (early stopping, the best model), each with whether a
+#: higher value is better; config validation and the trainer's ranking read this one table.
+RANKING_METRICS: dict[str, dict[str, bool]] = {
+    "binary": {"auc": True, "logloss": False},
+    "regression": {"mse": False, "mae": False},
+}
 
 
 @dataclass

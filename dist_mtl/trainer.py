@@ -40,10 +40,8 @@ from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.tasks import label_rate
+from dist_mtl.tasks import RANKING_METRICS, label_rate
 
-
-LOWER_IS_BETTER = ("/mse", "/mae", "/logloss")
 
 
 class TrainingError(RuntimeError):
@@ -409,7 +407,9 @@ class Trainer:
         self.logger.log(metrics, self.global_step, prefix=f"eval/{split}/")
         metric = self.cfg.train.early_stop_metric
         # Errors (mse, mae, logloss) improve downwards; the tracked value is signed so that higher wins.
-        sign = -1.0 if metric.endswith(LOWER_IS_BETTER) else 1.0
+        metric_task, _, metric_name = metric.partition("/")
+        task_type = next(task.type for task in self.cfg.tasks if task.name == metric_task)
+        sign = 1.0 if RANKING_METRICS[task_type][metric_name] else -1.0
         value = sign * metrics.get(metric, math.nan)
         improved = value > best_value
         if improved:

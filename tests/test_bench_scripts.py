@@ -357,6 +357,27 @@ def test_the_full_setting_is_the_full_scale_runs_world():
         learnable_bound.parse_setting("2M:fake", None)
 
 
+def test_estimated_taste_vectors_follow_their_information():
+    rng = np.random.default_rng(0)
+    true = rng.standard_normal((3, 4))
+    # Row 0 never seen: the prior mean. Row 1 seen a great deal: the truth. Row 2 seen along one axis
+    # only: that coordinate is learnt, the others stay at the prior.
+    info = np.zeros((3, 4, 4))
+    info[1] = 1e8 * np.eye(4)
+    info[2, 0, 0] = 1e8
+    est = learnable_bound._estimated_vectors(np.random.default_rng(1), true, info, 1.0)
+    np.testing.assert_allclose(est[0], 0.0)
+    np.testing.assert_allclose(est[1], true[1], atol=1e-3)
+    assert est[2, 0] == pytest.approx(true[2, 0], abs=1e-3)
+    np.testing.assert_allclose(est[2, 1:], 0.0, atol=1e-6)
+    # Rows of outer products summed by index, each weighted.
+    vectors = np.array([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    sums = learnable_bound._outer_sums(np.array([0, 0, 1]), vectors, np.array([1.0, 2.0, 3.0]), 3)
+    np.testing.assert_allclose(sums[0], np.outer(vectors[0], vectors[0]) + 2 * np.outer(vectors[1], vectors[1]))
+    np.testing.assert_allclose(sums[1], 3 * np.outer(vectors[2], vectors[2]))
+    np.testing.assert_allclose(sums[2], 0.0)
+
+
 # ---------------------------------------------------------------------------------------------- full_scale
 
 
