@@ -103,10 +103,12 @@ def _posterior_estimate(rng: np.random.Generator, true: np.ndarray, prior_std: f
 
 
 @contextmanager
-def _topic_taste_vectors(model: S.PlantedModel) -> Iterator[None]:
-    """Swap the taste vectors of items and history ids for their topic's vector, then restore them."""
+def _topic_taste_vectors(model: S.PlantedModel, item_vectors: np.ndarray | None = None) -> Iterator[None]:
+    """Swap the taste vectors of items (for ``item_vectors`` when given) and history ids for their topic's
+    vector, then restore them."""
     saved = model.item_vectors, model.history_vectors
-    model.item_vectors = model.topic_vectors[model.item_topic].astype(np.float32)
+    model.item_vectors = (model.topic_vectors[model.item_topic].astype(np.float32) if item_vectors is None
+                          else item_vectors)
     model.history_vectors = {
         hist: model.topic_vectors[model.item_topic[model._block_starts[attr]]].astype(np.float32)
         for hist, attr in S.HISTORY_FIELDS.items()
@@ -117,7 +119,7 @@ def _topic_taste_vectors(model: S.PlantedModel) -> Iterator[None]:
         model.item_vectors, model.history_vectors = saved
 
 
-def _outer_sums(index: np.ndarray, vectors: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+def _outer_sums(index: np.ndarray, vectors: np.ndarray, weights: np.ndarray | float, size: int) -> np.ndarray:
     """``out[k] = sum over rows i with index[i] == k of weights[i] * vectors[i] vectors[i]^T``: [size, R, R]."""
     rank = vectors.shape[1]
     out = np.empty((size, rank, rank))
@@ -155,7 +157,8 @@ def learnable_bound(cfg: S.SyntheticConfig, seed: int = 1) -> dict[str, dict[str
     c_ctr = cfg.signal * model.history_scale["ctr_taste"] / rank
     c_cvr = cfg.signal * model.history_scale["cvr_taste"] / rank
     mix = model.cvr_taste_mix
-    category_info = np.zeros((model.vocab["206"], rank, rank))
+    n_cat = model.vocab["206"]
+    category_info = np.zeros((n_cat, rank, rank))
     for chunk in S.generate_chunks(cfg, "train", 8192):
         with _topic_taste_vectors(model):
             x = model._local_inputs(chunk)
@@ -165,17 +168,15 @@ def learnable_bound(cfg: S.SyntheticConfig, seed: int = 1) -> dict[str, dict[str
             impressions[f] += np.bincount(ids[f], minlength=model.vocab[f])
             clicks[f] += np.bincount(ids[f], weights=clicked, minlength=model.vocab[f])
         iu, category = x.impression_user, x.attributes["206"]
-        n_cat = model.vocab["206"]
-        all_rows = np.full(len(iu), p_click * (1 - p_click))
         buy_var = clicked * p_buy * (1 - p_buy)
-        category_info += _outer_sums(category, c_ctr * x.taste[iu], all_rows, n_cat)
+        category_info += _outer_sums(category, c_ctr * x.taste[iu], p_click * (1 - p_click), n_cat)
         category_info += _outer_sums(category, c_cvr * (x.taste @ mix)[iu], buy_var, n_cat)
 
     rng = np.random.default_rng(seed)
-    topic_category = model.topic_vectors[np.arange(model.vocab["206"]) * len(model.topic_vectors)
-                                         // model.vocab["206"]]
     # Its own stream, so that the per-id estimates below draw what they drew before this learner.
-    category_est = _estimated_vectors(np.random.default_rng(seed + 1), topic_category, category_info, 1.0)
+    category_est = _estimated_vectors(np.random.default_rng(seed + 1), model.topic_vectors[model.topic_of_category],
+                                      category_info, 1.0)
+    item_vectors_est = category_est[model.item_attributes["206"]]
     z = {"oracle": ([], []), "learner": ([], []), "learner_items_estimated": ([], [])}
     labels: tuple[list, list] = ([], [])
     for chunk in S.generate_chunks(cfg, "test", 8192):
@@ -184,7 +185,7 @@ def learnable_bound(cfg: S.SyntheticConfig, seed: int = 1) -> dict[str, dict[str
         z_ctr, z_cvr = model._logits(x, use_history=True)
         with _topic_taste_vectors(model):
             l_ctr, l_cvr = model._logits(x, use_history=True)
-            model.item_vectors = category_est[model.item_attributes["206"]]
+        with _topic_taste_vectors(model, item_vectors_est):
             e_ctr, e_cvr = model._logits(x, use_history=True)
         for f in fields:
             ctr_true = model.ctr_effects[f][ids[f]]

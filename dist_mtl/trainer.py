@@ -43,7 +43,6 @@ from dist_mtl.models import MultiTaskModel
 from dist_mtl.tasks import RANKING_METRICS, label_rate
 
 
-
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
 

@@ -539,6 +539,7 @@ class PlantedModel:
         topics = rng.standard_normal((n_topics, _TASTE_RANK))
         item_topic = topic_of_category[self.item_attributes["206"]]
         self.topic_vectors = topics
+        self.topic_of_category = topic_of_category
         self.item_topic = item_topic
         self.item_vectors = (topics[item_topic]
                              + _TASTE_ID_NOISE * rng.standard_normal((n_items, _TASTE_RANK))).astype(np.float32)
