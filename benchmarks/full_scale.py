@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/full_scale.py                  # full size: 42.3M train + 43.0M test
     .venv/bin/python benchmarks/full_scale.py --scale 0.02     # the same recipe at 2% (a rehearsal)
-    .venv/bin/python benchmarks/full_scale.py --heads mmoe ple # also MMOE and PLE lines on the same data
+    .venv/bin/python benchmarks/full_scale.py --heads mmoe ple esmm_factors  # more lines on the same data
 
-``--heads`` adds a step per head (``train_mmoe``, ``train_ple``) that trains it for one epoch on the same
-Parquet set and evaluates it the same way; these heads train the three tasks directly (CVR on purchases
-over clicked impressions, as ``accuracy_bench.py`` does), with experts (PLE: levels) ``--expert-dims`` and
-ESMM's towers. The towers are the ESMM paper's 360x200x80 with the heads in bfloat16 (``--tower-dims``,
+``--heads`` adds a step per head (``train_mmoe``, ``train_ple``, ``train_esmm_factors``) that trains it for
+one epoch on the same Parquet set and evaluates it the same way; these heads train the three tasks directly
+(CVR on purchases over clicked impressions, as ``accuracy_bench.py`` does), MMOE and PLE with experts (PLE:
+levels) ``--expert-dims`` and ESMM's towers, ``esmm_factors`` is ESMM with its ``FACTOR_OVERRIDES``.
+The towers are the ESMM paper's 360x200x80 with the heads in bfloat16 (``--tower-dims``,
 ``--head-precision``); a training step whose settings changed is redone, the data steps are kept.
 
 The synthetic stand-in has the real row counts, ~58 impressions per user (~730k user rows per split),
@@ -40,7 +41,13 @@ from sweep_bench import MMOE_TASKS  # noqa: E402
 from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
 from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle_auc  # noqa: E402
 
-EXTRA_HEADS = ("mmoe", "ple")
+EXTRA_HEADS = ("mmoe", "ple", "esmm_factors")
+HISTORY_FIELDS = '["109_14", "110_14", "127_14", "150_14"]'
+#: ESMM with user x item taste factors of rank 8 (model.factor_rank), the history fields pooled as one
+#: weighted mean and reaching the logits through the factors only, and CVR also trained directly on the
+#: clicked impressions: what narrowed ESMM's CVR gap in the dev runs of benchmarks/RESULTS.md (Full scale).
+FACTOR_OVERRIDES = ("model.head=esmm", "model.factor_rank=8", f"model.factor_only_fields={HISTORY_FIELDS}",
+                    f"model.mean_pooled_fields={HISTORY_FIELDS}", MMOE_TASKS)
 # What a training step records of its run's summary.json.
 SUMMARY_KEYS = ("train_seconds", "eval_seconds", "train_samples_per_s", "samples_trained", "metrics", "wall_seconds")
 
@@ -196,12 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
     extra: dict[str, dict] = {}
     for head in args.heads:
         name, head_dir = f"train_{head}", work / f"run_{head}"
+        if head == "esmm_factors":
+            described = {"overrides": list(FACTOR_OVERRIDES)}
+            overrides = FACTOR_OVERRIDES
+        else:
+            described = {"expert_dims": json.loads(args.expert_dims)}
+            overrides = (f"model.head={head}", f"model.expert_dims={args.expert_dims}", MMOE_TASKS)
         extra[head] = run_step(
-            steps, name,
-            train_job(head_dir, f"model.head={head}", f"model.expert_dims={args.expert_dims}", MMOE_TASKS),
-            head_dir, logs,
-            lambda head_dir=head_dir: {"expert_dims": json.loads(args.expert_dims), **run_summary(head_dir)},
-            {**settings, "expert_dims": json.loads(args.expert_dims)})
+            steps, name, train_job(head_dir, *overrides), head_dir, logs,
+            lambda head_dir=head_dir, described=described: {**described, **run_summary(head_dir)},
+            {**settings, **described})
 
     truth_dir = raw_dir if share >= 1.0 else data_dir
     oracle = oracle_auc(truth_dir / "truth_test.parquet")
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for head, figures in extra.items():
         report[head] = {
-            "expert_dims": figures["expert_dims"],
+            **{k: figures[k] for k in ("expert_dims", "overrides") if k in figures},
             "tower_dims": json.loads(args.tower_dims),
             "head_precision": args.head_precision,
             **job_figures(figures),

@@ -97,6 +97,22 @@ class ModelConfig:
     the logits, predictions and losses stay float32; exported models serve in float32). On a CPU with
     AVX512-BF16 the paper's towers run 2.9x faster (benchmarks/head_precision_bench.py); on a CPU without
     AVX512-BF16 or AMX bfloat16 is slower."""
+    mean_pooled_fields: list[str] = field(default_factory=list)
+    """Multi-valued fields pooled as weighted means instead of weighted sums: a field's weighted sum of
+    embeddings divided by the row's total weight in that field, so that a history's pooled vector says
+    what the user does, not also how much (model.weight_features "sum" hands the towers that). One mean
+    over all the listed fields together was measured as well and scored lower (benchmarks/RESULTS.md,
+    Full scale)."""
+    factor_rank: int = 0
+    """ESMM only: rank k of a low-rank user x item interaction added to the task logits (0: none). The
+    user row (pooled embeddings and weight features, once per user) and the item row are projected to k
+    dims by projections P and Q shared by the towers; CTR's logit gains (P u) . (Q i) and CVR's
+    (P u)^T M (Q i), M a learned k x k matrix starting at the identity. CVR learns from the few purchases;
+    with P and Q trained by every task it has only M of its own to learn (benchmarks/RESULTS.md, Full
+    scale)."""
+    factor_only_fields: list[str] = field(default_factory=list)
+    """User-side fields whose pooled embeddings reach the logits only through the factors
+    (model.factor_rank): the towers do not read their columns."""
     output_bias_init: str = "label_rate"
     """"label_rate": each binary task's output bias starts at the logit of its label rate in the train
     split (clicks per impression for CTR, purchases per click for a CVR over clicked rows), so the first
@@ -125,6 +141,12 @@ class OptimizerConfig:
     """Adagrad / row-wise Adagrad epsilon of the tables (step = lr * g / (sqrt(sum g^2) + eps)); also given
     to data-parallel tables (torchrec's RowWiseAdagrad defaults to 1e-10, fbgemm's fused one to 1e-8), so
     a table trains the same sharded or replicated."""
+    field_sparse_lr: dict[str, float] = field(default_factory=dict)
+    """Per-field learning rates of the tables, e.g. {"109_14" = 0.1}; overrides sparse_lr."""
+    field_sparse_eps: dict[str, float] = field(default_factory=dict)
+    """Per-field (row-wise) Adagrad epsilons, e.g. {"109_14" = 1e-8}; overrides sparse_eps. A field pooled
+    as a weighted mean (model.mean_pooled_fields) passes each id 1/(row weight) of the gradient a sum
+    passes, which an epsilon tuned for sums can swamp."""
     dense: str = "adam"
     """Optimizer of the dense (tower, expert, gate) parameters: adam, adagrad or sgd."""
     dense_lr: float = 1e-3
@@ -142,6 +164,9 @@ class OptimizerConfig:
     after the warm-up)."""
     dense_lr_min_factor: float = 0.0
     """Dense learning rate at the end of the decay, as a multiple of dense_lr."""
+    dense_epochs: int = 0
+    """Epochs in which the dense parameters train (0: all of train.epochs). The dense rate's warm-up and
+    decay span these epochs; the later ones train the embedding tables alone (the dense rate is 0)."""
 
 
 @dataclass
@@ -357,6 +382,27 @@ def _validate(cfg: JobConfig) -> None:
         )
     if m.head_precision not in HEAD_PRECISIONS:
         raise ConfigError(f"model.head_precision must be one of {list(HEAD_PRECISIONS)}, got {m.head_precision!r}")
+    from dist_mtl.data.schema import USER_FIELDS
+
+    multi_valued = {f.name for f in ALI_CCP_FIELDS if f.multi_valued}
+    if not set(m.mean_pooled_fields) <= multi_valued or len(set(m.mean_pooled_fields)) != len(m.mean_pooled_fields):
+        raise ConfigError(f"model.mean_pooled_fields must be distinct multi-valued fields from {sorted(multi_valued)}, "
+                          f"got {m.mean_pooled_fields!r}")
+    if m.factor_rank < 0:
+        raise ConfigError(f"model.factor_rank must be >= 0, got {m.factor_rank}")
+    if m.factor_rank and m.head != "esmm":
+        raise ConfigError(f"model.factor_rank is implemented for the esmm head only, got head = {m.head!r}")
+    user_names = {f.name for f in USER_FIELDS}
+    if m.factor_only_fields:
+        if not m.factor_rank:
+            raise ConfigError("model.factor_only_fields needs model.factor_rank > 0: without the factors "
+                              "those fields would reach no logit")
+        if not set(m.factor_only_fields) <= user_names or len(set(m.factor_only_fields)) != len(m.factor_only_fields):
+            raise ConfigError(f"model.factor_only_fields must be distinct user-side fields from {sorted(user_names)}, "
+                              f"got {m.factor_only_fields!r}")
+        if m.interaction == "dot":
+            raise ConfigError("model.factor_only_fields cannot be combined with model.interaction = 'dot', whose "
+                              "dot products would hand those fields to the towers")
     if m.output_bias_init not in ("label_rate", "default"):
         raise ConfigError(f"model.output_bias_init must be 'label_rate' or 'default', got {m.output_bias_init!r}")
     if not 0.0 <= m.dropout < 1.0:
@@ -385,6 +431,13 @@ def _validate(cfg: JobConfig) -> None:
     positive("optimizer.sparse_lr", o.sparse_lr)
     positive("optimizer.dense_lr", o.dense_lr)
     positive("optimizer.sparse_eps", o.sparse_eps)
+    for where, per_field in (("optimizer.field_sparse_lr", o.field_sparse_lr),
+                             ("optimizer.field_sparse_eps", o.field_sparse_eps)):
+        unknown = sorted(set(per_field) - {f.name for f in ALI_CCP_FIELDS})
+        if unknown:
+            raise ConfigError(f"{where} names no field: {unknown}")
+        for k, v in per_field.items():
+            positive(f"{where}.{k}", v)
     if o.dense_lr_warmup_steps < 0:
         raise ConfigError(f"optimizer.dense_lr_warmup_steps must be >= 0, got {o.dense_lr_warmup_steps}")
     if o.dense_lr_decay not in DENSE_LR_DECAYS:
@@ -393,6 +446,9 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optimizer.dense_lr_decay_ratio must be in (0, 1], got {o.dense_lr_decay_ratio}")
     if not 0.0 <= o.dense_lr_min_factor <= 1.0:
         raise ConfigError(f"optimizer.dense_lr_min_factor must be in [0, 1], got {o.dense_lr_min_factor}")
+    if not 0 <= o.dense_epochs <= cfg.train.epochs:
+        raise ConfigError(f"optimizer.dense_epochs must be in [0, train.epochs = {cfg.train.epochs}], "
+                          f"got {o.dense_epochs}")
 
     t = cfg.train
     positive("train.epochs", t.epochs)

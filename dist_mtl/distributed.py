@@ -130,6 +130,16 @@ def sparse_optimizer(name: str, device: torch.device) -> type[torch.optim.Optimi
     }[name]
 
 
+def table_optimizer_kwargs(cfg: OptimizerConfig, table: str) -> dict[str, Any]:
+    """The table optimizer's settings for table ``table`` (``t_<field>``): the optimizer section's, with
+    the field's entries of ``field_sparse_lr`` / ``field_sparse_eps`` in their place when it has any."""
+    field = table.removeprefix("t_")
+    kwargs: dict[str, Any] = {"lr": cfg.field_sparse_lr.get(field, cfg.sparse_lr)}
+    if cfg.sparse in ("adagrad", "rowwise_adagrad"):
+        kwargs["eps"] = cfg.field_sparse_eps.get(field, cfg.sparse_eps)
+    return kwargs
+
+
 def sparse_modules(model: nn.Module) -> list[nn.Module]:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -194,11 +204,11 @@ def shard_model(
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Fused table optimizer in backward, a planner over the real topology, then DMP."""
     opt_cls = sparse_optimizer(optimizer.sparse, ctx.device)
-    opt_kwargs: dict[str, Any] = {"lr": optimizer.sparse_lr}
-    if optimizer.sparse in ("adagrad", "rowwise_adagrad"):
-        opt_kwargs["eps"] = optimizer.sparse_eps
     for ebc in sparse_modules(model):
-        apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
+        # One call per table, so that tables can differ (optimizer.field_sparse_lr / _eps); TorchRec groups
+        # the tables of equal settings into one fused kernel again.
+        for name, table in ebc.embedding_bags.items():
+            apply_optimizer_in_backward(opt_cls, [table.weight], table_optimizer_kwargs(optimizer, name))
 
     planner = EmbeddingShardingPlanner(
         topology=build_topology(ctx),
@@ -277,11 +287,10 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
     optimizers = [("dense", KeyedOptimizerWrapper(dense, factories[cfg.dense]))]
     if tables:
         table_cls = sparse_optimizer(cfg.sparse, next(iter(tables.values())).device)
-        kwargs: dict[str, Any] = {"lr": cfg.sparse_lr}
-        if cfg.sparse in ("adagrad", "rowwise_adagrad"):
-            kwargs["eps"] = cfg.sparse_eps
+        # One parameter group per table: each with its table's settings (optimizer.field_sparse_*).
+        groups = [{"params": [p], **table_optimizer_kwargs(cfg, _table_of(k))} for k, p in tables.items()]
         optimizers.append(
-            ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda p: table_cls(p, **kwargs)))
+            ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda _: table_cls(groups)))
         )
     return CombinedOptimizer(optimizers)
 
@@ -297,6 +306,11 @@ def _fusable(params: list[torch.Tensor]) -> bool:
 
 def _is_table_weight(name: str) -> bool:
     return ".embedding_bags." in name and name.endswith(".weight")
+
+
+def _table_of(name: str) -> str:
+    """``t_<field>`` of a table weight's parameter name ("...embedding_bags.t_<field>.weight")."""
+    return name.split(".embedding_bags.", 1)[1].removesuffix(".weight")
 
 
 def _table_seed(seed: int, key: str) -> int:

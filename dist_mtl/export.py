@@ -95,11 +95,13 @@ class _HeadPredictions(nn.Module):
 class ServingModule(nn.Module):
     """The model on plain tensors: each side's KJT as values, lengths and weights in schema key order."""
 
-    def __init__(self, user_ebc: nn.Module, item_ebc: nn.Module, user_weights: nn.Module, item_weights: nn.Module,
-                 head: nn.Module):
+    def __init__(self, user_ebc: nn.Module, item_ebc: nn.Module, user_means: nn.Module, item_means: nn.Module,
+                 user_weights: nn.Module, item_weights: nn.Module, head: nn.Module):
         super().__init__()
         self.user_ebc = user_ebc
         self.item_ebc = item_ebc
+        self.user_means = user_means
+        self.item_means = item_means
         self.user_weights = user_weights
         self.item_weights = item_weights
         self.head = head
@@ -125,6 +127,8 @@ class ServingModule(nn.Module):
         # By name, as in embeddings.pooled_by_name: an EBC's output key order is its own.
         user = KeyedTensor.regroup([self.user_ebc(users)], [self.user_keys])[0]
         item = KeyedTensor.regroup([self.item_ebc(items)], [self.item_keys])[0]
+        user = self.user_means(user, users)
+        item = self.item_means(item, items)
         user = self.user_weights.append_to(user, users)
         item = self.item_weights.append_to(item, items)
         return self.head(user, item, user_index)
@@ -139,7 +143,8 @@ def script_serving_module(model: MultiTaskModel) -> torch.jit.ScriptModule:
     example = (torch.zeros(2, user_dim), torch.zeros(3, item_dim), torch.tensor([0, 1, 1]))
     with _jit_without_deprecation_notices():
         head = torch.jit.trace(_HeadPredictions(model.head_input, model.head), example, strict=False)
-        return torch.jit.script(ServingModule(model.user_ebc, model.item_ebc, model.user_weights, model.item_weights,
+        return torch.jit.script(ServingModule(model.user_ebc, model.item_ebc, model.user_means, model.item_means,
+                                               model.user_weights, model.item_weights,
                                                head))
 
 

@@ -35,7 +35,9 @@ def dense_lr_factor(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
 
 
 class DenseLRSchedule:
-    """Sets the learning rate of the ``"dense"`` optimizer of ``optimizer`` before each step."""
+    """Sets the learning rate of the ``"dense"`` optimizer of ``optimizer`` before each step; ``total_steps``
+    are the steps that train the dense parameters, and any later step gets a dense rate of 0 (the epochs
+    after ``optimizer.dense_epochs`` train the tables alone)."""
 
     def __init__(self, optimizer: CombinedOptimizer, cfg: OptimizerConfig, total_steps: int):
         named = dict(optimizer.optimizers)
@@ -47,7 +49,8 @@ class DenseLRSchedule:
 
     def set_for_step(self, step: int) -> float:
         """Sets and returns the dense learning rate of the ``step``-th step (1-based)."""
-        lr = self._cfg.dense_lr * dense_lr_factor(step, self.total_steps, self._cfg)
+        factor = dense_lr_factor(step, self.total_steps, self._cfg) if step <= self.total_steps else 0.0
+        lr = self._cfg.dense_lr * factor
         for group in self._groups:
             group["lr"] = lr
         return lr

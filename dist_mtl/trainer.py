@@ -277,9 +277,11 @@ class Trainer:
         cfg = self.cfg
         wall_start = time.perf_counter()
         steps_per_epoch = self.train_reader.steps_per_epoch()
-        # The schedule spans train.epochs; train.max_steps stops a run without shortening it, so that a
-        # run paused by a step limit and resumed trains with the rates of the uninterrupted run.
-        self.lr_schedule = DenseLRSchedule(self.optimizer, cfg.optimizer, steps_per_epoch * cfg.train.epochs)
+        # The schedule spans train.epochs (optimizer.dense_epochs when set); train.max_steps stops a run
+        # without shortening it, so that a run paused by a step limit and resumed trains with the rates of
+        # the uninterrupted run.
+        dense_epochs = cfg.optimizer.dense_epochs or cfg.train.epochs
+        self.lr_schedule = DenseLRSchedule(self.optimizer, cfg.optimizer, steps_per_epoch * dense_epochs)
         self._print(self._header(steps_per_epoch))
         start_epoch, next_batch = self._resume()
         samples_at_start = self.samples_trained

@@ -78,12 +78,31 @@ def test_tasks_from_toml(tmp_path):
         ('tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click", loss_weight=0.0}, '
          '{name="ctcvr", label="buy", loss_weight=0.0}]', "the CVR tower would never train"),
         ("data.shuffle=3", "expected true or false"),
+        ('model.mean_pooled_fields=["205"]', "model.mean_pooled_fields must be distinct multi-valued fields"),
+        ('model.mean_pooled_fields=["109_14", "109_14"]', "model.mean_pooled_fields must be distinct"),
+        ("model.factor_rank=-1", "model.factor_rank must be >= 0"),
+        (("model.factor_rank=4", 'model.head="mmoe"'), "model.factor_rank is implemented for the esmm head only"),
+        ('model.factor_only_fields=["109_14"]', "model.factor_only_fields needs model.factor_rank > 0"),
+        (("model.factor_rank=4", 'model.factor_only_fields=["205"]'), "model.factor_only_fields must be distinct user-side"),
+        (("model.factor_rank=4", 'model.factor_only_fields=["109_14"]', "model.interaction=dot"),
+         "model.factor_only_fields cannot be combined with model.interaction = 'dot'"),
+        ('optimizer.field_sparse_eps={"nosuch" = 1e-8}', "optimizer.field_sparse_eps names no field: ['nosuch']"),
+        ('optimizer.field_sparse_lr={"101" = 0}', "optimizer.field_sparse_lr.101 must be > 0"),
+        (("optimizer.dense_epochs=3", "train.epochs=2"), "optimizer.dense_epochs must be in [0, train.epochs = 2]"),
         ("justaword", "not of the form"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, list(override) if isinstance(override, tuple) else [override])
+
+
+def test_factor_options_load():
+    cfg = load_config(None, ["model.factor_rank=8", 'model.factor_only_fields=["109_14", "150_14"]',
+                             'model.mean_pooled_fields=["109_14", "110_14", "127_14", "150_14"]',
+                             "train.epochs=2", "optimizer.dense_epochs=1"])
+    assert (cfg.model.factor_rank, cfg.model.factor_only_fields) == (8, ["109_14", "150_14"])
+    assert len(cfg.model.mean_pooled_fields) == 4 and cfg.optimizer.dense_epochs == 1
 
 
 def test_dot_interaction_needs_one_embedding_dim():

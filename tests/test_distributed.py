@@ -105,3 +105,34 @@ def test_weights_that_require_grad_still_get_their_gradient():
     weights = torch.ones(2 * features, requires_grad=True)
     tbe(indices=indices, offsets=offsets, per_sample_weights=weights).sum().backward()
     assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+def _table_values(dmp) -> dict[str, torch.Tensor]:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out = {}
+    for key, value in dmp.state_dict().items():
+        if "embedding_bags" in key and key.endswith(".weight"):
+            table = key.split(".embedding_bags.")[1].removesuffix(".weight")
+            local = value.local_shards()[0].tensor if isinstance(value, ShardedTensor) else value
+            out[table] = local.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("setting", ["field_sparse_lr", "field_sparse_eps"])
+def test_per_field_table_settings_reach_fused_and_data_parallel_tables(setting):
+    # 101 and 121 get a setting that stops their steps (a tiny rate, or an epsilon that swamps every
+    # gradient); 205 (fused, table-wise) and 122 (data-parallel) keep the section's settings.
+    stop = 1e-12 if setting == "field_sparse_lr" else 1e12
+    dmp, _, opt = build('sharding.sharding_type="table_wise"', 'sharding.table_sharding={"121" = "data_parallel", '
+                        '"122" = "data_parallel"}', f'optimizer.{setting}={{"101" = {stop}, "121" = {stop}}}')
+    before = _table_values(dmp)
+    trajectory(dmp, opt, steps=2)
+    after = _table_values(dmp)
+    for table in ("t_101", "t_121"):
+        torch.testing.assert_close(after[table], before[table], rtol=0, atol=1e-9)
+    for table in ("t_205", "t_122"):
+        assert (after[table] - before[table]).abs().max() > 1e-4, table
+    groups = dict(opt.optimizers)["data_parallel_tables"].param_groups
+    assert sorted((g["lr"], g["eps"]) for g in groups) == sorted(
+        [(0.05, 1e-8), ((stop, 1e-8) if setting == "field_sparse_lr" else (0.05, stop))])

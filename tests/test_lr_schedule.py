@@ -4,6 +4,7 @@ dense parameters only, step by step, through the pipeline and the plain loop ali
 import re
 
 import pytest
+import torch
 from data_helpers import write_random_dataset
 
 from dist_mtl.config import ConfigError, OptimizerConfig, load_config
@@ -117,3 +118,35 @@ def test_a_scheduled_run_resumed_after_a_step_limit_trains_like_the_uninterrupte
     assert resumed["resumed_from"]["step"] == cut and resumed["steps"] == whole["steps"]
     for key in ("ctr/auc", "ctr/logloss", "ctcvr/logloss"):
         assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("decay", ["linear", "none"])
+def test_dense_epochs_train_the_tables_alone_afterwards(dataset, tmp_path, monkeypatch, decay):
+    cfg = schedule_config(dataset, tmp_path / "run", "optimizer.dense_epochs=1", f'optimizer.dense_lr_decay="{decay}"')
+    trainer = Trainer(cfg)
+    seen: dict[int, float] = {}
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    step = trainer.optimizer.step
+    dense_steps = trainer.train_reader.steps_per_epoch()
+
+    def recording_step(*args, **kwargs):
+        number = trainer.global_step + 1
+        seen[number] = dict(trainer.optimizer.optimizers)["dense"].param_groups[0]["lr"]
+        if number in (dense_steps + 1, 2 * dense_steps):  # as the dense epoch left them; before the last step
+            snapshots[number] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    summary = trainer.train()
+    assert summary["steps"] == 2 * dense_steps
+    # The schedule (warm-up, then linear decay) spans the first epoch; the second has a dense rate of 0.
+    for number, lr in seen.items():
+        want = cfg.optimizer.dense_lr * dense_lr_factor(number, dense_steps, cfg.optimizer) if number <= dense_steps else 0.0
+        assert lr == pytest.approx(want), number
+    # (Compared inside the run: at its end the trainer loads the best model, which may be epoch 1's.)
+    start, late = snapshots[dense_steps + 1], snapshots[2 * dense_steps]
+    tables = [n for n in start if "embedding_bags" in n]
+    dense = [n for n in start if "embedding_bags" not in n]
+    assert tables and dense and dense_steps > 2
+    assert all(torch.equal(late[n], start[n]) for n in dense)
+    assert any(not torch.equal(late[n], start[n]) for n in tables)

@@ -14,7 +14,7 @@ from dist_mtl.models import HeadInput
 from dist_mtl.models.embeddings import pooled_by_name, table_name
 from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.models.layers import GroupedInputLinear, GroupedRows
-from dist_mtl.models.weight_features import RowWeightFeatures
+from dist_mtl.models.weight_features import RowWeightFeatures, WeightedMeanPooling
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 from model_helpers import VOCAB_SIZES, random_batch, small_model_config
 
@@ -365,3 +365,97 @@ def test_weight_features_reach_the_heads():
     after = model(GroupedBatch(changed, batch.item_features, batch.user_index, batch.labels)).predictions["ctr"]
     moved = (after.detach() - before).abs() > 1e-7
     assert moved.any() and moved.equal(batch.user_index == 0)
+
+
+def test_weighted_mean_pooling_divides_each_listed_field_by_its_rows_weight():
+    # keys a (single-valued, dim 2), b (dim 3), c (dim 2) over 3 rows; b: [2, 3], [], [5]; c: [1], [4, 6, 10], []
+    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.arange(10),
+                            lengths=torch.tensor([1, 1, 1, 2, 0, 1, 1, 3, 0]),
+                            weights=torch.tensor([1.0, 1, 1, 2, 3, 5, 1, 4, 6, 10]))
+    pooled = torch.arange(21, dtype=torch.float32).reshape(3, 7) + 1
+    means = WeightedMeanPooling(["a", "b", "c"], [2, 3, 2], ["c", "b"])
+    got = means(pooled, kjt)
+    b_total = torch.tensor([[2 + 3.0], [1e-6], [5]])  # an empty row: the floor (its real pooled sum is 0)
+    c_total = torch.tensor([[1.0], [4 + 6 + 10], [1e-6]])
+    expected = torch.cat([pooled[:, :2], pooled[:, 2:5] / b_total, pooled[:, 5:] / c_total], 1)
+    torch.testing.assert_close(got, expected)
+    assert torch.jit.script(means)(pooled, kjt).equal(got)
+    # An empty row stays zero instead of dividing by nothing; no listed field leaves the rows as they are.
+    empty = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.arange(1), lengths=torch.tensor([1, 0, 0]),
+                              weights=torch.ones(1))
+    assert means(torch.cat([torch.ones(1, 2), torch.zeros(1, 5)], 1), empty).equal(
+        torch.cat([torch.ones(1, 2), torch.zeros(1, 5)], 1))
+    assert WeightedMeanPooling(["a", "b", "c"], [2, 3, 2], [])(pooled, kjt) is pooled
+
+
+def factor_model(rank: int = 4, factor_only=("109_14", "110_14"), mean_pooled=("109_14", "110_14")):
+    torch.manual_seed(0)
+    cfg = small_model_config("esmm")
+    cfg.factor_rank, cfg.factor_only_fields, cfg.mean_pooled_fields = rank, list(factor_only), list(mean_pooled)
+    cfg.weight_features = ["sum"]
+    return MultiTaskModel(cfg, VOCAB_SIZES, default_esmm_tasks(), sparse_device="cpu")
+
+
+def test_mean_pooled_fields_reach_the_head_as_means_of_their_ids():
+    model = factor_model(mean_pooled=("109_14", "127_14"))
+    plain = factor_model(mean_pooled=())
+    plain.load_state_dict(model.state_dict())
+    batch = random_batch(num_users=5, num_impressions=23)
+    rows = {}
+    for name, m in (("mean", model), ("sum", plain)):
+        user, _ = pooled_by_name(m.user_ebc(batch.user_features), m.item_ebc(batch.item_features))
+        rows[name] = m.user_means(user, batch.user_features)
+    users = batch.user_features.to_dict()
+    for k, f in enumerate(USER_FIELDS):
+        cols = slice(8 * k, 8 * k + 8)
+        want = rows["sum"][:, cols]
+        if f.name in ("109_14", "127_14"):
+            total = torch.stack([w.sum() for w in users[f.name].weights().split(users[f.name].lengths().tolist())])
+            want = want / total.clamp(min=1e-6)[:, None]
+        torch.testing.assert_close(rows["mean"][:, cols], want)
+
+
+def test_factor_terms_add_to_the_logits_and_hide_their_fields_from_the_towers():
+    model = factor_model().eval()
+    head, batch = model.head, random_batch(num_users=5, num_impressions=23)
+    user, item = pooled_by_name(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features))
+    user = model.user_weights.append_to(model.user_means(user, batch.user_features), batch.user_features)
+    item = model.item_weights.append_to(item, batch.item_features)
+    x = model.head_input(user, item, batch.user_index)
+    hidden = {c for f in ("109_14", "110_14") for c in range(*model.head_input.layout.user_columns[f])}
+    assert len(hidden) == 16 and head.ctr_tower.body[0].in_features == model.head_input.out_dim - 16
+    keep = [c for c in range(user.shape[1]) if c not in hidden]
+    tower_rows = GroupedRows(x.user[:, keep], x.item, x.user_index)
+    u = head.factors.user_projection(x.user)[x.user_index]
+    i = head.factors.item_projection(x.item)
+    with torch.no_grad():
+        head.factors.mix["cvr"].copy_(torch.randn(4, 4))
+    out = model(batch)
+    torch.testing.assert_close(out.logits["ctr"], head.ctr_tower(tower_rows) + (u * i).sum(1))
+    torch.testing.assert_close(out.logits["cvr"],
+                               head.cvr_tower(tower_rows) + ((u @ head.factors.mix["cvr"]) * i).sum(1))
+    # Grouped and gathered rows give the same outputs.
+    dense = head(x.dense()).logits
+    for task in ("ctr", "cvr"):
+        torch.testing.assert_close(dense[task], out.logits[task])
+    # The hidden fields move the logits only through the factors.
+    with torch.no_grad():
+        head.factors.user_projection.weight[:, sorted(hidden)] = 0.0
+    moved = x.user.clone()
+    moved[:, sorted(hidden)] += 5.0
+    for task in ("ctr", "cvr"):
+        torch.testing.assert_close(head(GroupedRows(moved, x.item, x.user_index)).logits[task],
+                                   head(x).logits[task])
+
+
+def test_factor_model_trains_end_to_end_in_bfloat16_with_float32_terms():
+    model = factor_model()
+    model.head.bfloat16 = True
+    batch = random_batch(num_users=5, num_impressions=23)
+    out = model(batch)
+    assert out.logits["cvr"].dtype == torch.float32
+    loss, _ = MultiTaskLoss(default_esmm_tasks())(out, batch.labels)
+    loss.backward()
+    for p in (model.head.factors.user_projection.weight, model.head.factors.item_projection.weight,
+              model.head.factors.mix["cvr"]):
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0

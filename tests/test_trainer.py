@@ -159,3 +159,12 @@ def test_output_biases_start_at_the_train_splits_rates(dataset, tmp_path, init):
         assert cvr_bias == pytest.approx(math.log(cvr_rate / (1 - cvr_rate)), rel=1e-5)
     else:  # PyTorch's init: uniform within +-1/sqrt(fan_in), far from the rates' logits
         assert abs(ctr_bias) < 1 and abs(cvr_bias) < 1
+
+
+def test_factor_model_trains_through_the_pipeline(dataset, tmp_path):
+    overrides = ("model.factor_rank=4", 'model.factor_only_fields=["109_14", "110_14"]',
+                 'model.mean_pooled_fields=["109_14", "110_14", "127_14", "150_14"]')
+    piped = Trainer(small_config(dataset, tmp_path / "piped", *overrides)).train()
+    plain = Trainer(small_config(dataset, tmp_path / "plain", "train.pipeline=false", *overrides)).train()
+    for key in ("ctr/auc", "cvr/auc", "ctcvr/logloss"):
+        assert piped["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-5, abs=1e-7), key

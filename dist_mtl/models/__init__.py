@@ -4,7 +4,7 @@ them) and a head chosen by name from the config."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -13,12 +13,12 @@ from dist_mtl.config import ModelConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.embeddings import build_ebc, embedding_output_dim, pooled_by_name
+from dist_mtl.models.embeddings import build_ebc, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.models.layers import GroupedRows, MultiTaskHead
-from dist_mtl.models.esmm import ESMMHead, check_esmm_tasks
+from dist_mtl.models.esmm import ESMMHead, UserItemFactors, check_esmm_tasks
 from dist_mtl.models.mmoe import MMOEHead, PLEHead, SharedBottomHead
-from dist_mtl.models.weight_features import RowWeightFeatures
+from dist_mtl.models.weight_features import RowWeightFeatures, WeightedMeanPooling
 from dist_mtl.tasks import TaskConfig
 
 
@@ -28,10 +28,12 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.user_ebc = build_ebc(USER_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
         self.item_ebc = build_ebc(ITEM_FIELDS, vocab_sizes, cfg.embedding_dim, cfg.field_dims, sparse_device)
+        self.user_means = side_mean_pooling(USER_FIELDS, cfg)
+        self.item_means = side_mean_pooling(ITEM_FIELDS, cfg)
         self.user_weights = side_weight_features(USER_FIELDS, cfg.weight_features)
         self.item_weights = side_weight_features(ITEM_FIELDS, cfg.weight_features)
-        self.head_input = HeadInput(cfg, self.user_weights.out_dim + self.item_weights.out_dim)
-        self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks)
+        self.head_input = HeadInput(cfg, self.user_weights.out_dim, self.item_weights.out_dim)
+        self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks, self.head_input.layout)
         self.head.bfloat16 = cfg.head_precision == "bfloat16"
 
     @torch.no_grad()
@@ -51,6 +53,8 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: GroupedBatch) -> ModelOutput:
         user, item = pooled_by_name(self.user_ebc(batch.user_features), self.item_ebc(batch.item_features))
+        user = self.user_means(user, batch.user_features)
+        item = self.item_means(item, batch.item_features)
         user = self.user_weights.append_to(user, batch.user_features)
         item = self.item_weights.append_to(item, batch.item_features)
         return self.head(self.head_input(user, item, batch.user_index))
@@ -61,6 +65,22 @@ def side_weight_features(fields: Sequence[FieldSpec], stats: Sequence[str]) -> R
     return RowWeightFeatures([f.name for f in fields], [f.name for f in fields if f.multi_valued], stats)
 
 
+def side_mean_pooling(fields: Sequence[FieldSpec], cfg: ModelConfig) -> WeightedMeanPooling:
+    """``model.mean_pooled_fields`` of one side (a module that changes nothing when it has none)."""
+    keys = [f.name for f in fields]
+    return WeightedMeanPooling(keys, [cfg.field_dims.get(k, cfg.embedding_dim) for k in keys],
+                               [k for k in keys if k in cfg.mean_pooled_fields])
+
+
+class InputLayout(NamedTuple):
+    """Where things sit in the head input: the width of a user row and of an item row, and the
+    ``[start, stop)`` columns of each user field's pooled embedding in a user row."""
+
+    user_dim: int
+    item_dim: int
+    user_columns: dict[str, tuple[int, int]]
+
+
 class HeadInput(nn.Module):
     """What every head reads: ``GroupedRows`` of the user rows (one per distinct user) and the item rows,
     with ``model.interaction = "dot"`` the pairwise dot products of all pooled field embeddings appended
@@ -68,15 +88,25 @@ class HeadInput(nn.Module):
 
     A side's rows are its pooled embeddings, then its ``weight_dims`` columns of weight features
     (``model.weight_features``) when there are any. The user rows are not copied to impressions here:
-    the heads' first layers multiply them once per user (``GroupedInputLinear``)."""
+    the heads' first layers multiply them once per user (``GroupedInputLinear``). ``layout`` says where
+    each user field's columns are (the heads that treat fields apart read it)."""
 
-    def __init__(self, cfg: ModelConfig, weight_dims: int = 0):
+    def __init__(self, cfg: ModelConfig, user_weight_dims: int = 0, item_weight_dims: int = 0):
         super().__init__()
-        self.out_dim = embedding_output_dim(cfg.embedding_dim, cfg.field_dims) + weight_dims
+        user_columns, start = {}, 0
+        for f in USER_FIELDS:
+            dim = cfg.field_dims.get(f.name, cfg.embedding_dim)
+            user_columns[f.name] = (start, start + dim)
+            start += dim
+        user_dim = start + user_weight_dims
+        item_dim = sum(cfg.field_dims.get(f.name, cfg.embedding_dim) for f in ITEM_FIELDS) + item_weight_dims
         self.dot = None
         if cfg.interaction == "dot":
             self.dot = GroupedDotInteraction(len(USER_FIELDS), len(ITEM_FIELDS), cfg.embedding_dim)
-            self.out_dim += sum(GroupedDotInteraction.num_pairs(len(USER_FIELDS), len(ITEM_FIELDS)))
+            per_user, per_impression = GroupedDotInteraction.num_pairs(len(USER_FIELDS), len(ITEM_FIELDS))
+            user_dim, item_dim = user_dim + per_user, item_dim + per_impression
+        self.layout = InputLayout(user_dim, item_dim, user_columns)
+        self.out_dim = user_dim + item_dim
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, user_index: torch.Tensor) -> GroupedRows:
         if self.dot is None:
@@ -85,25 +115,33 @@ class HeadInput(nn.Module):
         return GroupedRows(torch.cat([user, per_user], dim=1), torch.cat([item, per_impression], dim=1), user_index)
 
 
-def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
     check_esmm_tasks(tasks)
-    return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout)
+    if not cfg.factor_rank:
+        return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout)
+    if layout is None or layout.user_dim + layout.item_dim != in_dim:
+        raise ValueError(f"model.factor_rank needs the head input's layout (user and item row widths), got {layout}")
+    factors = UserItemFactors(layout.user_dim, layout.item_dim, cfg.factor_rank, ["ctr", "cvr"])
+    hidden = {c for f in cfg.factor_only_fields for c in range(*layout.user_columns[f])}
+    return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout, factors=factors,
+                    tower_user_columns=[c for c in range(layout.user_dim) if c not in hidden])
 
 
-def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
     return MMOEHead(in_dim, tasks, cfg.num_experts, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout)
 
 
-def _shared_bottom(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+def _shared_bottom(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig],
+                   layout: InputLayout | None = None) -> nn.Module:
     return SharedBottomHead(in_dim, tasks, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout)
 
 
-def _ple(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> nn.Module:
+def _ple(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
     return PLEHead(in_dim, tasks, cfg.num_experts, cfg.task_experts, cfg.expert_dims, cfg.tower_dims,
                    cfg.activation, cfg.dropout)
 
 
-HEADS: dict[str, Callable[[int, ModelConfig, Sequence[TaskConfig]], MultiTaskHead]] = {
+HEADS: dict[str, Callable[..., MultiTaskHead]] = {
     "esmm": _esmm,
     "mmoe": _mmoe,
     "ple": _ple,

@@ -47,10 +47,6 @@ def build_ebc(
     return EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device(device))
 
 
-def embedding_output_dim(embedding_dim: int, field_dims: Mapping[str, int]) -> int:
-    return sum(field_dims.get(f.name, embedding_dim) for f in USER_FIELDS + ITEM_FIELDS)
-
-
 def pooled_by_name(user_pooled: KeyedTensor, item_pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``([U, user dims], [B, item dims])`` with columns in schema field order, whatever order a sharded
     EBC returned its keys in."""

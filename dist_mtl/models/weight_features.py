@@ -37,10 +37,7 @@ def row_weight_stats(
     columns: List[torch.Tensor] = []
     for stat in stats:
         if stat == "sum":
-            # float64: row sums are differences of a running total that reaches ~1e5 on a batch of
-            # histories. Built here, not up front: "last" and "count" need no pass over every weight.
-            cumulative = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
-            value = (cumulative[ends] - cumulative[starts]).to(weights.dtype)
+            value = _sums_between(weights, starts, ends)
         elif stat == "last":
             last = weights[(ends - 1).clamp(min=0)] if weights.numel() > 0 else weights.new_zeros(ends.shape)
             value = torch.where(lengths > 0, last, torch.zeros_like(last))
@@ -51,9 +48,26 @@ def row_weight_stats(
     return torch.stack(columns, 0).permute(2, 1, 0).reshape(batch, len(rows) * len(stats))
 
 
-# A leaf for TorchRec's pipeline tracer: it traces the model's forward symbolically, and this function
-# reads sizes (numel, view) that a symbolic trace cannot.
+def _sums_between(weights: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    # float64: row sums are differences of a running total that reaches ~1e5 on a batch of histories.
+    cumulative = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
+    return (cumulative[ends] - cumulative[starts]).to(weights.dtype)
+
+
+def row_weight_sums(lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, num_keys: int,
+                    rows: List[int]) -> torch.Tensor:
+    """``[B, len(rows)]``: each row's sum of weights in the keys at positions ``rows`` (no log1p)."""
+    batch = lengths.numel() // num_keys
+    keep = torch.tensor(rows, dtype=torch.int64, device=lengths.device)
+    starts = offsets[:-1].view(num_keys, batch).index_select(0, keep)
+    ends = offsets[1:].view(num_keys, batch).index_select(0, keep)
+    return _sums_between(weights, starts, ends).t()
+
+
+# Leaves for TorchRec's pipeline tracer: it traces the model's forward symbolically, and these functions
+# read sizes (numel, view) that a symbolic trace cannot.
 torch.fx.wrap("row_weight_stats")
+torch.fx.wrap("row_weight_sums")
 
 
 class RowWeightFeatures(nn.Module):
@@ -86,3 +100,47 @@ class RowWeightFeatures(nn.Module):
         if self.out_dim == 0:
             return pooled
         return torch.cat([pooled, self.forward(features)], dim=1)
+
+
+class WeightedMeanPooling(nn.Module):
+    """Turns the weighted-sum pooled columns of some multi-valued fields into weighted means
+    (``model.mean_pooled_fields``): each listed field's columns are divided by the row's total weight in
+    that field.
+
+    Hand-written because no pooling does it: TorchRec's unsharded ``PoolingType.MEAN`` refuses per-id
+    weights (``F.embedding_bag`` supports them with sum only) and fbgemm's mean divides by the number of
+    ids, not by their weights. An empty row stays zero."""
+
+    num_keys: int
+    rows: List[int]
+    starts: List[int]
+    dims: List[int]
+
+    def __init__(self, keys: Sequence[str], dims: Sequence[int], fields: Sequence[str]):
+        """``keys`` and ``dims``: the side's fields in column order and their embedding dims."""
+        super().__init__()
+        keys = list(keys)
+        offsets = [0]
+        for d in dims:
+            offsets.append(offsets[-1] + d)
+        # Column order, so that forward can cut the row into pieces from left to right.
+        positions = sorted(keys.index(f) for f in fields)
+        self.num_keys = len(keys)
+        self.rows = positions
+        self.starts = [offsets[p] for p in positions]
+        self.dims = [dims[p] for p in positions]
+
+    def forward(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        if len(self.rows) == 0:
+            return pooled
+        totals = row_weight_sums(features.lengths(), features.offsets(), features.weights(), self.num_keys,
+                                 self.rows)
+        scale = 1.0 / totals.clamp(min=1e-6).to(pooled.dtype)
+        pieces: List[torch.Tensor] = []
+        done = 0
+        for k, (start, dim) in enumerate(zip(self.starts, self.dims)):
+            pieces.append(pooled[:, done:start])
+            pieces.append(pooled[:, start:start + dim] * scale[:, k:k + 1])
+            done = start + dim
+        pieces.append(pooled[:, done:])
+        return torch.cat(pieces, dim=1)
