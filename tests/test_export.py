@@ -141,28 +141,12 @@ def test_dot_interaction_exported_live_from_one_rank(one_rank, tmp_path):
         torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
 
 
-def test_weight_features_exported_live_from_one_rank(one_rank, tmp_path):
-    cfg = worker.job_config("table_wise", {}, ('model.weight_features=["sum", "last", "count"]',))
+def assert_exported_live_scores_as_trained(cfg, out_dir):
+    """Train 2 steps, export from the live DMP: TorchScript and eager exports score as the DMP did."""
     dmp, opt = worker.build(cfg)
     worker.train(dmp, opt, 0, 2)
     expected = worker.predictions(dmp)
-    path = export_model(tmp_path / "weights", cfg, dmp=dmp)
-    got = scores(load_exported(path), worker.scoring_batches())
-    eager = load_exported_eager(path)
-    for task in expected:
-        torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
-        torch.testing.assert_close(eager(worker.scoring_batches()[0]).predictions[task],
-                                   expected[task][: worker.scoring_batches()[0].num_impressions], rtol=0, atol=1e-6)
-
-
-def test_factors_and_mean_pooling_exported_live_from_one_rank(one_rank, tmp_path):
-    cfg = worker.job_config("table_wise", {}, (
-        "model.factor_rank=4", 'model.factor_only_fields=["109_14", "127_14"]',
-        'model.mean_pooled_fields=["109_14", "127_14", "508"]', 'model.weight_features=["sum"]'))
-    dmp, opt = worker.build(cfg)
-    worker.train(dmp, opt, 0, 2)
-    expected = worker.predictions(dmp)
-    path = export_model(tmp_path / "factors", cfg, dmp=dmp)
+    path = export_model(out_dir, cfg, dmp=dmp)
     got = scores(load_exported(path), worker.scoring_batches())
     eager = load_exported_eager(path)
     first = worker.scoring_batches()[0]
@@ -170,6 +154,18 @@ def test_factors_and_mean_pooling_exported_live_from_one_rank(one_rank, tmp_path
         torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
         torch.testing.assert_close(eager(first).predictions[task], expected[task][: first.num_impressions],
                                    rtol=0, atol=1e-6)
+
+
+def test_weight_features_exported_live_from_one_rank(one_rank, tmp_path):
+    cfg = worker.job_config("table_wise", {}, ('model.weight_features=["sum", "last", "count"]',))
+    assert_exported_live_scores_as_trained(cfg, tmp_path / "weights")
+
+
+def test_factors_and_mean_pooling_exported_live_from_one_rank(one_rank, tmp_path):
+    cfg = worker.job_config("table_wise", {}, (
+        "model.factor_rank=4", 'model.factor_only_fields=["109_14", "127_14"]',
+        'model.mean_pooled_fields=["109_14", "127_14", "508"]', 'model.weight_features=["sum"]'))
+    assert_exported_live_scores_as_trained(cfg, tmp_path / "factors")
 
 
 def test_bfloat16_trained_model_is_exported_in_float32(one_rank, tmp_path):
