@@ -43,8 +43,8 @@ from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, oracle
 
 EXTRA_HEADS = ("mmoe", "ple", "esmm_factors")
 HISTORY_FIELDS = '["109_14", "110_14", "127_14", "150_14"]'
-#: ESMM with user x item taste factors of rank 8 (model.factor_rank), the history fields pooled as one
-#: weighted mean and reaching the logits through the factors only, and CVR also trained directly on the
+#: ESMM with user x item taste factors of rank 8 (model.factor_rank), each history field pooled as a
+#: weighted mean and its embeddings reaching the logits through the factors only, and CVR also trained directly on the
 #: clicked impressions: what narrowed ESMM's CVR gap in the dev runs of benchmarks/RESULTS.md (Full scale).
 FACTOR_OVERRIDES = ("model.head=esmm", "model.factor_rank=8", f"model.factor_only_fields={HISTORY_FIELDS}",
                     f"model.mean_pooled_fields={HISTORY_FIELDS}", MMOE_TASKS)

@@ -112,7 +112,8 @@ class ModelConfig:
     scale)."""
     factor_only_fields: list[str] = field(default_factory=list)
     """User-side fields whose pooled embeddings reach the logits only through the factors
-    (model.factor_rank): the towers do not read their columns."""
+    (model.factor_rank): the towers do not read their embedding columns (their model.weight_features
+    columns, if any, they still read)."""
     output_bias_init: str = "label_rate"
     """"label_rate": each binary task's output bias starts at the logit of its label rate in the train
     split (clicks per impression for CTR, purchases per click for a CVR over clicked rows), so the first
@@ -438,6 +439,8 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{where} names no field: {unknown}")
         for k, v in per_field.items():
             positive(f"{where}.{k}", v)
+    if o.field_sparse_eps and o.sparse not in ("adagrad", "rowwise_adagrad"):
+        raise ConfigError(f"optimizer.field_sparse_eps is an Adagrad epsilon; optimizer.sparse = {o.sparse!r} has none")
     if o.dense_lr_warmup_steps < 0:
         raise ConfigError(f"optimizer.dense_lr_warmup_steps must be >= 0, got {o.dense_lr_warmup_steps}")
     if o.dense_lr_decay not in DENSE_LR_DECAYS:

@@ -36,8 +36,7 @@ def dense_lr_factor(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
 
 class DenseLRSchedule:
     """Sets the learning rate of the ``"dense"`` optimizer of ``optimizer`` before each step; ``total_steps``
-    are the steps that train the dense parameters, and any later step gets a dense rate of 0 (the epochs
-    after ``optimizer.dense_epochs`` train the tables alone)."""
+    are the steps the schedule spans (those of the epochs that train the dense parameters)."""
 
     def __init__(self, optimizer: CombinedOptimizer, cfg: OptimizerConfig, total_steps: int):
         named = dict(optimizer.optimizers)
@@ -47,10 +46,10 @@ class DenseLRSchedule:
         self._cfg = cfg
         self.total_steps = total_steps
 
-    def set_for_step(self, step: int) -> float:
-        """Sets and returns the dense learning rate of the ``step``-th step (1-based)."""
-        factor = dense_lr_factor(step, self.total_steps, self._cfg) if step <= self.total_steps else 0.0
-        lr = self._cfg.dense_lr * factor
+    def set_for_step(self, step: int, train_dense: bool = True) -> float:
+        """Sets and returns the dense learning rate of the ``step``-th step (1-based); 0 when
+        ``train_dense`` is False (an epoch after ``optimizer.dense_epochs``: the tables train alone)."""
+        lr = self._cfg.dense_lr * dense_lr_factor(step, self.total_steps, self._cfg) if train_dense else 0.0
         for group in self._groups:
             group["lr"] = lr
         return lr

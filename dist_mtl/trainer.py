@@ -205,19 +205,24 @@ class Trainer:
                                 f"{self._unchecked_sources.get(step, 'an unrecorded batch')}")
         self._unchecked_sources.clear()
 
+    def _trains_dense(self) -> bool:
+        # By epoch, not by step count: a job resumed on another world size or batch size has other
+        # steps per epoch, and its tables-only epochs must stay tables-only.
+        return not self.cfg.optimizer.dense_epochs or self.epoch < self.cfg.optimizer.dense_epochs
+
     def _segment_steps(self, fetched: "_FetchLog") -> Iterator[dict[str, torch.Tensor]]:
         """Trains every batch of one segment, yielding each step's task losses; ``fetched.trained()``
         describes the step's batch."""
         if self.pipeline is None:
             for batch in fetched:
-                self.lr_schedule.set_for_step(self.global_step + 1)
+                self.lr_schedule.set_for_step(self.global_step + 1, self._trains_dense())
                 yield self.train_step(batch)
             return
         self.model.train()
         self.pipeline.attach(self.model)
         while True:
             # progress() runs this step's optimizer step (and prefetches the next batches' inputs).
-            self.lr_schedule.set_for_step(self.global_step + 1)
+            self.lr_schedule.set_for_step(self.global_step + 1, self._trains_dense())
             try:
                 task_losses, _ = self.pipeline.progress(fetched)
             except StopIteration:

@@ -88,6 +88,8 @@ def test_tasks_from_toml(tmp_path):
          "model.factor_only_fields cannot be combined with model.interaction = 'dot'"),
         ('optimizer.field_sparse_eps={"nosuch" = 1e-8}', "optimizer.field_sparse_eps names no field: ['nosuch']"),
         ('optimizer.field_sparse_lr={"101" = 0}', "optimizer.field_sparse_lr.101 must be > 0"),
+        (('optimizer.sparse="sgd"', 'optimizer.field_sparse_eps={"101" = 1e-8}'),
+         "optimizer.field_sparse_eps is an Adagrad epsilon; optimizer.sparse = 'sgd' has none"),
         (("optimizer.dense_epochs=3", "train.epochs=2"), "optimizer.dense_epochs must be in [0, train.epochs = 2]"),
         ("justaword", "not of the form"),
     ],

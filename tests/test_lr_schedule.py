@@ -150,3 +150,23 @@ def test_dense_epochs_train_the_tables_alone_afterwards(dataset, tmp_path, monke
     assert tables and dense and dense_steps > 2
     assert all(torch.equal(late[n], start[n]) for n in dense)
     assert any(not torch.equal(late[n], start[n]) for n in tables)
+
+
+def test_tables_only_epochs_stay_tables_only_when_resumed_with_another_batch_size(dataset, tmp_path, monkeypatch):
+    # Epoch 1 at batch 32, then epoch 2 resumed at batch 16: twice the steps per epoch, so a cut-off counted
+    # in steps (steps per epoch x dense_epochs) would let the dense layers train through epoch 2.
+    first = Trainer(schedule_config(dataset, tmp_path / "run", "optimizer.dense_epochs=1", "train.epochs=1"))
+    first_steps = first.train()["steps"]
+    resumed = Trainer(schedule_config(dataset, tmp_path / "run", "optimizer.dense_epochs=1", "data.batch_size=16"))
+    rates: list[float] = []
+    step = resumed.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        rates.append(dict(resumed.optimizer.optimizers)["dense"].param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(resumed.optimizer, "step", recording_step)
+    summary = resumed.train()
+    assert summary["resumed_from"]["epoch"] == 1
+    assert len(rates) == resumed.train_reader.steps_per_epoch() > first_steps
+    assert rates == [0.0] * len(rates)

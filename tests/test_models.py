@@ -375,9 +375,9 @@ def test_weighted_mean_pooling_divides_each_listed_field_by_its_rows_weight():
     pooled = torch.arange(21, dtype=torch.float32).reshape(3, 7) + 1
     means = WeightedMeanPooling(["a", "b", "c"], [2, 3, 2], ["c", "b"])
     got = means(pooled, kjt)
-    b_total = torch.tensor([[2 + 3.0], [1e-6], [5]])  # an empty row: the floor (its real pooled sum is 0)
-    c_total = torch.tensor([[1.0], [4 + 6 + 10], [1e-6]])
-    expected = torch.cat([pooled[:, :2], pooled[:, 2:5] / b_total, pooled[:, 5:] / c_total], 1)
+    b_scale = torch.tensor([[1 / (2 + 3.0)], [0.0], [1 / 5]])  # an empty row (total 0) is zeroed
+    c_scale = torch.tensor([[1.0], [1 / (4 + 6 + 10)], [0.0]])
+    expected = torch.cat([pooled[:, :2], pooled[:, 2:5] * b_scale, pooled[:, 5:] * c_scale], 1)
     torch.testing.assert_close(got, expected)
     assert torch.jit.script(means)(pooled, kjt).equal(got)
     # An empty row stays zero instead of dividing by nothing; no listed field leaves the rows as they are.
@@ -411,7 +411,7 @@ def test_mean_pooled_fields_reach_the_head_as_means_of_their_ids():
         want = rows["sum"][:, cols]
         if f.name in ("109_14", "127_14"):
             total = torch.stack([w.sum() for w in users[f.name].weights().split(users[f.name].lengths().tolist())])
-            want = want / total.clamp(min=1e-6)[:, None]
+            want = torch.where(total[:, None] > 0, want / total[:, None], torch.zeros_like(want))
         torch.testing.assert_close(rows["mean"][:, cols], want)
 
 
@@ -446,6 +446,12 @@ def test_factor_terms_add_to_the_logits_and_hide_their_fields_from_the_towers():
     for task in ("ctr", "cvr"):
         torch.testing.assert_close(head(GroupedRows(moved, x.item, x.user_index)).logits[task],
                                    head(x).logits[task])
+
+
+def test_factors_without_hidden_fields_keep_every_column_for_the_towers():
+    model = factor_model(factor_only=())
+    assert model.head.tower_user_columns is None
+    assert model.head.ctr_tower.body[0].in_features == model.head_input.out_dim
 
 
 def test_factor_model_trains_end_to_end_in_bfloat16_with_float32_terms():

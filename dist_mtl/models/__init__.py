@@ -124,7 +124,7 @@ def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: In
     factors = UserItemFactors(layout.user_dim, layout.item_dim, cfg.factor_rank, ["ctr", "cvr"])
     hidden = {c for f in cfg.factor_only_fields for c in range(*layout.user_columns[f])}
     return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout, factors=factors,
-                    tower_user_columns=[c for c in range(layout.user_dim) if c not in hidden])
+                    tower_user_columns=[c for c in range(layout.user_dim) if c not in hidden] if hidden else None)
 
 
 def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:

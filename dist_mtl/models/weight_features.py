@@ -58,9 +58,9 @@ def row_weight_sums(lengths: torch.Tensor, offsets: torch.Tensor, weights: torch
                     rows: List[int]) -> torch.Tensor:
     """``[B, len(rows)]``: each row's sum of weights in the keys at positions ``rows`` (no log1p)."""
     batch = lengths.numel() // num_keys
-    keep = torch.tensor(rows, dtype=torch.int64, device=lengths.device)
-    starts = offsets[:-1].view(num_keys, batch).index_select(0, keep)
-    ends = offsets[1:].view(num_keys, batch).index_select(0, keep)
+    # Rows picked by slicing, not by an index tensor: that would be a host-to-device copy every step.
+    starts = torch.stack([offsets[r * batch:(r + 1) * batch] for r in rows])
+    ends = torch.stack([offsets[r * batch + 1:(r + 1) * batch + 1] for r in rows])
     return _sums_between(weights, starts, ends).t()
 
 
@@ -135,7 +135,8 @@ class WeightedMeanPooling(nn.Module):
             return pooled
         totals = row_weight_sums(features.lengths(), features.offsets(), features.weights(), self.num_keys,
                                  self.rows)
-        scale = 1.0 / totals.clamp(min=1e-6).to(pooled.dtype)
+        # Only a positive total divides (weight_transform "none" passes raw weights through).
+        scale = torch.where(totals > 0, 1.0 / totals, torch.zeros_like(totals)).to(pooled.dtype)
         pieces: List[torch.Tensor] = []
         done = 0
         for k, (start, dim) in enumerate(zip(self.starts, self.dims)):
