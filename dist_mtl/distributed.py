@@ -26,7 +26,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from dist_mtl.config import OptimizerConfig, ShardingConfig
+from dist_mtl.config import EPS_SPARSE_OPTIMIZERS, OptimizerConfig, ShardingConfig
 
 # What fbgemm's CPU kernels and TorchRec's gloo path support (row-wise sharding is GPU-only).
 CPU_SHARDING_TYPES = (
@@ -135,7 +135,7 @@ def table_optimizer_kwargs(cfg: OptimizerConfig, table: str) -> dict[str, Any]:
     the field's entries of ``field_sparse_lr`` / ``field_sparse_eps`` in their place when it has any."""
     field = table.removeprefix("t_")
     kwargs: dict[str, Any] = {"lr": cfg.field_sparse_lr.get(field, cfg.sparse_lr)}
-    if cfg.sparse in ("adagrad", "rowwise_adagrad"):
+    if cfg.sparse in EPS_SPARSE_OPTIMIZERS:
         kwargs["eps"] = cfg.field_sparse_eps.get(field, cfg.sparse_eps)
     return kwargs
 

@@ -205,10 +205,13 @@ class Trainer:
                                 f"{self._unchecked_sources.get(step, 'an unrecorded batch')}")
         self._unchecked_sources.clear()
 
+    def _dense_epochs(self) -> int:
+        return self.cfg.optimizer.dense_epochs or self.cfg.train.epochs
+
     def _trains_dense(self) -> bool:
         # By epoch, not by step count: a job resumed on another world size or batch size has other
         # steps per epoch, and its tables-only epochs must stay tables-only.
-        return not self.cfg.optimizer.dense_epochs or self.epoch < self.cfg.optimizer.dense_epochs
+        return self.epoch < self._dense_epochs()
 
     def _segment_steps(self, fetched: "_FetchLog") -> Iterator[dict[str, torch.Tensor]]:
         """Trains every batch of one segment, yielding each step's task losses; ``fetched.trained()``
@@ -285,8 +288,7 @@ class Trainer:
         # The schedule spans train.epochs (optimizer.dense_epochs when set); train.max_steps stops a run
         # without shortening it, so that a run paused by a step limit and resumed trains with the rates of
         # the uninterrupted run.
-        dense_epochs = cfg.optimizer.dense_epochs or cfg.train.epochs
-        self.lr_schedule = DenseLRSchedule(self.optimizer, cfg.optimizer, steps_per_epoch * dense_epochs)
+        self.lr_schedule = DenseLRSchedule(self.optimizer, cfg.optimizer, steps_per_epoch * self._dense_epochs())
         self._print(self._header(steps_per_epoch))
         start_epoch, next_batch = self._resume()
         samples_at_start = self.samples_trained

@@ -373,7 +373,7 @@ def test_weighted_mean_pooling_divides_each_listed_field_by_its_rows_weight():
                             lengths=torch.tensor([1, 1, 1, 2, 0, 1, 1, 3, 0]),
                             weights=torch.tensor([1.0, 1, 1, 2, 3, 5, 1, 4, 6, 10]))
     pooled = torch.arange(21, dtype=torch.float32).reshape(3, 7) + 1
-    means = WeightedMeanPooling(["a", "b", "c"], [2, 3, 2], ["c", "b"])
+    means = WeightedMeanPooling(["a", "b", "c"], {"c": (5, 7), "b": (2, 5)})
     got = means(pooled, kjt)
     b_scale = torch.tensor([[1 / (2 + 3.0)], [0.0], [1 / 5]])  # an empty row (total 0) is zeroed
     c_scale = torch.tensor([[1.0], [1 / (4 + 6 + 10)], [0.0]])
@@ -385,7 +385,7 @@ def test_weighted_mean_pooling_divides_each_listed_field_by_its_rows_weight():
                               weights=torch.ones(1))
     assert means(torch.cat([torch.ones(1, 2), torch.zeros(1, 5)], 1), empty).equal(
         torch.cat([torch.ones(1, 2), torch.zeros(1, 5)], 1))
-    assert WeightedMeanPooling(["a", "b", "c"], [2, 3, 2], [])(pooled, kjt) is pooled
+    assert WeightedMeanPooling(["a", "b", "c"], {})(pooled, kjt) is pooled
 
 
 def factor_model(rank: int = 4, factor_only=("109_14", "110_14"), mean_pooled=("109_14", "110_14")):

@@ -13,7 +13,7 @@ from dist_mtl.config import ModelConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.embeddings import build_ebc, pooled_by_name
+from dist_mtl.models.embeddings import build_ebc, field_columns, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
 from dist_mtl.models.layers import GroupedRows, MultiTaskHead
 from dist_mtl.models.esmm import ESMMHead, UserItemFactors, check_esmm_tasks
@@ -67,9 +67,9 @@ def side_weight_features(fields: Sequence[FieldSpec], stats: Sequence[str]) -> R
 
 def side_mean_pooling(fields: Sequence[FieldSpec], cfg: ModelConfig) -> WeightedMeanPooling:
     """``model.mean_pooled_fields`` of one side (a module that changes nothing when it has none)."""
-    keys = [f.name for f in fields]
-    return WeightedMeanPooling(keys, [cfg.field_dims.get(k, cfg.embedding_dim) for k in keys],
-                               [k for k in keys if k in cfg.mean_pooled_fields])
+    columns = field_columns(fields, cfg.embedding_dim, cfg.field_dims)
+    return WeightedMeanPooling([f.name for f in fields],
+                               {k: c for k, c in columns.items() if k in cfg.mean_pooled_fields})
 
 
 class InputLayout(NamedTuple):
@@ -93,13 +93,10 @@ class HeadInput(nn.Module):
 
     def __init__(self, cfg: ModelConfig, user_weight_dims: int = 0, item_weight_dims: int = 0):
         super().__init__()
-        user_columns, start = {}, 0
-        for f in USER_FIELDS:
-            dim = cfg.field_dims.get(f.name, cfg.embedding_dim)
-            user_columns[f.name] = (start, start + dim)
-            start += dim
-        user_dim = start + user_weight_dims
-        item_dim = sum(cfg.field_dims.get(f.name, cfg.embedding_dim) for f in ITEM_FIELDS) + item_weight_dims
+        user_columns = field_columns(USER_FIELDS, cfg.embedding_dim, cfg.field_dims)
+        item_columns = field_columns(ITEM_FIELDS, cfg.embedding_dim, cfg.field_dims)
+        user_dim = user_columns[USER_FIELDS[-1].name][1] + user_weight_dims
+        item_dim = item_columns[ITEM_FIELDS[-1].name][1] + item_weight_dims
         self.dot = None
         if cfg.interaction == "dot":
             self.dot = GroupedDotInteraction(len(USER_FIELDS), len(ITEM_FIELDS), cfg.embedding_dim)

@@ -47,6 +47,17 @@ def build_ebc(
     return EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device(device))
 
 
+def field_columns(fields: Sequence[FieldSpec], embedding_dim: int, field_dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """The ``[start, stop)`` columns of each field's pooled embedding in a side's row (schema order, as
+    ``pooled_by_name`` lays them out)."""
+    columns, start = {}, 0
+    for f in fields:
+        dim = field_dims.get(f.name, embedding_dim)
+        columns[f.name] = (start, start + dim)
+        start += dim
+    return columns
+
+
 def pooled_by_name(user_pooled: KeyedTensor, item_pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``([U, user dims], [B, item dims])`` with columns in schema field order, whatever order a sharded
     EBC returned its keys in."""

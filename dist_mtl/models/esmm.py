@@ -59,14 +59,13 @@ class UserItemFactors(nn.Module):
 
     def forward(self, x: HeadRows) -> dict[str, torch.Tensor]:
         """``[B]`` logit terms, one per task."""
-        if isinstance(x, GroupedRows):
-            user_rows, item_rows, user_index = x.user, x.item, x.user_index
-        else:
-            user_dim = self.user_projection.in_features
-            user_rows, item_rows = x[:, :user_dim], x[:, user_dim:]
-            user_index = torch.arange(x.shape[0], device=x.device)
+        grouped = isinstance(x, GroupedRows)
+        user_dim = self.user_projection.in_features
+        user_rows, item_rows = (x.user, x.item) if grouped else (x[:, :user_dim], x[:, user_dim:])
         with torch.autocast(item_rows.device.type, enabled=False):
-            user = self.user_projection(user_rows.float()).index_select(0, user_index)
+            user = self.user_projection(user_rows.float())
+            if grouped:
+                user = user.index_select(0, x.user_index)
             item = self.item_projection(item_rows.float())
             terms = {self.tasks[0]: (user * item).sum(1)}
             for task in self.tasks[1:]:

@@ -14,7 +14,7 @@ Each statistic is ``log1p`` of a non-negative per-row quantity (an empty row giv
 - ``count``: the number of ids in the row.
 """
 
-from typing import List, Sequence
+from typing import List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,10 +30,8 @@ def row_weight_stats(
     """``[B, len(rows) * len(stats)]`` for a KJT of ``num_keys`` keys in key-major layout; ``rows`` are the
     positions of the summarised keys, columns go field by field, each with its ``stats``."""
     batch = lengths.numel() // num_keys
-    keep = torch.tensor(rows, dtype=torch.int64, device=lengths.device)
-    lengths = lengths.view(num_keys, batch).index_select(0, keep)
-    starts = offsets[:-1].view(num_keys, batch).index_select(0, keep)
-    ends = offsets[1:].view(num_keys, batch).index_select(0, keep)
+    lengths = _key_rows(lengths, batch, rows)
+    starts, ends = _key_rows(offsets[:-1], batch, rows), _key_rows(offsets[1:], batch, rows)
     columns: List[torch.Tensor] = []
     for stat in stats:
         if stat == "sum":
@@ -48,6 +46,12 @@ def row_weight_stats(
     return torch.stack(columns, 0).permute(2, 1, 0).reshape(batch, len(rows) * len(stats))
 
 
+def _key_rows(per_row: torch.Tensor, batch: int, rows: List[int]) -> torch.Tensor:
+    """``[len(rows), batch]``: the key-major ``per_row`` values (lengths, offsets) of the keys at ``rows``.
+    Sliced, not gathered through an index tensor: that would be a host-to-device copy every step."""
+    return torch.stack([per_row[r * batch:(r + 1) * batch] for r in rows])
+
+
 def _sums_between(weights: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     # float64: row sums are differences of a running total that reaches ~1e5 on a batch of histories.
     cumulative = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
@@ -58,10 +62,7 @@ def row_weight_sums(lengths: torch.Tensor, offsets: torch.Tensor, weights: torch
                     rows: List[int]) -> torch.Tensor:
     """``[B, len(rows)]``: each row's sum of weights in the keys at positions ``rows`` (no log1p)."""
     batch = lengths.numel() // num_keys
-    # Rows picked by slicing, not by an index tensor: that would be a host-to-device copy every step.
-    starts = torch.stack([offsets[r * batch:(r + 1) * batch] for r in rows])
-    ends = torch.stack([offsets[r * batch + 1:(r + 1) * batch + 1] for r in rows])
-    return _sums_between(weights, starts, ends).t()
+    return _sums_between(weights, _key_rows(offsets[:-1], batch, rows), _key_rows(offsets[1:], batch, rows)).t()
 
 
 # Leaves for TorchRec's pipeline tracer: it traces the model's forward symbolically, and these functions
@@ -116,19 +117,17 @@ class WeightedMeanPooling(nn.Module):
     starts: List[int]
     dims: List[int]
 
-    def __init__(self, keys: Sequence[str], dims: Sequence[int], fields: Sequence[str]):
-        """``keys`` and ``dims``: the side's fields in column order and their embedding dims."""
+    def __init__(self, keys: Sequence[str], columns: Mapping[str, Tuple[int, int]]):
+        """``keys``: the side's KJT keys in order; ``columns``: the ``[start, stop)`` pooled columns of each
+        field to pool as a mean."""
         super().__init__()
         keys = list(keys)
-        offsets = [0]
-        for d in dims:
-            offsets.append(offsets[-1] + d)
         # Column order, so that forward can cut the row into pieces from left to right.
-        positions = sorted(keys.index(f) for f in fields)
+        fields = sorted(columns, key=lambda f: columns[f][0])
         self.num_keys = len(keys)
-        self.rows = positions
-        self.starts = [offsets[p] for p in positions]
-        self.dims = [dims[p] for p in positions]
+        self.rows = [keys.index(f) for f in fields]
+        self.starts = [columns[f][0] for f in fields]
+        self.dims = [columns[f][1] - columns[f][0] for f in fields]
 
     def forward(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
         if len(self.rows) == 0:
