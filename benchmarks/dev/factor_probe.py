@@ -41,8 +41,9 @@ from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
 from dist_mtl.export import load_exported_eager, read_export_info  # noqa: E402
 
 
-def clicked_factors(export: Path, data: Path) -> dict[str, np.ndarray]:
-    """P u, Q i, the CVR logit, the purchase label and the sample id of every clicked test impression."""
+def clicked_factors(export: Path, data: Path, keep_rows: bool = False) -> dict[str, np.ndarray]:
+    """P u, Q i, the CVR logit, the purchase label and the sample id of every clicked test impression;
+    with ``keep_rows`` also the whole user and item rows the projections read (~2.5 GB at full scale)."""
     model = load_exported_eager(export).eval()
     factors = model.head.factors
     if factors is None:
@@ -53,18 +54,22 @@ def clicked_factors(export: Path, data: Path) -> dict[str, np.ndarray]:
         rows = args[0]
         seen["pu"] = module.user_projection(rows.user.float()).index_select(0, rows.user_index)
         seen["qi"] = module.item_projection(rows.item.float())
+        if keep_rows:
+            seen["user_row"] = rows.user.float().index_select(0, rows.user_index)
+            seen["item_row"] = rows.item.float()
 
     factors.register_forward_hook(keep_factors)
     reader = ParquetGroupReader(data, "test", 16384, rank=0, world_size=1, shuffle=False,
                                 weight_transform=read_export_info(export)["weight_transform"],
                                 extra_columns=["sample_id"])
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("pu", "qi", "cvr_logit", "buy", "sample_id")}
+    kept = ("pu", "qi", "user_row", "item_row") if keep_rows else ("pu", "qi")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*kept, "cvr_logit", "buy", "sample_id")}
     with torch.no_grad():
         for batch in reader:
             out = model(batch)
             click = batch.labels["click"] > 0.5
-            parts["pu"].append(seen["pu"][click].numpy())
-            parts["qi"].append(seen["qi"][click].numpy())
+            for k in kept:
+                parts[k].append(seen[k][click].numpy())
             parts["cvr_logit"].append(out.logits["cvr"][click].float().numpy())
             parts["buy"].append(batch.labels["buy"][click].numpy())
             parts["sample_id"].append(batch.labels["sample_id"][click].numpy())
@@ -95,17 +100,25 @@ def fit_logistic(x: np.ndarray, offset: np.ndarray, y: np.ndarray, l2: float) ->
 
 
 def mix_refit(probe: dict[str, np.ndarray], l2s=(1e-4, 1e-3, 1e-2)) -> list[dict]:
-    x, z, y = products(probe["pu"], probe["qi"]), probe["cvr_logit"], probe["buy"]
+    return cvr_refit(products(probe["pu"], probe["qi"]), probe, l2s)
+
+
+def cvr_refit(x: np.ndarray, probe: dict[str, np.ndarray], l2s, rows: np.ndarray | None = None) -> list[dict]:
+    """Purchases on the model's CVR logit (offset) plus the features ``x``, fitted on one half of the
+    clicked rows (blocks of 5,000 sample ids) and scored on the other, both ways; ``rows`` (a mask) limits
+    both halves to those rows."""
+    z, y = probe["cvr_logit"], probe["buy"]
     half = (probe["sample_id"] // 5000) % 2 == 0
-    rows = []
+    used = np.ones(len(z), dtype=bool) if rows is None else rows
+    result = []
     for l2 in l2s:
-        for fit_on, score_on in ((half, ~half), (~half, half)):
+        for fit_on, score_on in ((half & used, ~half & used), (~half & used, half & used)):
             mean, std = x[fit_on].mean(0), x[fit_on].std(0) + 1e-9
             w = fit_logistic((x[fit_on] - mean) / std, z[fit_on], y[fit_on], l2)
             refit = z[score_on] + ((x[score_on] - mean) / std) @ w[:-1]
-            rows.append({"l2": l2, "held_out_auc_model": S.binary_auc(y[score_on], z[score_on]),
-                         "held_out_auc_refit": S.binary_auc(y[score_on], refit)})
-    return rows
+            result.append({"l2": l2, "held_out_auc_model": S.binary_auc(y[score_on], z[score_on]),
+                           "held_out_auc_refit": S.binary_auc(y[score_on], refit)})
+    return result
 
 
 def r2(y: np.ndarray, x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -125,7 +138,9 @@ def within_category(values: np.ndarray, category: np.ndarray) -> np.ndarray:
     return (cols - np.column_stack([_group_means(category, c) for c in cols.T])).reshape(values.shape)
 
 
-def planted_on_factors(probe: dict[str, np.ndarray], cfg: S.SyntheticConfig, max_impressions: int) -> dict:
+def planted_clicked(cfg: S.SyntheticConfig, max_impressions: int) -> dict[str, np.ndarray]:
+    """The planted model's taste parts on the clicked rows of the first ``max_impressions`` test impressions
+    (whole generator chunks): sample id, user taste, item vector, item category and the two taste terms."""
     model = S.planted_model(cfg)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("sample_id", "taste", "vector", "category",
                                                           "ctr_taste", "cvr_taste")}
@@ -143,11 +158,21 @@ def planted_on_factors(probe: dict[str, np.ndarray], cfg: S.SyntheticConfig, max
         parts["category"].append(x.attributes["206"][click])
         parts["ctr_taste"].append(cfg.signal * model.history_scale["ctr_taste"] * terms["ctr_taste"][click])
         parts["cvr_taste"].append(cfg.signal * model.history_scale["cvr_taste"] * terms["cvr_taste"][click])
-    planted = {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def probe_rows_of(probe: dict[str, np.ndarray], planted: dict[str, np.ndarray]) -> np.ndarray:
+    """Index of each planted row's impression among the probe's rows."""
     order = np.argsort(probe["sample_id"])
     at = order[np.searchsorted(probe["sample_id"], planted["sample_id"], sorter=order)]
     if not np.array_equal(probe["sample_id"][at], planted["sample_id"]):
         raise ValueError("the probe's clicked rows are not the planted model's: another data set?")
+    return at
+
+
+def planted_on_factors(probe: dict[str, np.ndarray], cfg: S.SyntheticConfig, max_impressions: int) -> dict:
+    planted = planted_clicked(cfg, max_impressions)
+    at = probe_rows_of(probe, planted)
     pu, qi = probe["pu"][at], probe["qi"][at]
     x = products(pu, qi)
     category = planted["category"]
@@ -161,7 +186,7 @@ def planted_on_factors(probe: dict[str, np.ndarray], cfg: S.SyntheticConfig, max
     result["item_vector_std"] = planted["vector"].std(0, dtype=np.float64).round(4).tolist()
     result["user_taste_r2_on_pu"] = r2(planted["taste"], pu).round(4).tolist()
     result["item_vector_r2_on_qi"] = r2(planted["vector"], qi).round(4).tolist()
-    result["planted_cvr_mix"] = model.cvr_taste_mix.round(3).tolist()
+    result["planted_cvr_mix"] = S.planted_model(cfg).cvr_taste_mix.round(3).tolist()
     return result
 
 
