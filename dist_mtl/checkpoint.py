@@ -478,6 +478,13 @@ class CheckpointManager:
 
         # Data-parallel tables and dense parameters: loaded into buffers, then written into the optimizer.
         params = optimized_parameters(model_state, dense_optimizer)
+        # A table's state is restored into the tensors its optimizer holds, but torch's Adam
+        # (optimizer.sparse = "adam" on GPU) creates them at its first step: TorchRec's init_state runs
+        # that step with zero gradients (the weights are loaded afterwards, so nothing it moves survives).
+        lazy = {id(e.owner): e.owner for fqn, e in params.items() if is_table(fqn) and not e.state}
+        for leaf in lazy.values():
+            leaf.init_state()
+            leaf.zero_grad(set_to_none=True)
         buffers: dict[str, dict[str, torch.Tensor]] = {}
         for fqn, entry in params.items():
             if not is_table(fqn):

@@ -424,6 +424,10 @@ def _validate(cfg: JobConfig) -> None:
     ]:
         if st and st not in SHARDING_TYPES:
             raise ConfigError(f"{where} must be one of {SHARDING_TYPES}, got {st!r}")
+    unknown = sorted(set(s.table_sharding) - {f.name for f in ALI_CCP_FIELDS})
+    if unknown:
+        raise ConfigError(f"sharding.table_sharding names no field: {unknown} (fields: "
+                          f"{[f.name for f in ALI_CCP_FIELDS]})")
     if s.compute_kernel not in ("fused", "dense"):
         raise ConfigError(f"sharding.compute_kernel must be 'fused' or 'dense', got {s.compute_kernel!r}")
 

@@ -48,6 +48,7 @@ from dist_mtl.checkpoint import (
     load_unsharded,
     model_mismatches,
     raise_on_mismatch,
+    read_side_file,
     read_tensor_shapes,
     run_on_rank0,
 )
@@ -181,6 +182,9 @@ def export_model(
     if (checkpoint is None) == (dmp is None):
         raise ValueError("export_model needs exactly one of checkpoint= or dmp=")
     if checkpoint is not None:
+        trained_with = read_side_file(checkpoint)["extra"].get("config")
+        if trained_with is not None:  # checkpoints written before the job recorded its config have none
+            raise_on_mismatch(checkpoint, serving_config_mismatches(trained_with, cfg))
         vocab_sizes = vocab_sizes_from_shapes(read_tensor_shapes(checkpoint), MODEL_PREFIX + TRAIN_STEP_PREFIX)
         model = build_unsharded_model(cfg, vocab_sizes)
         load_unsharded(checkpoint, model, TRAIN_STEP_PREFIX)
@@ -200,6 +204,28 @@ def export_model(
         return _write_export(Path(out_dir), model, cfg, vocab_sizes, {"live_model_world_size": _world_size()})
 
     return run_on_rank0(write, f"export to {out_dir}")
+
+
+# Model settings that do not change what a trained model computes at serving time: dropout is off,
+# the output bias init is overwritten by the weights, and an export serves in float32 whatever trained it.
+_TRAINING_ONLY_MODEL_KEYS = frozenset({"dropout", "output_bias_init", "head_precision"})
+
+
+def serving_config_mismatches(trained_with: Mapping, cfg: JobConfig) -> list[str]:
+    """The settings in which ``cfg`` would build a model that computes otherwise than the one trained
+    with the config ``trained_with`` (a ``JobConfig.to_dict()``), described for an error.
+
+    Tensor shapes catch most differences, not these: an activation, mean pooling, which fields only
+    the factors read, the reader's weight transform, the tasks' names and types."""
+    def settings(d: Mapping) -> dict:
+        out = {f"model.{k}": v for k, v in d["model"].items() if k not in _TRAINING_ONLY_MODEL_KEYS}
+        out["data.weight_transform"] = d["data"]["weight_transform"]
+        out["tasks (name, type)"] = [(t["name"], t["type"]) for t in d["tasks"]]
+        return out
+
+    saved, current = settings(trained_with), settings(cfg.to_dict())
+    return [f"{k}: trained with {saved.get(k)!r}, the config has {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 def _world_size() -> int:

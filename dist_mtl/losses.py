@@ -3,7 +3,8 @@
 A task's loss (see ``MultiTaskLoss``) is a mean over the task's rows of per-row losses scaled by the
 optional per-sample weight: ``loss_t = sum_i(w_i * l_i) / n_t`` with ``i`` over the task's rows and
 ``n_t`` their count. Dividing by the row count rather than by ``sum_i(w_i)`` makes weights absolute, so
-``w = 2`` on every row doubles the loss (and the gradient) instead of cancelling out.
+``w = 2`` on every row doubles the loss (and the gradient) instead of cancelling out. In distributed
+training ``n_t`` is the count over all ranks' batches (see ``MultiTaskLoss``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_mtl.tasks import TaskConfig
@@ -92,6 +94,14 @@ class MultiTaskLoss(torch.nn.Module):
     the ``weight_column`` value or 1, ``n_t`` the number of such rows; a batch without any of the task's
     rows gives 0 with a valid graph and zero gradients.
 
+    Across ranks (training mode, a process group of more than one rank): each rank divides its sum by
+    ``n_t / world_size`` with ``n_t`` counted over every rank's batch (one all-reduce of the task counts
+    per step), so that the data-parallel gradient average is the gradient of the global mean. Dividing by
+    the local count instead would weigh a task's rows by how few of them a rank happened to get (a CVR
+    loss over clicked rows: a rank with 80 clicks counting each twice as much as one with 160, and a rank
+    with none halving that step's gradient). In eval mode nothing is exchanged: ranks may then run
+    different numbers of batches.
+
     Tasks with ``loss_weight`` 0 are computed and reported but left out of the total, so their heads
     get no gradient from this loss. Rows outside a task's mask may hold anything (NaN labels included):
     they are replaced before the per-row loss so neither the value nor the gradient sees them.
@@ -122,8 +132,14 @@ class MultiTaskLoss(torch.nn.Module):
         """Returns the weighted total and every task's loss (detached, weight-0 tasks included)."""
         weighted: list[torch.Tensor] = []
         task_losses: dict[str, torch.Tensor] = {}
-        for task in self.tasks:
-            loss = self.task_loss(task, output, labels)
+        sums, counts = zip(*(self.task_sum_and_rows(task, output, labels) for task in self.tasks))
+        rows = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=sums[0].device) for c in counts])
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(rows)
+            rows = rows / dist.get_world_size()
+        rows = torch.where(rows > 0, rows, torch.ones_like(rows))
+        for i, task in enumerate(self.tasks):
+            loss = sums[i] / rows[i]
             task_losses[task.name] = loss.detach()
             if task.loss_weight > 0:
                 weighted.append(loss * task.loss_weight)
@@ -132,7 +148,16 @@ class MultiTaskLoss(torch.nn.Module):
 
     @staticmethod
     def task_loss(task: TaskConfig, output: ModelOutput, labels: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One task's unweighted loss as defined in the class docstring (a 0-dim float32 tensor)."""
+        """One task's unweighted loss on this batch alone, as defined in the class docstring (a 0-dim
+        float32 tensor)."""
+        total, rows = MultiTaskLoss.task_sum_and_rows(task, output, labels)
+        return total / max(rows, 1) if isinstance(rows, int) else total / rows.clamp(min=1.0)
+
+    @staticmethod
+    def task_sum_and_rows(task: TaskConfig, output: ModelOutput,
+                          labels: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """``(sum_i(w_i * l_i), n_t)`` of one task on this batch; ``n_t`` a tensor for masked rows (no
+        device-to-host sync in the training step), else the batch size."""
         if task.name not in output.predictions:
             raise ValueError(
                 f"task '{task.name}': the model output has no prediction for it "
@@ -149,7 +174,7 @@ class MultiTaskLoss(torch.nn.Module):
             row_weight = _column(labels, task, "weight", task.weight_column).float()
             _check_rows(task, f"weight column '{task.weight_column}'", row_weight, prediction.shape)
         if task.rows == "all":
-            num_rows: torch.Tensor | int = max(prediction.shape[0], 1)
+            num_rows: torch.Tensor | int = prediction.shape[0]
         else:
             rows_column = _column(labels, task, "rows", task.rows)
             _check_rows(task, f"rows column '{task.rows}'", rows_column, prediction.shape)
@@ -158,8 +183,7 @@ class MultiTaskLoss(torch.nn.Module):
             target = torch.where(in_rows, target, torch.zeros_like(target))
             mask = in_rows.to(target.dtype)
             row_weight = mask if row_weight is None else torch.where(in_rows, row_weight, torch.zeros_like(mask))
-            # A tensor count, not int(): no device-to-host sync in the training step.
-            num_rows = mask.sum().clamp(min=1.0)
+            num_rows = mask.sum()
 
         if task.type == "binary":
             logit = output.logits.get(task.name)
@@ -176,4 +200,4 @@ class MultiTaskLoss(torch.nn.Module):
             per_row = (prediction.float() - target) ** 2
         if row_weight is not None:
             per_row = per_row * row_weight
-        return per_row.sum() / num_rows
+        return per_row.sum(), num_rows

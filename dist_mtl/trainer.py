@@ -25,7 +25,7 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dist_mtl.checkpoint import CheckpointManager
-from dist_mtl.config import JobConfig
+from dist_mtl.config import ConfigError, JobConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, make_dataloader
 from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata
@@ -89,18 +89,39 @@ def check_run_dir(path: Path) -> None:
         raise OSError(f"run directory {path} is not writable: {e}") from e
 
 
+def refuse_earlier_checkpoints(run_dir: Path) -> None:
+    """A job told not to resume must not start over an earlier run's checkpoints: keeping the newest
+    step numbers, the managers would prune this run's checkpoints in favour of those, and a later resume
+    (or the best model's reload) would load the other run's state."""
+    for folder in ("checkpoints", "best"):
+        earlier = CheckpointManager(run_dir / folder, keep=None).committed()
+        if earlier:
+            raise ConfigError(
+                f"checkpoint.resume = false, but {run_dir / folder} holds an earlier run's checkpoints (newest "
+                f"{earlier[-1].name}), which would outrank and prune this run's; give the job another run_dir, "
+                f"or delete them to start over")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, ctx: DistContext | None = None):
         cfg.validate()
         self.cfg = cfg
         self.ctx = ctx or init_distributed(cfg.sharding.device)
         self.run_dir = Path(cfg.run_dir)
+        if not cfg.checkpoint.resume:
+            refuse_earlier_checkpoints(self.run_dir)
         if self.ctx.is_main:
             check_run_dir(self.run_dir)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         dist.barrier()
 
         self.metadata = DatasetMetadata.load(cfg.data.path)
+        # Checked here, not when first read: the evaluation split is first opened after a whole epoch.
+        for key, split in (("train_split", cfg.data.train_split), ("val_split", cfg.data.val_split),
+                           ("eval_split", cfg.data.eval_split)):
+            if split and split not in self.metadata.splits:
+                raise ConfigError(f"data.{key} = {split!r}: {cfg.data.path} has no such split (it has "
+                                  f"{sorted(self.metadata.splits)})")
         available = set(LABEL_COLUMNS) | set(self.metadata.extra_columns)
         for t in cfg.tasks:
             t.validate(available)
@@ -213,19 +234,25 @@ class Trainer:
         # steps per epoch, and its tables-only epochs must stay tables-only.
         return self.epoch < self._dense_epochs()
 
+    def _schedule_step(self) -> int:
+        """The dense schedule's position (1-based) of the step about to run: by epoch and batch, not by
+        global_step, so that a job resumed on another world size or batch size (other steps per epoch)
+        continues the schedule where its epochs are, not where its step count would put it."""
+        return self.epoch * self.steps_per_epoch + self.batches_in_epoch + 1
+
     def _segment_steps(self, fetched: "_FetchLog") -> Iterator[dict[str, torch.Tensor]]:
         """Trains every batch of one segment, yielding each step's task losses; ``fetched.trained()``
         describes the step's batch."""
         if self.pipeline is None:
             for batch in fetched:
-                self.lr_schedule.set_for_step(self.global_step + 1, self._trains_dense())
+                self.lr_schedule.set_for_step(self._schedule_step(), self._trains_dense())
                 yield self.train_step(batch)
             return
         self.model.train()
         self.pipeline.attach(self.model)
         while True:
             # progress() runs this step's optimizer step (and prefetches the next batches' inputs).
-            self.lr_schedule.set_for_step(self.global_step + 1, self._trains_dense())
+            self.lr_schedule.set_for_step(self._schedule_step(), self._trains_dense())
             try:
                 task_losses, _ = self.pipeline.progress(fetched)
             except StopIteration:
@@ -284,7 +311,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         wall_start = time.perf_counter()
-        steps_per_epoch = self.train_reader.steps_per_epoch()
+        steps_per_epoch = self.steps_per_epoch = self.train_reader.steps_per_epoch()
         # The schedule spans train.epochs (optimizer.dense_epochs when set); train.max_steps stops a run
         # without shortening it, so that a run paused by a step limit and resumed trains with the rates of
         # the uninterrupted run.
@@ -430,7 +457,8 @@ class Trainer:
         return bad_evals >= self.cfg.train.early_stop_patience
 
     def _save_best(self) -> None:
-        self.best_checkpoint.save(self.global_step, self.model, self.optimizer, {"step": self.global_step})
+        self.best_checkpoint.save(self.global_step, self.model, self.optimizer,
+                                  {"step": self.global_step, "config": self.cfg.to_dict()})
 
     def _load_best(self) -> None:
         # The best step this run's state names, not the newest folder: a crash after a new best was
@@ -476,6 +504,9 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "rng": rng,
             "reader": self.train_reader.state_dict(),
+            # What built the model: an export compares it with its own config (see
+            # export.serving_config_mismatches), since <run_dir>/config.toml is rewritten by every run.
+            "config": self.cfg.to_dict(),
         }
         self.checkpoints.save(self.global_step, self.model, self.optimizer, extra)
         self.best_checkpoint.prune_except(self.best[1])

@@ -22,6 +22,17 @@ from dist_mtl.data.rechub import import_rechub_csv  # noqa: E402
 from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a usage error here, not a ValueError traceback from convert_raw."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _size(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
@@ -109,10 +120,12 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
     raw = commands.add_parser("raw", help="raw Tianchi files (sample_skeleton_*.csv + common_features_*.csv)")
     raw.add_argument("--raw-dir", required=True, help="directory holding the raw files")
     raw.add_argument("--out", required=True, help="dataset directory to write")
-    raw.add_argument("--min-count", type=int, default=1, help="keep raw ids seen at least this often in train")
+    raw.add_argument(
+        "--min-count", type=_positive_int, default=1, help="keep raw ids seen at least this often in train"
+    )
     raw.add_argument("--splits", default="train,test", help="comma-separated splits; must include train")
     raw.add_argument("--work-dir", help="where staged files go (default: inside --out)")
-    raw.add_argument("--block-impressions", type=int, default=65536, help="impressions per Parquet block")
+    raw.add_argument("--block-impressions", type=_positive_int, default=65536, help="impressions per Parquet block")
     rechub = commands.add_parser("rechub", help="torch-rechub preprocessed CSV (one file per split)")
     rechub.add_argument("--train", required=True)
     rechub.add_argument("--val")

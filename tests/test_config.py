@@ -75,6 +75,8 @@ def test_tasks_from_toml(tmp_path):
         ("train.early_stop_metric=\"ctcvr/calibration\"", "a binary task is ranked by"),
         ("train.early_stop_patience=0", "train.early_stop_patience must be > 0"),
         ("model.field_dims={nosuchfield = 32}", "model.field_dims names no field: ['nosuchfield']"),
+        # A table's name instead of its field's would otherwise leave the table to the planner unnoticed.
+        ('sharding.table_sharding={t_205 = "column_wise"}', "sharding.table_sharding names no field: ['t_205']"),
         ('tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click", loss_weight=0.0}, '
          '{name="ctcvr", label="buy", loss_weight=0.0}]', "the CVR tower would never train"),
         ("data.shuffle=3", "expected true or false"),

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dist_mtl.data import convert as convert_module
 from dist_mtl.data import schema
 from dist_mtl.data.convert import FieldVocabulary, IdCounter, KeyIndex, convert_raw
-from dist_mtl.data.raw import LineBlocks, RawFormatError
+from dist_mtl.data.raw import MAX_KEY_BYTES, LineBlocks, RawFormatError
 
 REPO = Path(__file__).resolve().parents[1]
 Feature = tuple[str, int, float]  # (field id, raw feature id, weight)
@@ -248,6 +249,8 @@ SKELETON_CASES = {
     "negative_value": ("2,1,0,a,1,205\x024\x03-7", "205"),
     # Fixed-width byte keys would match 'a\x00' to user 'a'.
     "nul_byte_in_key": ("2,1,0,a\x00,1,205\x024\x031.0", "common_feature_index"),
+    # The key join pads every key to the longest: one long key would cost its length for every key.
+    "overlong_key": ("2,1,0," + "k" * (MAX_KEY_BYTES + 1) + ",1,205\x024\x031.0", "common_feature_index"),
 }
 
 
@@ -270,7 +273,8 @@ def test_bad_skeleton_line_names_file_line_and_field(tmp_path, case):
     "text, field_name",
     [("b,1,101\x02two\x031.0", "101"), ("b,2,101\x022\x031.0", "feature_num"), ("b", "line"),
      ("a,1,101\x029\x031.0", "common_feature_index"),  # repeats key "a" from line 1
-     ("b\x00,1,101\x022\x031.0", "common_feature_index")],  # fixed-width keys would join it to "b"
+     ("b\x00,1,101\x022\x031.0", "common_feature_index"),  # fixed-width keys would join it to "b"
+     ("k" * (MAX_KEY_BYTES + 1) + ",1,101\x022\x031.0", "common_feature_index")],
 )
 def test_bad_common_features_line(tmp_path, text, field_name):
     write_raw(tmp_path / "raw", "train", *good_train())
@@ -346,12 +350,14 @@ def test_skip_bad_rows_counts_every_reason(tmp_path):
     meta = convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",), skip_bad_rows=True, read_block_bytes=80)
     train = meta.split("train")
     assert train.skipped == {
-        "bad_common_feature_index": 1, "bad_feature_id": 1, "bad_feature_token": 3, "bad_feature_value": 3,
+        "bad_common_feature_index": 2, "bad_feature_id": 1, "bad_feature_token": 3, "bad_feature_value": 3,
         "bad_label": 2, "click0_buy1": 1,
         "common_features.bad_feature_id": 1, "common_features.duplicate_common_feature_index": 1,
         "feature_num_mismatch": 1, "no_common_features": 1, "user_row_skipped": 2, "wrong_column_count": 1,
     }
     assert train.num_impressions == 4 and train.num_users == 2
+    # Only d: the duplicate row of key "a" is counted once, as skipped.
+    assert meta.notes["splits"]["train"]["user_rows_without_impressions"] == 1
     examples = meta.notes["splits"]["train"]["skipped_examples"]
     assert any("common_features_train.csv, line 3, field '101'" in e for e in examples)
     # The duplicate's ids are not counted: 101 keeps 1, 2 and 4 (user c is bad).
@@ -359,6 +365,40 @@ def test_skip_bad_rows_counts_every_reason(tmp_path):
     rows = read_split(tmp_path / "out", meta, "train")
     assert [r["sample_id"] for r in rows] == [100, 101, 102, 200]
     assert {r["user_row"]["101"] for r in rows[:3]} == {1}  # the first row of key "a", not the duplicate
+
+
+def test_overlong_keys_are_bad_and_never_widen_the_key_index(tmp_path, monkeypatch):
+    widths = []
+
+    class RecordingKeyIndex(KeyIndex):
+        def __init__(self, keys: pa.Array, rows: np.ndarray):
+            super().__init__(keys, rows)
+            widths.append(self.width)
+
+    monkeypatch.setattr(convert_module, "KeyIndex", RecordingKeyIndex)
+    longest, too_long = "k" * MAX_KEY_BYTES, "k" * (MAX_KEY_BYTES + 1)
+    users = [User("a", [("101", 1, 1.0)]), User(longest, [("101", 2, 1.0)]), User(too_long, [("101", 3, 1.0)])]
+    impressions = [Impression(1, 0, 0, "a", [("205", 3, 1.0)]), Impression(2, 1, 0, longest, [("205", 4, 1.0)]),
+                   Impression(3, 0, 0, too_long, [("205", 5, 1.0)])]
+    write_raw(tmp_path / "raw", "train", users, impressions)
+    common = tmp_path / "raw" / "common_features_train.csv"
+    with pytest.raises(RawFormatError) as err:
+        convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",))
+    assert (Path(err.value.path).name, err.value.line, err.value.field) == (common.name, 3, "common_feature_index")
+    assert f"{MAX_KEY_BYTES + 1} bytes long" in str(err.value)
+
+    # Lines skipped for other reasons must not bring their long first column into the index of skipped
+    # keys either: a line with no comma, and a run of NUL bytes as a damaged download leaves.
+    junk = b"z" * 20_000 + b"\n" + b"\x00" * 20_000 + b"ux,1,101\x029\x031\n"
+    common.write_bytes(common.read_bytes() + junk)
+    widths.clear()
+    meta = convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",), skip_bad_rows=True)
+    assert {reason: n for reason, n in meta.split("train").skipped.items() if n} == {
+        "bad_common_feature_index": 1,  # the skeleton row with the long key
+        "common_features.bad_common_feature_index": 2, "common_features.wrong_column_count": 1,
+    }
+    assert [r["sample_id"] for r in read_split(tmp_path / "out", meta, "train")] == [1, 2]
+    assert widths and max(widths) == MAX_KEY_BYTES, widths
 
 
 def test_interrupted_conversion_leaves_no_metadata(tmp_path):
@@ -380,10 +420,15 @@ def test_interrupted_conversion_leaves_no_metadata(tmp_path):
         schema.DatasetMetadata.load(out)
 
 
-def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
+def load_launcher():
     spec = importlib.util.spec_from_file_location("launch_convert", REPO / "launch" / "convert.py")
     launcher = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launcher)
+    return launcher
+
+
+def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
+    launcher = load_launcher()
     write_raw(tmp_path / "raw", "train", TRAIN_USERS, TRAIN_IMPRESSIONS)
     meta = launcher.main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
                           "--splits", "train", "--min-count", "2"])
@@ -399,6 +444,17 @@ def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the test split's files are missing
         launcher.main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "o2")])
     assert "common_features_test.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--min-count", "--block-impressions"])
+def test_launcher_refuses_numbers_below_one_as_usage_errors(tmp_path, capsys, option):
+    write_raw(tmp_path / "raw", "train", *good_train())
+    with pytest.raises(SystemExit) as exit_:
+        load_launcher().main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+                              "--splits", "train", option, "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}: must be at least 1, got 0" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- building blocks
@@ -432,6 +488,8 @@ def test_key_index_lookup_and_duplicates():
     again, first = index.duplicates()
     assert sorted(zip(again.tolist(), first.tolist())) == [(3, 0), (5, 1)]
     assert index.without_rows(again).lookup(pa.array(["b", "abc"])).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="MAX_KEY_BYTES"):  # raw.py refuses such keys before they get here
+        KeyIndex(pa.array(["k" * (MAX_KEY_BYTES + 1)]), np.arange(1))
 
 
 # ---------------------------------------------------------------- memory

@@ -2,6 +2,7 @@
 in this one process; launch/export.py, launch/predict.py; an MMOE head exported from a 1-rank DMP."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from model_helpers import VOCAB_SIZES  # noqa: E402
 import export as export_cli  # noqa: E402  (launch/export.py)
 import predict as predict_cli  # noqa: E402  (launch/predict.py)
 from dist_mtl.checkpoint import CheckpointMismatchError  # noqa: E402
+from dist_mtl.config import load_config  # noqa: E402
 from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
 from dist_mtl.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from dist_mtl.export import (  # noqa: E402
@@ -199,3 +201,30 @@ def test_multi_tower_heads_exported_live_from_one_rank(one_rank, tmp_path, head,
     write_random_dataset(data, splits={"test": 10}, vocab_sizes=VOCAB_SIZES)
     predict_cli.main(["--model", str(path), "--data", str(data), "--out", str(tmp_path / "p.parquet")])
     assert pq.read_schema(tmp_path / "p.parquet").names == ["index", "sample_id", "p_ctr", "p_ctcvr"]
+
+
+def test_a_checkpoint_is_exported_only_with_the_config_that_trained_it(tmp_path):
+    # Shapes do not tell an activation, mean pooling or the reader's weight transform apart, and
+    # <run_dir>/config.toml is rewritten by every run in that directory: the job records its config
+    # in each checkpoint, and an export from the checkpoint compares.
+    from dist_mtl.trainer import Trainer
+
+    write_random_dataset(tmp_path / "data", splits={"train": 60, "test": 20}, seed=2)
+    run_dir = tmp_path / "run"
+    Trainer(load_config(None, [f'data.path="{tmp_path / "data"}"', f'run_dir="{run_dir}"', "data.batch_size=64",
+                               "model.embedding_dim=8", "model.tower_dims=[16,8]", "train.progress_bar=false",
+                               "train.max_steps=1"])).train()
+    checkpoint = next((run_dir / "checkpoints").iterdir())
+    for override, difference in [
+        ('model.activation="tanh"', "model.activation: trained with 'relu', the config has 'tanh'"),
+        ('model.mean_pooled_fields=["109_14"]', "model.mean_pooled_fields: trained with [], the config has ['109_14']"),
+        ('data.weight_transform="none"', "data.weight_transform: trained with 'log1p', the config has 'none'"),
+    ]:
+        with pytest.raises(CheckpointMismatchError, match=re.escape(difference)):
+            export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), override])
+        assert not (tmp_path / "x" / INFO_FILE).exists()
+    # Settings that only shape training are free: the trained bias replaces its init, and an export
+    # serves in float32.
+    export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "ok"), 'model.output_bias_init="default"',
+                     'model.head_precision="bfloat16"'])
+    assert (tmp_path / "ok" / INFO_FILE).exists()

@@ -152,21 +152,50 @@ def test_dense_epochs_train_the_tables_alone_afterwards(dataset, tmp_path, monke
     assert any(not torch.equal(late[n], start[n]) for n in tables)
 
 
+def record_dense_rates(trainer: Trainer, monkeypatch) -> list[float]:
+    """The dense learning rate in effect at each of the trainer's optimizer steps, filled as it trains."""
+    rates: list[float] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        rates.append(dict(trainer.optimizer.optimizers)["dense"].param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    return rates
+
+
 def test_tables_only_epochs_stay_tables_only_when_resumed_with_another_batch_size(dataset, tmp_path, monkeypatch):
     # Epoch 1 at batch 32, then epoch 2 resumed at batch 16: twice the steps per epoch, so a cut-off counted
     # in steps (steps per epoch x dense_epochs) would let the dense layers train through epoch 2.
     first = Trainer(schedule_config(dataset, tmp_path / "run", "optimizer.dense_epochs=1", "train.epochs=1"))
     first_steps = first.train()["steps"]
     resumed = Trainer(schedule_config(dataset, tmp_path / "run", "optimizer.dense_epochs=1", "data.batch_size=16"))
-    rates: list[float] = []
-    step = resumed.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        rates.append(dict(resumed.optimizer.optimizers)["dense"].param_groups[0]["lr"])
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(resumed.optimizer, "step", recording_step)
+    rates = record_dense_rates(resumed, monkeypatch)
     summary = resumed.train()
     assert summary["resumed_from"]["epoch"] == 1
     assert len(rates) == resumed.train_reader.steps_per_epoch() > first_steps
     assert rates == [0.0] * len(rates)
+
+
+@pytest.mark.parametrize("mid_epoch", [False, True])
+def test_a_schedule_resumed_with_another_batch_size_continues_where_its_epochs_are(dataset, tmp_path, monkeypatch,
+                                                                                     mid_epoch):
+    # Epoch 0 (or a quarter of it) at batch 16, then the job resumed at batch 32, as a restart on twice the ranks:
+    # half the steps per epoch. Counted in steps, the run would already be past the end of its schedule.
+    probe = Trainer(schedule_config(dataset, tmp_path / "probe", "data.batch_size=16"))
+    small_batch_steps = probe.train_reader.steps_per_epoch()
+    cut = small_batch_steps // (4 if mid_epoch else 1)
+    first = Trainer(schedule_config(dataset, tmp_path / "run", "data.batch_size=16", f"train.max_steps={cut}"))
+    assert first.train()["steps"] == cut
+    resumed = Trainer(schedule_config(dataset, tmp_path / "run"))
+    rates = record_dense_rates(resumed, monkeypatch)
+    summary = resumed.train()
+    per_epoch = resumed.train_reader.steps_per_epoch()
+    assert summary["resumed_from"]["step"] == cut and 2 < per_epoch < 0.75 * small_batch_steps
+    # Epoch 1 (a mid-epoch position cannot be mapped onto other batches: the rest of epoch 0 is skipped)
+    # runs the second half of the schedule of a 2-epoch run at the new steps per epoch.
+    cfg = resumed.cfg.optimizer
+    want = [cfg.dense_lr * dense_lr_factor(per_epoch + k, 2 * per_epoch, cfg) for k in range(1, per_epoch + 1)]
+    assert rates == pytest.approx(want)
+    assert rates[0] > rates[-1] > 0.0

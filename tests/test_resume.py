@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from data_helpers import write_random_dataset
 
-from dist_mtl.config import load_config
+from dist_mtl import distributed
+from dist_mtl.config import ConfigError, load_config
 from dist_mtl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +126,47 @@ def test_a_checkpoint_written_before_the_reader_state_and_cuda_rng_were_kept_res
     assert resumed["samples_trained"] == whole["samples_trained"]
     for key in ("ctr/auc", "ctcvr/logloss"):
         assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_job_told_not_to_resume_refuses_an_earlier_runs_checkpoints(dataset, tmp_path):
+    # Their higher step numbers would outrank this run's: its checkpoints pruned as they commit, and a
+    # later resume loading the other run's state.
+    earlier = Trainer(load_config(None, overrides(dataset, tmp_path / "run", "train.epochs=1"))).train()
+    config_before = (tmp_path / "run" / "config.toml").read_text()
+    newest = f"step-{earlier['steps']:08d}"
+    with pytest.raises(ConfigError, match=rf"checkpoint.resume = false, but .*run/checkpoints holds an earlier "
+                                          rf"run's checkpoints \(newest {newest}\)"):
+        Trainer(load_config(None, overrides(dataset, tmp_path / "run", "checkpoint.resume=false")))
+    assert (tmp_path / "run" / "config.toml").read_text() == config_before  # the earlier run's, untouched
+    fresh = Trainer(load_config(None, overrides(dataset, tmp_path / "fresh", "checkpoint.resume=false",
+                                                "train.epochs=1"))).train()
+    assert fresh["resumed_from"] is None and fresh["steps"] == earlier["steps"]
+
+
+def test_a_data_parallel_tables_lazily_created_optimizer_state_is_restored(dataset, tmp_path, monkeypatch):
+    # optimizer.sparse = "adam" is a GPU option (fbgemm has no CPU kernel for it) but data-parallel tables
+    # step with torch's Adam, which also runs here; its state appears only at its first step.
+    monkeypatch.setattr(distributed, "CPU_SPARSE_OPTIMIZERS", distributed.CPU_SPARSE_OPTIMIZERS + ("adam",))
+    extra = ('sharding.sharding_type="data_parallel"', 'optimizer.sparse="adam"', "train.epochs=1")
+    first = Trainer(load_config(None, overrides(dataset, tmp_path / "run", *extra, "train.max_steps=3")))
+    assert first.train()["stopped_by"] == "max_steps"  # a pause: no best model reloaded after the last save
+
+    def table_states(trainer):
+        leaf = dict(trainer.optimizer.optimizers)["data_parallel_tables"]
+        return {key: {k: v.clone() for k, v in leaf.state.get(param, {}).items()}
+                for key, param in leaf.params.items()}
+
+    saved = table_states(first)
+    resumed = Trainer(load_config(None, overrides(dataset, tmp_path / "run", *extra)))
+    resumed._resume()
+    restored = table_states(resumed)
+    assert saved.keys() == restored.keys() and len(saved) > 3
+    for key, state in saved.items():
+        assert sorted(state) == sorted(restored[key]) == ["exp_avg", "exp_avg_sq", "step"], key
+        assert float(state["exp_avg_sq"].abs().sum()) > 0, key
+        for name, value in state.items():
+            assert torch.equal(restored[key][name].to(value.device), value), (key, name)
+    assert resumed.checkpoints.last_load.optimizer_state_reset == []
 
 
 def test_resume_with_another_batch_size_skips_the_rest_of_the_epoch(dataset, tmp_path, capsys):

@@ -11,10 +11,11 @@ WORKER = Path(__file__).parent / "workers" / "sharded_equivalence.py"
 STEPS = 6
 
 
-def run(tmp_path: Path, nproc: int, sharding: str, path: str, sparse: str = "rowwise_adagrad") -> dict:
-    out = tmp_path / f"{nproc}-{sharding}-{path}-{sparse}.json"
+def run(tmp_path: Path, nproc: int, sharding: str, path: str, sparse: str = "rowwise_adagrad",
+        *extra: str) -> dict:
+    out = tmp_path / f"{nproc}-{sharding}-{path}-{sparse}{''.join('-' + e for e in extra)}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(out), sharding, path, str(STEPS), sparse]
+           str(WORKER), str(out), sharding, path, str(STEPS), sparse, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -46,3 +47,13 @@ def test_grouped_and_expanded_train_identically_on_two_ranks(tmp_path):
     expanded = run(tmp_path, 2, "table_wise", "expanded")
     for a, b in zip(grouped["losses"], expanded["losses"]):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_a_loss_over_clicked_rows_is_the_global_mean_whatever_the_ranks_clicks(tmp_path):
+    # The direct CVR loss averages over clicked rows; the two halves hold different numbers of clicks, so
+    # a per-rank mean averaged across ranks would weigh the clicks of the rank with fewer more.
+    one = run(tmp_path, 1, "table_wise", "grouped", "rowwise_adagrad", "direct_cvr")
+    two = run(tmp_path, 2, "table_wise", "grouped", "rowwise_adagrad", "direct_cvr")
+    assert any(a != b for a, b in zip(*two["click_counts"]))
+    for a, b in zip(one["losses"], two["losses"]):
+        assert a == pytest.approx(b, rel=2e-4, abs=1e-5)

@@ -9,7 +9,7 @@ import tomllib
 import pytest
 from data_helpers import write_random_dataset
 
-from dist_mtl.config import load_config
+from dist_mtl.config import ConfigError, load_config
 from dist_mtl.trainer import Trainer, TrainingError
 
 
@@ -114,6 +114,13 @@ def test_unwritable_run_dir_is_refused(dataset, tmp_path):
         (locked / "run").write_text("not a directory")
     with pytest.raises(OSError, match=r"run directory .*locked/run is not writable"):
         Trainer(small_config(dataset, locked / "run"))
+
+
+@pytest.mark.parametrize("key", ["val_split", "eval_split", "train_split"])
+def test_a_split_the_dataset_lacks_is_refused_before_training(dataset, tmp_path, key):
+    # The evaluation splits are first read after a whole epoch: a typo must not cost that epoch.
+    with pytest.raises(ConfigError, match=rf"data\.{key} = 'valid': .* has no such split \(it has \['test', 'train'\]\)"):
+        Trainer(small_config(dataset, tmp_path / "run", f'data.{key}="valid"'))
 
 
 def test_diverging_loss_stops_with_the_step_and_the_batch_source(tmp_path):

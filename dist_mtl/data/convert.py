@@ -17,17 +17,18 @@ Per split:
    encoded and written through ``DatasetWriter`` in blocks of whole groups, each block's users fetched
    from the staged file.
 
-Memory: nothing grows with the number of impressions. Held in memory are a few blocks of text (32 MiB
-by default: up to two being parsed, two parsed ahead, one being written) with their parses, the key index
-(fixed-width bytes: ~23 MB for 730k 32-character keys), a byte per staged user row, and the id counts
-and vocabularies (numpy; hundreds of MB at most at full scale). Peak RSS on 2.2M synthetic impressions:
-0.6-0.8 GB (benchmarks/results/convert.json). The common-features table (~4.5 GB of raw ids per split
-at full scale) is staged to disk and read back through a memory map that is reopened for every block
-written, so pages read for one block do not stay resident. Staged files live in a fresh directory under
-``work_dir`` (default: inside ``out_dir``) and are removed when the conversion ends, whether it succeeded
-or not; measured ~6.2 KB per staged user row and ~200 B per staged train impression, so the full data
-needs ~13 GB free there. ``metadata.json`` is written last, by ``DatasetWriter.commit``, so an
-interrupted conversion never leaves a dataset that looks complete.
+Memory: nothing grows with the number of impressions. Held in memory are a few blocks of text (32 MiB by
+default: up to two being parsed, two parsed ahead, one being written) with their parses, the key index
+(fixed-width bytes: ~23 MB for 730k 32-character keys, 256 B a key at most: raw.py refuses longer keys),
+a byte per staged user row, and the id counts and vocabularies (numpy; hundreds of MB at most at full
+scale). Peak RSS on 2.2M synthetic impressions: 0.6-0.8 GB (benchmarks/results/convert.json). The
+common-features table (~4.5 GB of raw ids per split at full scale) is staged to disk and read back
+through a memory map that is reopened for every block written, so pages read for one block do not stay
+resident. Staged files live in a fresh directory under ``work_dir`` (default: inside ``out_dir``) and are
+removed when the conversion ends, whether it succeeded or not; measured ~6.2 KB per staged user row and
+~200 B per staged train impression, so the full data needs ~13 GB free there. ``metadata.json`` is
+written last, by ``DatasetWriter.commit``, so an interrupted conversion never leaves a dataset that looks
+complete.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import pyarrow.compute as pc
 from dist_mtl.data.raw import (
     COMMON,
     DEFAULT_BLOCK_BYTES,
+    MAX_KEY_BYTES,
     SKELETON,
     ParsedBlock,
     RawFileKind,
@@ -234,6 +236,9 @@ class KeyIndex:
 
     def __init__(self, keys: pa.Array, rows: np.ndarray):
         self.width = int(pc.max(pc.binary_length(keys)).as_py() or 1) if len(keys) else 1
+        if self.width > MAX_KEY_BYTES:
+            # Every key is padded to the longest: one long key would cost its length times the key count.
+            raise ValueError(f"a key of {self.width:,} bytes is longer than MAX_KEY_BYTES ({MAX_KEY_BYTES})")
         fixed, _ = _fixed_width(keys, self.width)
         order = np.argsort(fixed, kind="stable")
         self._keys = fixed[order]
@@ -420,7 +425,8 @@ class _GroupWriter:
 
     @property
     def unreferenced_users(self) -> int:
-        return int(self._users.num_rows - np.count_nonzero(self._used))
+        # Indexed rows only: a duplicate key's row stays staged but is already counted as skipped.
+        return len(self._users.index) - int(np.count_nonzero(self._used))
 
     def push(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:

@@ -52,6 +52,11 @@ COMMON_FILE = "common_features_{split}.csv"
 DEFAULT_BLOCK_BYTES = 32 << 20
 #: Longest raw line accepted: real common-features rows run to ~60 KB (about 2,700 features).
 MAX_LINE_BYTES = 64 << 20
+#: Longest common_feature_index accepted (bytes). Real keys are 32-character md5-like hex strings. The key
+#: join pads every key to the longest one it holds (convert.KeyIndex), so one long key would cost its
+#: length for every key (a 100 KB key: GBs); a longer key is a bad common_feature_index instead. 256 leaves
+#: room for other key formats and bounds the index at 256 B per key.
+MAX_KEY_BYTES = 256
 PARSE_WORKERS = 2  # blocks parsed at once: the target machine has 2 cores
 
 # Reasons a row is skipped with skip_bad_rows (keys of the ``skipped`` counts).
@@ -174,7 +179,7 @@ class ParsedBlock:
     # single-valued field -> features whose value was not 1 (a single-valued id is stored without weight)
     single_valued_weights: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)  # reason -> rows (skip_bad_rows only)
-    skipped_keys: list[str] = field(default_factory=list)  # keys of skipped rows, where readable
+    skipped_keys: list[str] = field(default_factory=list)  # keys of skipped rows, where joinable
     skipped_examples: list[str] = field(default_factory=list)
 
     @property
@@ -244,8 +249,11 @@ def _parse_fast(data: bytes, kind: RawFileKind) -> ParsedBlock:
         # pyarrow also ends a row at a lone carriage return; rows must be lines.
         raise Rejected(f"{n} CSV rows in {n_lines} lines")
     keys = top.column(USER_KEY_COLUMN).combine_chunks()
-    if n and pc.min(pc.binary_length(keys)).as_py() == 0:
+    key_bytes = pc.binary_length(keys)
+    if n and pc.min(key_bytes).as_py() == 0:
         raise Rejected("empty common_feature_index")
+    if n and pc.max(key_bytes).as_py() > MAX_KEY_BYTES:
+        raise Rejected(f"common_feature_index longer than {MAX_KEY_BYTES} bytes")
     # The key join compares fixed-width byte strings, which do not tell 'a' from 'a\x00'.
     if n and pc.any(pc.match_substring(keys, "\x00")).as_py():
         raise Rejected("NUL byte in a common_feature_index")
@@ -483,6 +491,9 @@ def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
             return name, BAD_KEY, "is empty"
         if name == USER_KEY_COLUMN and "\x00" in parsed:
             return name, BAD_KEY, f"{values[name][:80]!r} contains a NUL byte"
+        if name == USER_KEY_COLUMN and len(values[name]) > MAX_KEY_BYTES:
+            return (name, BAD_KEY, f"{values[name][:40]!r}... is {len(values[name]):,} bytes long, more than "
+                                   f"{MAX_KEY_BYTES} (Ali-CCP's keys are 32-character hex strings)")
     features = values["feature_list"].split(b"\x01") if values["feature_list"] else []
     parts = []
     for i, token in enumerate(features):
@@ -521,6 +532,22 @@ def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
     return "line", BAD_LINE, "rejected by the CSV reader"
 
 
+def _joinable_key(line: bytes) -> str | None:
+    """The first column of a skipped common-features line, if an accepted skeleton row could carry it.
+
+    Only such keys are worth keeping (to tell impressions of a skipped user row from ones with no row
+    at all); anything else, such as a junk line with no comma, would be held and padded to at full length
+    by the key index.
+    """
+    key = split_line_ending(line)[0].split(b",", 1)[0]
+    if not key or len(key) > MAX_KEY_BYTES or b"\x00" in key or b"\r" in key:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None
+
+
 def parse_block(
     data: bytes, first_line: int, path: str | os.PathLike, kind: RawFileKind, skip_bad_rows: bool = False
 ) -> ParsedBlock:
@@ -551,8 +578,9 @@ def parse_block(
         skipped[reason] += 1
         if len(examples) < _MAX_EXAMPLES:
             examples.append(f"{path}, line {first_line + i}, field '{field_name}': {detail}")
-        if kind is COMMON:
-            skipped_keys.append(line.split(b",", 1)[0].decode(errors="replace"))
+        key = _joinable_key(line) if kind is COMMON else None
+        if key is not None:
+            skipped_keys.append(key)
     keep = np.ones(len(bounds) - 1, bool)
     keep[bad] = False
     good = without_lines(data, bounds, bad)

@@ -6,7 +6,11 @@ equal halves, the mean of the rank losses equals the whole-batch loss, and DDP's
 gradients equal the whole-batch ones; table gradients are summed over ranks (2x), which row-wise
 Adagrad's update is invariant to. So both world sizes must follow the same trajectory.
 
-usage: sharded_equivalence.py OUT.json SHARDING_TYPE grouped|expanded STEPS
+With ``direct_cvr`` the CVR tower is also trained on purchases over clicked rows (a task over masked
+rows): the halves hold different numbers of clicks, and the trajectories agree only because the loss
+divides by the click count over both ranks.
+
+usage: sharded_equivalence.py OUT.json SHARDING_TYPE grouped|expanded STEPS SPARSE_OPTIMIZER [direct_cvr]
 """
 
 import json
@@ -43,13 +47,16 @@ def impression_slice(batch: GroupedBatch, start: int, end: int) -> GroupedBatch:
 
 def main() -> None:
     out, sharding_type, path, steps, sparse = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    direct_cvr = sys.argv[6:] == ["direct_cvr"]
     ctx = init_distributed("cpu")
     # column_wise splits a table into shards of at least 128 columns: one wide table makes it really
     # split (at dim 8 every "column_wise" table is a single shard, as table_wise).
     wide = ['model.field_dims={"205" = 256}']
     cfg = load_config(None, ["model.embedding_dim=8", "model.tower_dims=[16,8]",
                              f'sharding.sharding_type="{sharding_type}"', "optimizer.sparse_lr=0.1",
-                             "optimizer.dense_lr=0.01", f'optimizer.sparse="{sparse}"', *wide])
+                             "optimizer.dense_lr=0.01", f'optimizer.sparse="{sparse}"', *wide,
+                             *(['tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, '
+                                '{name="ctcvr", label="buy"}]'] if direct_cvr else [])])
     torch.manual_seed(0)
     step = TrainStep(MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks), MultiTaskLoss(cfg.tasks),
                      expand_users=path == "expanded")
@@ -57,13 +64,14 @@ def main() -> None:
     init_embedding_tables(dmp, 0)
     opt = dense_optimizer(dmp, cfg.optimizer)
     half = 32
-    trajectory, user_counts = [], []
+    trajectory, user_counts, click_counts = [], [], []
     for k in range(steps):
         full = random_batch(num_users=5 + k % 4, num_impressions=2 * half, seed=100 + k)
         batch = full if ctx.world_size == 1 else impression_slice(
             full, ctx.rank * half, (ctx.rank + 1) * half)
         batch.validate()
         user_counts.append(batch.num_users)
+        click_counts.append(int(batch.labels["click"].sum()))
         loss, _ = dmp(batch)
         opt.zero_grad()
         loss.backward()
@@ -79,10 +87,11 @@ def main() -> None:
         first_again, _ = dmp(batch)
     first_again = first_again.detach().clone()
     dist.all_reduce(first_again)
-    counts = [None] * ctx.world_size
+    counts, clicks = [None] * ctx.world_size, [None] * ctx.world_size
     dist.all_gather_object(counts, user_counts)
+    dist.all_gather_object(clicks, click_counts)
     if ctx.rank == 0:
-        Path(out).write_text(json.dumps({"losses": trajectory, "user_counts": counts,
+        Path(out).write_text(json.dumps({"losses": trajectory, "user_counts": counts, "click_counts": clicks,
                                          "first_batch_after": float(first_again) / ctx.world_size}))
     dist.barrier()
     dist.destroy_process_group()
