@@ -205,7 +205,10 @@ class CheckpointConfig:
     keep: int = 3
     """Committed checkpoints kept in <run_dir>/checkpoints; older ones are deleted."""
     resume: bool = True
-    """Continue from the newest committed checkpoint in <run_dir>/checkpoints when there is one."""
+    """Continue from the newest committed checkpoint in <run_dir>/checkpoints when there is one. False
+    starts from scratch and refuses a run_dir that holds checkpoints (their step numbers would outrank and
+    prune the new run's); a job restarted by torchrun --max-restarts needs True, as its restarted attempt
+    finds the first attempt's checkpoints."""
 
 
 @dataclass

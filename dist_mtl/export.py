@@ -206,26 +206,29 @@ def export_model(
     return run_on_rank0(write, f"export to {out_dir}")
 
 
-# Model settings that do not change what a trained model computes at serving time: dropout is off,
-# the output bias init is overwritten by the weights, and an export serves in float32 whatever trained it.
-_TRAINING_ONLY_MODEL_KEYS = frozenset({"dropout", "output_bias_init", "head_precision"})
+# Settings that change what a model computes without changing any tensor's shape (the checkpoint's shapes
+# catch the rest: dims, towers, experts, factor rank, vocabularies). Compared by name so that settings a
+# head ignores (expert_dims for ESMM) and settings added later (filled with their defaults) never refuse a
+# valid export.
+_SHAPELESS_MODEL_KEYS = ("head", "activation", "interaction", "weight_features", "mean_pooled_fields",
+                         "factor_only_fields")
 
 
 def serving_config_mismatches(trained_with: Mapping, cfg: JobConfig) -> list[str]:
     """The settings in which ``cfg`` would build a model that computes otherwise than the one trained
-    with the config ``trained_with`` (a ``JobConfig.to_dict()``), described for an error.
+    with the config ``trained_with`` (a ``JobConfig.to_dict()``, possibly of an older version that lacked
+    some keys: those count as their defaults), described for an error."""
+    defaults = JobConfig().to_dict()
 
-    Tensor shapes catch most differences, not these: an activation, mean pooling, which fields only
-    the factors read, the reader's weight transform, the tasks' names and types."""
     def settings(d: Mapping) -> dict:
-        out = {f"model.{k}": v for k, v in d["model"].items() if k not in _TRAINING_ONLY_MODEL_KEYS}
-        out["data.weight_transform"] = d["data"]["weight_transform"]
-        out["tasks (name, type)"] = [(t["name"], t["type"]) for t in d["tasks"]]
+        model = {**defaults["model"], **d.get("model", {})}
+        out = {f"model.{k}": model[k] for k in _SHAPELESS_MODEL_KEYS}
+        out["data.weight_transform"] = {**defaults["data"], **d.get("data", {})}["weight_transform"]
+        out["tasks (name, type)"] = [(t["name"], t.get("type", "binary")) for t in d.get("tasks", defaults["tasks"])]
         return out
 
     saved, current = settings(trained_with), settings(cfg.to_dict())
-    return [f"{k}: trained with {saved.get(k)!r}, the config has {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    return [f"{k}: trained with {saved[k]!r}, the config has {current[k]!r}" for k in saved if saved[k] != current[k]]
 
 
 def _world_size() -> int:

@@ -1,8 +1,10 @@
 """The dense learning rate over a run: linear warm-up, a constant stretch, then linear or cosine decay.
 
-The shape is torchtitan's ``linear_warmup_stable_decay``. It is applied as a pure function of the global
-step rather than through ``torch.optim.lr_scheduler.LambdaLR`` for two reasons: the checkpoint already
-holds the global step, so a resumed job gets the same learning rate without any scheduler state to save,
+The shape is torchtitan's ``linear_warmup_stable_decay``. It is applied as a pure function of the step's
+position in the run (epoch x steps per epoch + batch, see ``Trainer._schedule_step``) rather than through
+``torch.optim.lr_scheduler.LambdaLR`` for two reasons: the checkpoint already holds the epoch and batch,
+so a resumed job gets the same learning rate without any scheduler state to save (on another world size
+or batch size, the rate of its epoch at the new steps per epoch),
 and only the dense parameters' groups are scaled, while a LambdaLR over the combined optimizer would also
 scale the data-parallel tables' group, so a table would train differently replicated than sharded (the
 sharded tables' fused optimizer keeps its rate).

@@ -99,7 +99,8 @@ def refuse_earlier_checkpoints(run_dir: Path) -> None:
             raise ConfigError(
                 f"checkpoint.resume = false, but {run_dir / folder} holds an earlier run's checkpoints (newest "
                 f"{earlier[-1].name}), which would outrank and prune this run's; give the job another run_dir, "
-                f"or delete them to start over")
+                f"or delete them to start over (a job restarted by torchrun --max-restarts needs "
+                f"checkpoint.resume = true)")
 
 
 class Trainer:
@@ -263,6 +264,15 @@ class Trainer:
                 return
             yield task_losses
 
+    def _job_losses(self, task_losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's task losses over the whole job (collective: every rank logs at the same steps). A
+        rank's loss is its share of the global mean (MultiTaskLoss), so rank 0's alone could read up to
+        world_size times off for a task over masked rows."""
+        names = list(task_losses)
+        values = torch.stack([task_losses[n].float() for n in names])
+        dist.all_reduce(values)
+        return {f"loss/{n}": v / self.ctx.world_size for n, v in zip(names, values.tolist())}
+
     def _steps_to_next_stop(self) -> int | None:
         t = self.cfg.train
         limits = []
@@ -292,7 +302,7 @@ class Trainer:
                 bar.update(1)
             if self.global_step % log_every == 0:
                 self._raise_if_nonfinite()
-                losses = {f"loss/{k}": float(v) for k, v in task_losses.items()}
+                losses = self._job_losses(task_losses)
                 rate = window_samples / max(time.perf_counter() - t0, 1e-9)
                 self.logger.log({**losses, "samples_per_s": rate,
                                  "lr/dense": self.optimizer.param_groups[0]["lr"]},

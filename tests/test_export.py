@@ -31,6 +31,7 @@ from dist_mtl.export import (  # noqa: E402
     export_model,
     load_exported,
     load_exported_eager,
+    serving_config_mismatches,
 )
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
@@ -223,8 +224,17 @@ def test_a_checkpoint_is_exported_only_with_the_config_that_trained_it(tmp_path)
         with pytest.raises(CheckpointMismatchError, match=re.escape(difference)):
             export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), override])
         assert not (tmp_path / "x" / INFO_FILE).exists()
-    # Settings that only shape training are free: the trained bias replaces its init, and an export
-    # serves in float32.
+    # Settings that only shape training are free (the trained bias replaces its init, an export serves
+    # in float32), and so are those the head does not read (ESMM has no experts).
     export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "ok"), 'model.output_bias_init="default"',
-                     'model.head_precision="bfloat16"'])
+                     'model.head_precision="bfloat16"', "model.expert_dims=[64,32]", "model.num_experts=8"])
     assert (tmp_path / "ok" / INFO_FILE).exists()
+
+
+def test_a_recorded_config_of_an_older_version_compares_its_missing_keys_as_defaults():
+    current = load_config(None, ['model.activation="tanh"'])
+    older = current.to_dict()
+    del older["model"]["factor_only_fields"], older["data"]["weight_transform"], older["tasks"][0]["type"]
+    assert serving_config_mismatches(older, current) == []
+    older["model"]["activation"] = "relu"
+    assert serving_config_mismatches(older, current) == ["model.activation: trained with 'relu', the config has 'tanh'"]
