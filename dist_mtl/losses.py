@@ -83,6 +83,14 @@ def binary_cross_entropy_on_log_probability(log_p: torch.Tensor, target: torch.T
     return -(target * log_p + (1.0 - target) * log_1m_p)
 
 
+def _mean_over_rows(total: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
+    """``total / rows``; a task without rows (count 0) divides by 1, so its loss is 0 with a valid graph.
+    A count summed over ranks and divided by the world size may lie in (0, 1) and is kept as it is."""
+    if isinstance(rows, int):
+        return total / max(rows, 1)
+    return total / torch.where(rows > 0, rows, 1.0)
+
+
 class MultiTaskLoss(torch.nn.Module):
     """``total = sum_t loss_weight_t * loss_t`` over the configured tasks.
 
@@ -145,8 +153,7 @@ class MultiTaskLoss(torch.nn.Module):
             dist.all_reduce(rows)
             counts = rows / dist.get_world_size()
         for i, task in enumerate(self.tasks):
-            rows_i = counts[i]
-            loss = sums[i] / (max(rows_i, 1) if isinstance(rows_i, int) else torch.where(rows_i > 0, rows_i, 1.0))
+            loss = _mean_over_rows(sums[i], counts[i])
             task_losses[task.name] = loss.detach()
             if task.loss_weight > 0:
                 weighted.append(loss * task.loss_weight)
@@ -165,8 +172,7 @@ class MultiTaskLoss(torch.nn.Module):
     def task_loss(task: TaskConfig, output: ModelOutput, labels: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One task's unweighted loss on this batch alone, as defined in the class docstring (a 0-dim
         float32 tensor)."""
-        total, rows = MultiTaskLoss.task_sum_and_rows(task, output, labels)
-        return total / max(rows, 1) if isinstance(rows, int) else total / rows.clamp(min=1.0)
+        return _mean_over_rows(*MultiTaskLoss.task_sum_and_rows(task, output, labels))
 
     @staticmethod
     def task_sum_and_rows(task: TaskConfig, output: ModelOutput,

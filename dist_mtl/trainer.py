@@ -129,8 +129,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = MultiTaskModel(cfg.model, self.metadata.vocab_sizes, cfg.tasks, sparse_device="meta")
-        train_split = self.metadata.splits.get(cfg.data.train_split)
-        if cfg.model.output_bias_init == "label_rate" and train_split is not None:
+        if cfg.model.output_bias_init == "label_rate":
+            train_split = self.metadata.split(cfg.data.train_split)  # present: checked above
             model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
         step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
         self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size)
