@@ -3,8 +3,9 @@
 World size 1 trains on whole batches; world size 2 on their two halves (split at an impression, so a
 user straddling the cut is in both halves and the two ranks hold different numbers of users). With
 equal halves, the mean of the rank losses equals the whole-batch loss, and DDP's averaged dense
-gradients equal the whole-batch ones; table gradients are summed over ranks (2x), which row-wise
-Adagrad's update is invariant to. So both world sizes must follow the same trajectory.
+gradients equal the whole-batch ones; so do the table gradients (TorchRec's sharded backward divides
+them by the world size, as DDP's average does: one SGD step moves every table identically on 1 and on 2
+ranks). So both world sizes must follow the same trajectory, whatever the table optimizer.
 
 With ``direct_cvr`` the CVR tower is also trained on purchases over clicked rows (a task over masked
 rows): the halves hold different numbers of clicks, and the trajectories agree only because the loss
