@@ -94,6 +94,11 @@ def test_tasks_from_toml(tmp_path):
          "optimizer.field_sparse_eps is an Adagrad epsilon; optimizer.sparse = 'sgd' has none"),
         (("optimizer.dense_epochs=3", "train.epochs=2"), "optimizer.dense_epochs must be in [0, train.epochs = 2]"),
         ("justaword", "not of the form"),
+        # pCTCVR is a product of the two towers' outputs and has no tower to size.
+        ('model.task_tower_dims={ctcvr = [8]}', "model.task_tower_dims names ['ctcvr'], which have no tower in the esmm head"),
+        (('model.head="mmoe"', 'model.task_tower_dims={cvr = [8]}'),
+         "model.task_tower_dims names ['cvr'], which have no tower in the mmoe head"),
+        ('model.task_tower_dims={cvr = [8, 0]}', "model.task_tower_dims.cvr must be a list of positive sizes"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, message):
@@ -107,6 +112,14 @@ def test_factor_options_load():
                              "train.epochs=2", "optimizer.dense_epochs=1"])
     assert (cfg.model.factor_rank, cfg.model.factor_only_fields) == (8, ["109_14", "150_14"])
     assert len(cfg.model.mean_pooled_fields) == 4 and cfg.optimizer.dense_epochs == 1
+
+
+def test_task_tower_dims_load_and_round_trip_through_toml(tmp_path):
+    cfg = load_config(None, ['model.task_tower_dims={cvr = [], ctr = [32]}'])
+    assert cfg.model.task_tower_dims == {"cvr": [], "ctr": [32]}
+    path = tmp_path / "resolved.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
 
 
 def test_dot_interaction_needs_one_embedding_dim():

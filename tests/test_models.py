@@ -465,3 +465,33 @@ def test_factor_model_trains_end_to_end_in_bfloat16_with_float32_terms():
     for p in (model.head.factors.user_projection.weight, model.head.factors.item_projection.weight,
               model.head.factors.mix["cvr"]):
         assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("head,tasks", [("esmm", default_esmm_tasks()), ("mmoe", MMOE_TASKS),
+                                        ("ple", MMOE_TASKS), ("shared_bottom", MMOE_TASKS)])
+def test_task_tower_dims_size_their_tasks_towers_and_an_empty_list_is_a_linear_readout(head, tasks):
+    torch.manual_seed(0)
+    cfg = small_model_config(head)
+    linear, wide = ("cvr", "ctr") if head == "esmm" else ("ctcvr", "price")
+    cfg.task_tower_dims = {linear: [], wide: [32]}
+    model = MultiTaskModel(cfg, VOCAB_SIZES, tasks, sparse_device="cpu")
+    towers = ({"ctr": model.head.ctr_tower, "cvr": model.head.cvr_tower} if head == "esmm"
+              else dict(model.head.towers))
+    sizes = {name: [layer.out_features for layer in t.body if isinstance(layer, nn.Linear)]
+             for name, t in towers.items()}
+    assert sizes[linear] == [] and sizes[wide] == [32]
+    assert all(v == [16, 8] for k, v in sizes.items() if k not in (linear, wide))  # the rest: tower_dims
+    # The linear tower is its output unit alone, on the tower's whole input (grouped: per user, then gathered).
+    assert len(towers[linear].body) == 0 and isinstance(towers[linear].out, GroupedInputLinear)
+    batch = random_batch(num_users=5, num_impressions=23, extra=("price",))
+    out = model(batch)
+    loss, _ = MultiTaskLoss(tasks)(out, batch.labels)
+    loss.backward()
+    assert float(towers[linear].out.weight.grad.abs().sum()) > 0
+    if head == "esmm":
+        x = model.head_input(*pooled_by_name(model.user_ebc(batch.user_features),
+                                             model.item_ebc(batch.item_features)), batch.user_index)
+        x = GroupedRows(model.user_weights.append_to(x.user, batch.user_features),
+                        model.item_weights.append_to(x.item, batch.item_features), x.user_index)
+        want = x.dense() @ towers["cvr"].out.weight.t() + towers["cvr"].out.bias
+        torch.testing.assert_close(out.logits["cvr"], want.squeeze(-1).detach(), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ Trained on CTR and CTCVR over all impressions, so the CVR tower learns from the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ from dist_mtl.models.layers import GroupedRows, HeadRows, MultiTaskHead, Tower
 from dist_mtl.tasks import TaskConfig
 
 ESMM_TASKS = ("ctr", "cvr", "ctcvr")
+#: The tasks with a tower of their own (pCTCVR is their product).
+ESMM_TOWERS = ("ctr", "cvr")
 
 
 def check_esmm_tasks(tasks: Sequence[TaskConfig]) -> None:
@@ -76,10 +78,12 @@ class UserItemFactors(nn.Module):
 class ESMMHead(MultiTaskHead):
     """``factors`` (``UserItemFactors`` over tasks ctr and cvr) adds its terms to the two logits;
     ``tower_user_columns`` (the user-row columns the towers read, in order; None: all) hides the
-    ``model.factor_only_fields`` from the towers."""
+    ``model.factor_only_fields`` from the towers; ``task_tower_dims`` gives a tower other hidden sizes than
+    ``tower_dims`` (``model.task_tower_dims``)."""
 
     def __init__(self, in_dim: int, tower_dims: Sequence[int], activation: str = "relu", dropout: float = 0.0,
-                 factors: UserItemFactors | None = None, tower_user_columns: Sequence[int] | None = None):
+                 factors: UserItemFactors | None = None, tower_user_columns: Sequence[int] | None = None,
+                 task_tower_dims: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         self.factors = factors
         tower_dim = in_dim
@@ -97,8 +101,9 @@ class ESMMHead(MultiTaskHead):
             self.register_buffer("tower_dense_columns", torch.cat([
                 self.tower_user_columns, torch.arange(user_dim, in_dim, dtype=torch.int64)]), persistent=False)
             tower_dim = in_dim - (user_dim - len(tower_user_columns))
-        self.ctr_tower = Tower(tower_dim, tower_dims, activation, dropout)
-        self.cvr_tower = Tower(tower_dim, tower_dims, activation, dropout)
+        dims = task_tower_dims or {}
+        self.ctr_tower = Tower(tower_dim, dims.get("ctr", tower_dims), activation, dropout)
+        self.cvr_tower = Tower(tower_dim, dims.get("cvr", tower_dims), activation, dropout)
 
     def output_layers(self) -> dict[str, nn.Linear]:
         """The last layer of each task that has a logit of its own (pCTCVR has none)."""

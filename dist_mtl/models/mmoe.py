@@ -3,7 +3,7 @@ per configured task."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,13 @@ def _outputs(tasks: Sequence[TaskConfig], raw: dict[str, torch.Tensor]) -> Model
     return ModelOutput(predictions=predictions, logits=logits)
 
 
+def _towers(tasks: Sequence[TaskConfig], in_dim: int, tower_dims: Sequence[int],
+            task_tower_dims: Mapping[str, Sequence[int]] | None, activation: str, dropout: float) -> nn.ModuleDict:
+    """A tower per task, of ``task_tower_dims[task]`` hidden sizes where given, else ``tower_dims``."""
+    dims = task_tower_dims or {}
+    return nn.ModuleDict({t.name: Tower(in_dim, dims.get(t.name, tower_dims), activation, dropout) for t in tasks})
+
+
 def _gated_mixture(gate_logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """A softmax gate's mixture of expert outputs: logits [B, E], experts [B, E, H] -> [B, H]."""
     weights = torch.softmax(gate_logits, dim=-1).unsqueeze(-1)  # [B, E, 1]
@@ -42,14 +49,13 @@ class MMOEHead(MultiTaskHead):
         tower_dims: Sequence[int],
         activation: str = "relu",
         dropout: float = 0.0,
+        task_tower_dims: Mapping[str, Sequence[int]] | None = None,
     ):
         super().__init__()
         self.tasks = list(tasks)
         self.experts = nn.ModuleList(mlp(in_dim, expert_dims, activation, dropout) for _ in range(num_experts))
         self.gates = nn.ModuleDict({t.name: GroupedInputLinear(in_dim, num_experts) for t in tasks})
-        self.towers = nn.ModuleDict(
-            {t.name: Tower(expert_dims[-1], tower_dims, activation, dropout) for t in tasks}
-        )
+        self.towers = _towers(tasks, expert_dims[-1], tower_dims, task_tower_dims, activation, dropout)
 
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
@@ -71,13 +77,12 @@ class SharedBottomHead(MultiTaskHead):
         tower_dims: Sequence[int],
         activation: str = "relu",
         dropout: float = 0.0,
+        task_tower_dims: Mapping[str, Sequence[int]] | None = None,
     ):
         super().__init__()
         self.tasks = list(tasks)
         self.bottom = mlp(in_dim, bottom_dims, activation, dropout)
-        self.towers = nn.ModuleDict(
-            {t.name: Tower(bottom_dims[-1], tower_dims, activation, dropout) for t in tasks}
-        )
+        self.towers = _towers(tasks, bottom_dims[-1], tower_dims, task_tower_dims, activation, dropout)
 
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
@@ -108,6 +113,7 @@ class PLEHead(MultiTaskHead):
         tower_dims: Sequence[int],
         activation: str = "relu",
         dropout: float = 0.0,
+        task_tower_dims: Mapping[str, Sequence[int]] | None = None,
     ):
         super().__init__()
         self.tasks = list(tasks)
@@ -129,7 +135,7 @@ class PLEHead(MultiTaskHead):
                 level["shared_gate"] = gate(d_in, len(names) * task_experts + shared_experts)
             self.levels.append(level)
             d_in = width
-        self.towers = nn.ModuleDict({n: Tower(d_in, tower_dims, activation, dropout) for n in names})
+        self.towers = _towers(tasks, d_in, tower_dims, task_tower_dims, activation, dropout)
 
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
