@@ -114,15 +114,16 @@ class HeadInput(nn.Module):
 
 def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
     check_esmm_tasks(tasks)
-    if not cfg.factor_rank:
-        return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout, task_tower_dims=cfg.task_tower_dims)
-    if layout is None or layout.user_dim + layout.item_dim != in_dim:
-        raise ValueError(f"model.factor_rank needs the head input's layout (user and item row widths), got {layout}")
-    factors = UserItemFactors(layout.user_dim, layout.item_dim, cfg.factor_rank, ["ctr", "cvr"])
-    hidden = {c for f in cfg.factor_only_fields for c in range(*layout.user_columns[f])}
+    factors, tower_user_columns = None, None
+    if cfg.factor_rank:
+        if layout is None or layout.user_dim + layout.item_dim != in_dim:
+            raise ValueError(f"model.factor_rank needs the head input's layout (user and item row widths), got {layout}")
+        factors = UserItemFactors(layout.user_dim, layout.item_dim, cfg.factor_rank, ["ctr", "cvr"])
+        hidden = {c for f in cfg.factor_only_fields for c in range(*layout.user_columns[f])}
+        if hidden:
+            tower_user_columns = [c for c in range(layout.user_dim) if c not in hidden]
     return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout, factors=factors,
-                    tower_user_columns=[c for c in range(layout.user_dim) if c not in hidden] if hidden else None,
-                    task_tower_dims=cfg.task_tower_dims)
+                    tower_user_columns=tower_user_columns, task_tower_dims=cfg.task_tower_dims)
 
 
 def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
