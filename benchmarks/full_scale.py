@@ -99,7 +99,9 @@ class Steps:
 
 
 def run_summary(run_dir: Path) -> dict:
-    return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k in SUMMARY_KEYS}
+    """What a step records of its run's summary.json, with the test AUCs of each evaluation."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**{k: v for k, v in summary.items() if k in SUMMARY_KEYS}, "auc_by_epoch": auc_by_epoch(summary)}
 
 
 def job_figures(step: dict) -> dict:
@@ -121,11 +123,10 @@ def head_job(head: str, expert_dims: str) -> tuple[tuple[str, ...], int, dict]:
     raise ValueError(f"unknown head {head!r} (expected one of {EXTRA_HEADS})")
 
 
-def auc_by_epoch(run_dir: Path) -> list[dict]:
-    """Test AUCs of each end-of-epoch evaluation in a run's summary.json."""
-    history = json.loads((run_dir / "summary.json").read_text())["history"]
+def auc_by_epoch(summary: dict) -> list[dict]:
+    """Test AUCs of each end-of-epoch evaluation in a run's summary."""
     return [{"epoch": h["epoch"] + 1, "step": h["step"], **{t: h[f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")}}
-            for h in history]
+            for h in summary["history"]]
 
 
 def run_step(steps: Steps, name: str, cmd: list[str], output: Path, log_dir: Path, figures=lambda: {},
@@ -233,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides, epochs, described = head_job(head, args.expert_dims)
         extra[head] = run_step(
             steps, name, train_job(head_dir, *overrides, epochs=epochs), head_dir, logs,
-            lambda head_dir=head_dir, described=described: {**described, **run_summary(head_dir),
-                                                             "auc_by_epoch": auc_by_epoch(head_dir)},
+            lambda head_dir=head_dir, described=described: {**described, **run_summary(head_dir)},
             {**settings, **described})
 
     truth_dir = raw_dir if share >= 1.0 else data_dir

@@ -407,16 +407,17 @@ def test_full_scale_redoes_a_training_step_when_its_settings_change_and_keeps_th
 def test_full_scale_extra_heads_are_valid_configs_and_esmm_best_trains_the_tables_alone_in_epoch_two():
     import full_scale
 
+    configs = {}
     for head in full_scale.EXTRA_HEADS:
         overrides, epochs, described = full_scale.head_job(head, "[64,32]")
-        cfg = load_config(REPO / "configs" / "synthetic_cpu.toml", [*overrides, f"train.epochs={epochs}"])
+        cfg = configs[head] = load_config(REPO / "configs" / "synthetic_cpu.toml",
+                                          [*overrides, f"train.epochs={epochs}"])
+        assert described.get("epochs", 1) == cfg.train.epochs
         assert cfg.model.head == (head if head in ("mmoe", "ple") else "esmm")
         assert [t.name for t in cfg.tasks] == ["ctr", "cvr", "ctcvr"] and cfg.tasks[1].rows == "click"
-    _, epochs, described = full_scale.head_job("esmm_best", "[64,32]")
-    cfg = load_config(REPO / "configs" / "synthetic_cpu.toml",
-                      [*full_scale.BEST_ESMM_OVERRIDES, f"train.epochs={epochs}"])
-    assert (epochs, described["epochs"]) == (2, 2)
-    assert cfg.model.task_tower_dims == {"cvr": []} and cfg.optimizer.dense_epochs == 1
+    cfg = configs["esmm_best"]
+    assert cfg.train.epochs == 2 and cfg.optimizer.dense_epochs == 1
+    assert cfg.model.task_tower_dims == {"cvr": []}
     assert cfg.model.factor_rank == 8
     with pytest.raises(ValueError, match="unknown head"):
         full_scale.head_job("dcn", "[64,32]")
@@ -427,7 +428,7 @@ def test_full_scale_reads_the_test_aucs_of_each_epoch_from_a_runs_summary(tmp_pa
 
     history = [{"step": s, "epoch": e, "split": "test", "ctr/auc": 0.7 + e, "cvr/auc": 0.6 + e, "ctcvr/auc": 0.8 + e,
                 "ctr/logloss": 0.1} for e, s in ((0, 10), (1, 20))]
-    (tmp_path / "summary.json").write_text(json.dumps({"history": history}))
-    assert full_scale.auc_by_epoch(tmp_path) == [
+    (tmp_path / "summary.json").write_text(json.dumps({"history": history, "train_seconds": 5.0, "config": {}}))
+    assert full_scale.run_summary(tmp_path) == {"train_seconds": 5.0, "auc_by_epoch": [
         {"epoch": 1, "step": 10, "ctr": 0.7, "cvr": 0.6, "ctcvr": 0.8},
-        {"epoch": 2, "step": 20, "ctr": 1.7, "cvr": 1.6, "ctcvr": 1.8}]
+        {"epoch": 2, "step": 20, "ctr": 1.7, "cvr": 1.6, "ctcvr": 1.8}]}

@@ -29,8 +29,10 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+sys.path.insert(2, str(Path(__file__).resolve().parents[2]))
 from common import command_line, library_versions, write_result  # noqa: E402
+from factor_probe import r2  # noqa: E402
 from gap_breakdown import planted_config  # noqa: E402
 
 from dist_mtl.data import synthetic as S  # noqa: E402
@@ -38,15 +40,9 @@ from dist_mtl.data import synthetic as S  # noqa: E402
 HISTORY_FIELDS = ("109_14", "110_14", "127_14", "150_14")
 
 
-def weighted_r2(y: np.ndarray, x: np.ndarray, w: np.ndarray | None = None) -> list[float]:
-    """Per column of ``y``: weighted R^2 of its least-squares fit on ``x`` and a constant."""
-    w = np.ones(len(x)) if w is None else w.astype(np.float64)
-    x1 = np.column_stack([x, np.ones(len(x))]).astype(np.float64)
-    sw = np.sqrt(w)[:, None]
-    coef, *_ = np.linalg.lstsq(x1 * sw, y * sw, rcond=None)
-    mean = (w[:, None] * y).sum(0) / w.sum()
-    r2 = 1 - (w[:, None] * (y - x1 @ coef) ** 2).sum(0) / (w[:, None] * (y - mean) ** 2).sum(0)
-    return [round(float(v), 4) for v in r2]
+def weighted_r2(y: np.ndarray, x: np.ndarray, weights: np.ndarray | None = None) -> list[float]:
+    """``factor_probe.r2`` per column of ``y``, rounded for the report."""
+    return [round(float(v), 4) for v in r2(y, x.astype(np.float64), weights)]
 
 
 def randomized_svd(x: sp.csr_matrix, rank: int, power_iterations: int = 4, seed: int = 0):
