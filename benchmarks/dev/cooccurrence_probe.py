@@ -10,10 +10,20 @@ asks whether co-occurrence in the train split's user rows, which costs no label,
 1. LSA: the user x history-id matrix of all four lists (log1p(count) x idf, rows L2-normalised) of the
    first ``--lsa-users`` train user rows (whole files), its rank-k randomized SVD for each ``--ranks``;
    R^2 (weighted by document frequency) of each history id's planted vector on its k-dim embedding, per
-   field, and of each user's planted taste (log1p-count weighted mean over the four lists) on the user's.
+   field, and of each user's planted taste (log1p-count weighted mean over the four lists) on the user's
+   k-dim embedding and on the id embeddings pooled as a model pools its rows (log1p(count)-weighted mean
+   per list, the four lists' columns side by side; what ``history_lsa.py`` hands a model).
 2. Neighbours: positive PMI between the categories of 109_14 over all train user rows (each row's list
    weighted by 1/sqrt(length)); for each category, the share of its m strongest neighbours in its own
    topic and their median distance on the catalog line (categories are runs of the line, in id order).
+3. With ``--model EXPORT`` (a trained model, ``launch/export.py``): does co-occurrence add to what training
+   learnt? R^2 (weighted by train frequency) of each history id's planted vector on its trained row, per
+   field; of the users' planted taste on their pooled trained rows (log1p(count)-weighted mean per list,
+   the four lists' columns side by side, the LSA users); and both again with the 109_14 rows smoothed
+   towards their m strongest PPMI neighbours (``(1 - a) row + a mean(neighbours' rows)``), which is
+   what a co-occurrence regulariser of the tables could at best hand over; and the users' taste on the
+   pooled trained rows beside the pooled LSA embeddings of the largest rank (not with ``--no-lsa``, which
+   skips part 1).
 
 Writes the figures with the command as JSON (``--out``).
 """
@@ -23,10 +33,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
@@ -62,12 +74,10 @@ def user_files(data: Path) -> list[str]:
     return sorted(str(p) for p in (data / "train").glob("users-*.parquet"))
 
 
-def lsa(data: Path, model: S.PlantedModel, max_users: int, ranks: list[int]) -> dict:
-    sizes = {h: len(model.history_vectors[h]) + 1 for h in HISTORY_FIELDS}
-    offset, start = {}, 0
-    for h in HISTORY_FIELDS:
-        offset[h], start = start, start + sizes[h]
-    rows, cols, vals, tastes, n = [], [], [], [], 0
+def history_lists(data: Path, model: S.PlantedModel, max_users: int) -> tuple[dict[str, sp.csr_matrix], np.ndarray]:
+    """The first ``max_users`` train user rows (whole files): per history field a users x ids matrix of
+    log1p(count), and each user's planted taste (their log1p(count)-weighted mean vector, all four lists)."""
+    parts, tastes, n = {h: [] for h in HISTORY_FIELDS}, [], 0
     for f in user_files(data):
         table = pq.read_table(f, columns=[c for h in HISTORY_FIELDS for c in (h, h + "_w")])
         users = table.num_rows
@@ -77,20 +87,44 @@ def lsa(data: Path, model: S.PlantedModel, max_users: int, ranks: list[int]) -> 
             ids, counts = ids_col.values.to_numpy(), table.column(h + "_w").combine_chunks().values.to_numpy()
             row = np.repeat(np.arange(users), np.diff(ids_col.offsets.to_numpy()))
             weight = np.log1p(counts)
-            rows.append(row + n), cols.append(ids + offset[h]), vals.append(weight.astype(np.float32))
+            parts[h].append(sp.csr_matrix((weight.astype(np.float32), (row, ids)),
+                                          shape=(users, len(model.history_vectors[h]) + 1)))
             np.add.at(num, row, model.history_vectors[h][ids - 1] * weight[:, None])
             den += np.bincount(row, weights=weight, minlength=users)
         tastes.append(num / den[:, None])
         n += users
         if n >= max_users:
             break
-    x = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(n, start), dtype=np.float32)
-    taste = np.concatenate(tastes)
+    return {h: sp.vstack(parts[h]).tocsr() for h in HISTORY_FIELDS}, np.concatenate(tastes)
+
+
+def pooled_per_list(lists: dict[str, sp.csr_matrix], rows: dict[str, np.ndarray],
+                    fields: Sequence[str] = HISTORY_FIELDS) -> np.ndarray:
+    """Each user's log1p(count)-weighted mean of each list's ``rows``, the lists' columns side by side."""
+    return np.column_stack([(lists[h] @ rows[h]) / np.maximum(np.asarray(lists[h].sum(1)), 1e-9)
+                            for h in fields])
+
+
+def lsa_matrix(lists: dict[str, sp.csr_matrix]) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The four lists side by side, log1p(count) x idf, rows L2-normalised; and each column's document
+    frequency."""
+    x = sp.hstack([lists[h] for h in HISTORY_FIELDS]).tocsr()
+    n = x.shape[0]
     df = np.asarray((x > 0).sum(0)).ravel()
     x = x @ sp.diags(np.log(n / np.maximum(df, 1)).astype(np.float32))
     norms = np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel())
-    x = (sp.diags(1 / np.maximum(norms, 1e-9)) @ x).tocsr()
+    return (sp.diags(1 / np.maximum(norms, 1e-9)) @ x).tocsr(), df
+
+
+def lsa(lists: dict[str, sp.csr_matrix], taste: np.ndarray, model: S.PlantedModel,
+        ranks: list[int]) -> tuple[dict, np.ndarray]:
+    """The LSA figures, and the users' pooled id embeddings of the largest rank."""
+    sizes = {h: lists[h].shape[1] for h in HISTORY_FIELDS}
+    offset, start = {}, 0
+    for h in HISTORY_FIELDS:
+        offset[h], start = start, start + sizes[h]
+    x, df = lsa_matrix(lists)
+    n = x.shape[0]
     result = {"user_rows": n, "nonzeros": int(x.nnz), "columns": start, "ranks": {}}
     for rank in ranks:
         t = time.perf_counter()
@@ -101,15 +135,21 @@ def lsa(data: Path, model: S.PlantedModel, max_users: int, ranks: list[int]) -> 
             ids = slice(offset[h] + 1, offset[h] + sizes[h])
             seen = df[ids] > 0
             per_field[h] = weighted_r2(model.history_vectors[h][seen], id_emb[ids][seen], df[ids][seen])
-        result["ranks"][str(rank)] = {
-            "seconds": round(time.perf_counter() - t, 1), "top_singular_values": s[:8].round(2).tolist(),
-            "id_vector_r2": per_field, "user_taste_r2": weighted_r2(taste, user_emb)}
-        print(f"rank {rank}: id vectors {per_field}, user taste {result['ranks'][str(rank)]['user_taste_r2']}",
-              flush=True)
-    return result
+        pooled = pooled_per_list(lists, {h: id_emb[offset[h]:offset[h] + sizes[h]] for h in HISTORY_FIELDS})
+        if rank == max(ranks):
+            largest = pooled
+        figures = {"seconds": round(time.perf_counter() - t, 1), "top_singular_values": s[:8].round(2).tolist(),
+                   "id_vector_r2": per_field, "user_taste_r2": weighted_r2(taste, user_emb),
+                   "user_taste_r2_pooled_ids": weighted_r2(taste, pooled)}
+        result["ranks"][str(rank)] = figures
+        print(f"rank {rank}: id vectors {per_field}, user taste {figures['user_taste_r2']}, on pooled ids "
+              f"{figures['user_taste_r2_pooled_ids']}", flush=True)
+    return result, largest
 
 
-def category_neighbours(data: Path, model: S.PlantedModel, ms: list[int]) -> dict:
+def category_neighbours(data: Path, model: S.PlantedModel, ms: list[int], keep: int) -> tuple[dict, np.ndarray]:
+    """The neighbour figures, and each category's ``keep`` strongest neighbours by PPMI (as ids, a row per
+    id of the table; an id without links is its own neighbour)."""
     field = "109_14"
     n_ids = len(model.history_vectors[field]) + 1
     rows, cols, n = [], [], 0
@@ -141,6 +181,47 @@ def category_neighbours(data: Path, model: S.PlantedModel, ms: list[int]) -> dic
             "median_catalog_distance": float(np.median(np.abs(position[nb] - position[:, None])))}
         print(f"top {m} PPMI neighbours: {result['neighbours'][str(m)]}", flush=True)
     result["categories_per_topic"] = round(len(position) / (topic.max() + 1), 1)
+    by_id = np.repeat(np.arange(n_ids)[:, None], keep, 1)
+    by_id[linked] = linked[order[:, :keep]]
+    return result, by_id
+
+
+def trained_rows(export: Path, data: Path, model: S.PlantedModel, lists: dict[str, sp.csr_matrix],
+                 taste: np.ndarray, neighbours: np.ndarray, ms: list[int], shares: list[float],
+                 lsa_pooled: np.ndarray | None) -> dict:
+    """Part 3 (see the module's text)."""
+    state = torch.load(export / "model.pt", map_location="cpu", weights_only=True)
+    tables = {h: state[f"user_ebc.embedding_bags.t_{h}.weight"].float().numpy() for h in HISTORY_FIELDS}
+    frequency = {h: np.zeros(len(tables[h])) for h in HISTORY_FIELDS}
+    for f in user_files(data):
+        table = pq.read_table(f, columns=list(HISTORY_FIELDS))
+        for h in HISTORY_FIELDS:
+            ids = table.column(h).combine_chunks().values.to_numpy()
+            frequency[h] += np.bincount(ids, minlength=len(tables[h]))[:len(tables[h])]
+
+    def id_r2(h: str, rows: np.ndarray) -> list[float]:
+        seen = np.flatnonzero(frequency[h][1:] > 0)
+        return weighted_r2(model.history_vectors[h][seen], rows[1:][seen], frequency[h][1:][seen])
+
+    def pooled(rows: dict[str, np.ndarray]) -> np.ndarray:
+        return pooled_per_list(lists, rows).astype(np.float64)
+
+    trained = pooled(tables)
+    result = {"model": str(export), "user_rows": int(len(taste)),
+              "id_vector_r2": {h: id_r2(h, tables[h]) for h in HISTORY_FIELDS},
+              "user_taste_r2": weighted_r2(taste, trained), "smoothed_109_14": []}
+    if lsa_pooled is not None:
+        result["user_taste_r2_with_lsa"] = weighted_r2(taste, np.column_stack([trained, lsa_pooled]))
+        print(f"trained rows and LSA: user taste {result['user_taste_r2_with_lsa']}", flush=True)
+    print(f"trained rows: id vectors {result['id_vector_r2']}, user taste {result['user_taste_r2']}", flush=True)
+    field = "109_14"
+    for m in ms:
+        for a in shares:
+            rows = (1 - a) * tables[field] + a * tables[field][neighbours[:, :m]].mean(1)
+            row = {"neighbours": m, "share": a, "id_vector_r2": id_r2(field, rows),
+                   "user_taste_r2": weighted_r2(taste, pooled({**tables, field: rows}))}
+            result["smoothed_109_14"].append(row)
+            print(f"109_14 smoothed over {m} neighbours, share {a}: {row}", flush=True)
     return result
 
 
@@ -150,11 +231,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lsa-users", type=int, default=100_000)
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--neighbours", type=int, nargs="+", default=[1, 3, 5, 10, 20])
+    parser.add_argument("--model", type=Path, help="export of a trained model: part 3")
+    parser.add_argument("--smooth-neighbours", type=int, nargs="+", default=[1, 3, 10])
+    parser.add_argument("--smooth-shares", type=float, nargs="+", default=[0.3, 0.5, 0.8])
+    parser.add_argument("--no-lsa", action="store_true", help="skip part 1")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     model = S.planted_model(planted_config(args.data))
-    result = {"data": str(args.data), "lsa": lsa(args.data, model, args.lsa_users, args.ranks),
-              "category_neighbours": category_neighbours(args.data, model, args.neighbours)}
+    lists, taste = history_lists(args.data, model, args.lsa_users)
+    result, lsa_pooled = {"data": str(args.data)}, None
+    if not args.no_lsa:
+        result["lsa"], lsa_pooled = lsa(lists, taste, model, args.ranks)
+    result["category_neighbours"], neighbours = category_neighbours(
+        args.data, model, args.neighbours, max(args.smooth_neighbours))
+    if args.model:
+        result["trained_rows"] = trained_rows(args.model, args.data, model, lists, taste, neighbours,
+                                              args.smooth_neighbours, args.smooth_shares, lsa_pooled)
     if args.out:
         return write_result(args.out, "cooccurrence_probe",
                             command_line(__file__, argv if argv is not None else sys.argv[1:]),
