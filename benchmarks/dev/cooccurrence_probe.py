@@ -203,10 +203,7 @@ def trained_rows(export: Path, data: Path, model: S.PlantedModel, lists: dict[st
         seen = np.flatnonzero(frequency[h][1:] > 0)
         return weighted_r2(model.history_vectors[h][seen], rows[1:][seen], frequency[h][1:][seen])
 
-    def pooled(rows: dict[str, np.ndarray]) -> np.ndarray:
-        return pooled_per_list(lists, rows).astype(np.float64)
-
-    trained = pooled(tables)
+    trained = pooled_per_list(lists, tables)
     result = {"model": str(export), "user_rows": int(len(taste)),
               "id_vector_r2": {h: id_r2(h, tables[h]) for h in HISTORY_FIELDS},
               "user_taste_r2": weighted_r2(taste, trained), "smoothed_109_14": []}
@@ -219,7 +216,7 @@ def trained_rows(export: Path, data: Path, model: S.PlantedModel, lists: dict[st
         for a in shares:
             rows = (1 - a) * tables[field] + a * tables[field][neighbours[:, :m]].mean(1)
             row = {"neighbours": m, "share": a, "id_vector_r2": id_r2(field, rows),
-                   "user_taste_r2": weighted_r2(taste, pooled({**tables, field: rows}))}
+                   "user_taste_r2": weighted_r2(taste, pooled_per_list(lists, {**tables, field: rows}))}
             result["smoothed_109_14"].append(row)
             print(f"109_14 smoothed over {m} neighbours, share {a}: {row}", flush=True)
     return result

@@ -46,13 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     model = S.planted_model(planted_config(args.data))
     lists, taste = history_lists(args.data, model, args.users)
-    x, df = lsa_matrix(lists)
-    print(f"{x.shape[0]} users, {x.nnz} entries, {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"{len(taste)} users, {time.perf_counter() - t:.0f} s", flush=True)
     if args.planted:
         # Row k + 1 is local id k (the direct Parquet layout); row 0 holds no id and starts at zero.
         planted = {h: np.vstack([np.zeros((1, model.history_vectors[h].shape[1])), model.history_vectors[h]])
                    for h in HISTORY_FIELDS}
     else:
+        x, _ = lsa_matrix(lists)
+        print(f"LSA matrix: {x.nnz} non-zeros", flush=True)
         _, s, v = randomized_svd(x, args.rank)
         print(f"SVD rank {args.rank}: {time.perf_counter() - t:.0f} s", flush=True)
     out, pooled_all, start = {}, [], 0
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         emb = (emb - pooled.mean(0)) / (pooled.std(0) + 1e-12)
         out[h] = emb.astype(np.float32)
         pooled_all.append(pooled_per_list(lists, {h: emb}, [h]))
-        covered = float((df[start - width:start] > 0).mean())
+        covered = float((np.asarray((lists[h] > 0).sum(0)).ravel() > 0).mean())
         print(f"{h}: {width} ids, {covered:.3f} held by a sampled user", flush=True)
     print("R^2 of the users' planted taste on their pooled vectors:",
           r2(taste, np.column_stack(pooled_all)).round(3).tolist(), flush=True)
