@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class ModelConfig:
     paper's 18 is not allowed: 16 or 20 are the nearest."""
     field_dims: dict[str, int] = field(default_factory=dict)
     """Per-field embedding dimension overrides, e.g. {"205" = 32}."""
+    field_init_scale: dict[str, float] = field(default_factory=dict)
+    """Per-field multiple of the tables' initial range, uniform(+-sqrt(1/rows)) (TorchRec's default, which
+    the trainer draws itself so that runs match across world sizes), e.g. {"110_14" = 0.0}; 0 starts the
+    table at zero. A row that few gradients reach keeps much of its random start: at full scale the
+    history rows of the best ESMM moved by about their start's size, and without the start the users'
+    pooled rows hold their planted taste better (R^2 +0.06 to +0.08), yet starting those tables, or every
+    table, at zero moved no test AUC by more than 0.0004 (benchmarks/RESULTS.md, Full scale (8)). A table
+    at zero still learns when its pooled vector meets trained weights (a tower, the factors); two sides at
+    zero that meet only in a product (model.interaction = "dot" between them) would not."""
     tower_dims: list[int] = field(default_factory=lambda: [360, 200, 80])
     """Hidden layer sizes of each task tower (ESMM paper: 360x200x80)."""
     task_tower_dims: dict[str, list[int]] = field(default_factory=dict)
@@ -398,6 +408,14 @@ def _validate(cfg: JobConfig) -> None:
             f"model.interaction = 'dot' takes dot products between fields, so every field needs the same "
             f"dim; model.field_dims {dict(m.field_dims)} differ from model.embedding_dim = {m.embedding_dim}"
         )
+    unknown = sorted(set(m.field_init_scale) - {f.name for f in ALI_CCP_FIELDS})
+    if unknown:
+        raise ConfigError(
+            f"model.field_init_scale names no field: {unknown} (fields: {[f.name for f in ALI_CCP_FIELDS]})"
+        )
+    for name, scale in m.field_init_scale.items():
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"model.field_init_scale.{name} must be a finite number >= 0, got {scale}")
     if m.head_precision not in HEAD_PRECISIONS:
         raise ConfigError(f"model.head_precision must be one of {list(HEAD_PRECISIONS)}, got {m.head_precision!r}")
     from dist_mtl.data.schema import USER_FIELDS

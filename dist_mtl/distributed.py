@@ -9,7 +9,7 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -317,23 +317,31 @@ def _table_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def initial_table(seed: int, key: str, rows: int, cols: int, scale: float = 1.0) -> torch.Tensor:
+    """The start of the table whose DMP state-dict key is ``key``: uniform(+-scale * sqrt(1/rows)) from a
+    per-table seed (also how a probe recomputes what a trained table started from)."""
+    bound = (1.0 / rows) ** 0.5 * scale
+    gen = torch.Generator().manual_seed(_table_seed(seed, key))
+    return torch.empty(rows, cols).uniform_(-bound, bound, generator=gen)
+
+
 @torch.no_grad()
-def init_embedding_tables(dmp: nn.Module, seed: int) -> None:
+def init_embedding_tables(dmp: nn.Module, seed: int, field_scale: Mapping[str, float] | None = None) -> None:
     """Give every table the same values whatever the world size and sharding.
 
     TorchRec initialises each shard on its own, so a 1-rank and a 2-rank job would start from different
     tables; generating the whole table from a per-table seed and copying each rank's slice makes runs
-    comparable across world sizes (and resharding testable). Uniform(+-sqrt(1/rows)), TorchRec's default.
+    comparable across world sizes (and resharding testable). Uniform(+-sqrt(1/rows)), TorchRec's default,
+    times ``field_scale[field]`` where given (model.field_init_scale; 0: zeros).
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+    field_scale = field_scale or {}
     for key, value in dmp.state_dict().items():
         if "embedding_bags" not in key or not key.endswith(".weight"):
             continue
         rows, cols = (value.size() if isinstance(value, ShardedTensor) else value.shape)
-        bound = (1.0 / rows) ** 0.5
-        gen = torch.Generator().manual_seed(_table_seed(seed, key))
-        full = torch.empty(rows, cols).uniform_(-bound, bound, generator=gen)
+        full = initial_table(seed, key, rows, cols, field_scale.get(_table_of(key).removeprefix("t_"), 1.0))
         if isinstance(value, ShardedTensor):
             for shard in value.local_shards():
                 r0, c0 = shard.metadata.shard_offsets

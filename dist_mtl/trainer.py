@@ -134,7 +134,7 @@ class Trainer:
             model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
         step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
         self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size)
-        init_embedding_tables(self.model, cfg.train.seed)
+        init_embedding_tables(self.model, cfg.train.seed, cfg.model.field_init_scale)
         self.optimizer = dense_optimizer(self.model, cfg.optimizer)
         self.pipeline = (
             TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device) if cfg.train.pipeline else None

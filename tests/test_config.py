@@ -75,6 +75,9 @@ def test_tasks_from_toml(tmp_path):
         ("train.early_stop_metric=\"ctcvr/calibration\"", "a binary task is ranked by"),
         ("train.early_stop_patience=0", "train.early_stop_patience must be > 0"),
         ("model.field_dims={nosuchfield = 32}", "model.field_dims names no field: ['nosuchfield']"),
+        ('model.field_init_scale={"t_110_14" = 0}', "model.field_init_scale names no field: ['t_110_14']"),
+        ('model.field_init_scale={"110_14" = -0.5}', "model.field_init_scale.110_14 must be a finite number >= 0"),
+        ('model.field_init_scale={"110_14" = nan}', "model.field_init_scale.110_14 must be a finite number >= 0"),
         # A table's name instead of its field's would otherwise leave the table to the planner unnoticed.
         ('sharding.table_sharding={t_205 = "column_wise"}', "sharding.table_sharding names no field: ['t_205']"),
         ('tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click", loss_weight=0.0}, '

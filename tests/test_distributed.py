@@ -18,7 +18,7 @@ def build(*overrides):
     torch.manual_seed(0)
     step = TrainStep(MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks), MultiTaskLoss(cfg.tasks))
     dmp, plan = shard_model(step, ctx, cfg.sharding, cfg.optimizer, 64)
-    init_embedding_tables(dmp, 0)
+    init_embedding_tables(dmp, 0, cfg.model.field_init_scale)
     return dmp, plan, dense_optimizer(dmp, cfg.optimizer)
 
 
@@ -57,6 +57,24 @@ def test_dense_adam_is_fused_and_trains_as_the_for_loop_adam(monkeypatch):
     assert not any(g["fused"] for g in dict(loop_opt.optimizers)["dense"].param_groups)
     for a, b in zip(fused, trajectory(loop_dmp, loop_opt, steps=6)):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def _table(dmp, field):
+    """The whole table of ``field`` (one rank holds every shard here)."""
+    (value,) = [v for k, v in dmp.state_dict().items() if k.endswith(f".embedding_bags.t_{field}.weight")]
+    return value.local_shards()[0].tensor.clone() if hasattr(value, "local_shards") else value.clone()
+
+
+def test_field_init_scale_scales_a_tables_start_and_a_table_at_zero_still_learns():
+    scaled, _, opt = build('sharding.sharding_type="table_wise"',
+                           'model.field_init_scale={"109_14" = 0, "110_14" = 0.25}')
+    default, _, _ = build('sharding.sharding_type="table_wise"')
+    assert torch.count_nonzero(_table(scaled, "109_14")) == 0
+    assert torch.equal(_table(scaled, "110_14"), 0.25 * _table(default, "110_14"))
+    assert torch.equal(_table(scaled, "205"), _table(default, "205"))
+    assert torch.count_nonzero(_table(default, "205")) > 0
+    trajectory(scaled, opt, steps=2)
+    assert torch.count_nonzero(_table(scaled, "109_14")) > 0
 
 
 def test_gpu_only_choices_are_refused_on_cpu():

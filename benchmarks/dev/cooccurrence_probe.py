@@ -23,7 +23,9 @@ asks whether co-occurrence in the train split's user rows, which costs no label,
    towards their m strongest PPMI neighbours (``(1 - a) row + a mean(neighbours' rows)``), which is
    what a co-occurrence regulariser of the tables could at best hand over; and the users' taste on the
    pooled trained rows beside the pooled LSA embeddings of the largest rank (not with ``--no-lsa``, which
-   skips part 1).
+   skips part 1). Also the users' taste on the pooled rows minus their random start (recomputed from the
+   export's train.seed and model.field_init_scale as the trainer drew it): what training moved them by,
+   without the start's noise (skipped for tables that started at zero).
 
 Writes the figures with the command as JSON (``--out``).
 """
@@ -47,7 +49,9 @@ from common import command_line, library_versions, write_result  # noqa: E402
 from factor_probe import r2  # noqa: E402
 from gap_breakdown import planted_config  # noqa: E402
 
+from dist_mtl.config import load_config  # noqa: E402
 from dist_mtl.data import synthetic as S  # noqa: E402
+from dist_mtl.distributed import initial_table  # noqa: E402
 
 HISTORY_FIELDS = ("109_14", "110_14", "127_14", "150_14")
 
@@ -207,6 +211,14 @@ def trained_rows(export: Path, data: Path, model: S.PlantedModel, lists: dict[st
     result = {"model": str(export), "user_rows": int(len(taste)),
               "id_vector_r2": {h: id_r2(h, tables[h]) for h in HISTORY_FIELDS},
               "user_taste_r2": weighted_r2(taste, trained), "smoothed_109_14": []}
+    cfg = load_config(export / "config.toml")
+    if any(cfg.model.field_init_scale.get(h, 1.0) for h in HISTORY_FIELDS):
+        # The trainer's DMP wraps the model in TrainStep, whose attribute ``model`` prefixes every key.
+        moved = {h: tables[h] - initial_table(cfg.train.seed, f"model.user_ebc.embedding_bags.t_{h}.weight",
+                                              *tables[h].shape, cfg.model.field_init_scale.get(h, 1.0)).numpy()
+                 for h in HISTORY_FIELDS}
+        result["user_taste_r2_minus_start"] = weighted_r2(taste, pooled_per_list(lists, moved))
+        print(f"trained rows minus their start: user taste {result['user_taste_r2_minus_start']}", flush=True)
     if lsa_pooled is not None:
         result["user_taste_r2_with_lsa"] = weighted_r2(taste, np.column_stack([trained, lsa_pooled]))
         print(f"trained rows and LSA: user taste {result['user_taste_r2_with_lsa']}", flush=True)
