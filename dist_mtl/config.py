@@ -354,6 +354,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 # ------------------------------------------------------------------------------------------- validation
 
 
+def _require_fields(where: str, names: typing.Iterable[str]) -> None:
+    """A per-field setting must name Ali-CCP fields: a table's name or a typo would be ignored silently."""
+    from dist_mtl.data.schema import ALI_CCP_FIELDS
+
+    fields = [f.name for f in ALI_CCP_FIELDS]
+    unknown = sorted(set(names) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where} names no field: {unknown} (fields: {fields})")
+
+
 def _validate(cfg: JobConfig) -> None:
     def positive(where: str, v: int | float) -> None:
         if not v > 0:
@@ -372,11 +382,7 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.head must be one of {HEADS}, got {m.head!r}")
     from dist_mtl.data.schema import ALI_CCP_FIELDS
 
-    unknown = sorted(set(m.field_dims) - {f.name for f in ALI_CCP_FIELDS})
-    if unknown:
-        raise ConfigError(
-            f"model.field_dims names no field: {unknown} (fields: {[f.name for f in ALI_CCP_FIELDS]})"
-        )
+    _require_fields("model.field_dims", m.field_dims)
     for where, dim in [("model.embedding_dim", m.embedding_dim)] + [
         (f"model.field_dims.{k}", v) for k, v in m.field_dims.items()
     ]:
@@ -408,11 +414,7 @@ def _validate(cfg: JobConfig) -> None:
             f"model.interaction = 'dot' takes dot products between fields, so every field needs the same "
             f"dim; model.field_dims {dict(m.field_dims)} differ from model.embedding_dim = {m.embedding_dim}"
         )
-    unknown = sorted(set(m.field_init_scale) - {f.name for f in ALI_CCP_FIELDS})
-    if unknown:
-        raise ConfigError(
-            f"model.field_init_scale names no field: {unknown} (fields: {[f.name for f in ALI_CCP_FIELDS]})"
-        )
+    _require_fields("model.field_init_scale", m.field_init_scale)
     for name, scale in m.field_init_scale.items():
         if not (math.isfinite(scale) and scale >= 0):
             raise ConfigError(f"model.field_init_scale.{name} must be a finite number >= 0, got {scale}")
@@ -456,10 +458,7 @@ def _validate(cfg: JobConfig) -> None:
     ]:
         if st and st not in SHARDING_TYPES:
             raise ConfigError(f"{where} must be one of {SHARDING_TYPES}, got {st!r}")
-    unknown = sorted(set(s.table_sharding) - {f.name for f in ALI_CCP_FIELDS})
-    if unknown:
-        raise ConfigError(f"sharding.table_sharding names no field: {unknown} (fields: "
-                          f"{[f.name for f in ALI_CCP_FIELDS]})")
+    _require_fields("sharding.table_sharding", s.table_sharding)
     if s.compute_kernel not in ("fused", "dense"):
         raise ConfigError(f"sharding.compute_kernel must be 'fused' or 'dense', got {s.compute_kernel!r}")
 
@@ -473,9 +472,7 @@ def _validate(cfg: JobConfig) -> None:
     positive("optimizer.sparse_eps", o.sparse_eps)
     for where, per_field in (("optimizer.field_sparse_lr", o.field_sparse_lr),
                              ("optimizer.field_sparse_eps", o.field_sparse_eps)):
-        unknown = sorted(set(per_field) - {f.name for f in ALI_CCP_FIELDS})
-        if unknown:
-            raise ConfigError(f"{where} names no field: {unknown}")
+        _require_fields(where, per_field)
         for k, v in per_field.items():
             positive(f"{where}.{k}", v)
     if o.field_sparse_eps and o.sparse not in EPS_SPARSE_OPTIMIZERS:

@@ -52,6 +52,7 @@ from gap_breakdown import planted_config  # noqa: E402
 from dist_mtl.config import load_config  # noqa: E402
 from dist_mtl.data import synthetic as S  # noqa: E402
 from dist_mtl.distributed import initial_table  # noqa: E402
+from dist_mtl.export import TRAIN_STEP_PREFIX  # noqa: E402
 
 HISTORY_FIELDS = ("109_14", "110_14", "127_14", "150_14")
 
@@ -195,7 +196,8 @@ def trained_rows(export: Path, data: Path, model: S.PlantedModel, lists: dict[st
                  lsa_pooled: np.ndarray | None) -> dict:
     """Part 3 (see the module's text)."""
     state = torch.load(export / "model.pt", map_location="cpu", weights_only=True)
-    tables = {h: state[f"user_ebc.embedding_bags.t_{h}.weight"].float().numpy() for h in HISTORY_FIELDS}
+    keys = {h: f"user_ebc.embedding_bags.t_{h}.weight" for h in HISTORY_FIELDS}
+    tables = {h: state[keys[h]].float().numpy() for h in HISTORY_FIELDS}
     frequency = {h: np.zeros(len(tables[h])) for h in HISTORY_FIELDS}
     for f in user_files(data):
         table = pq.read_table(f, columns=list(HISTORY_FIELDS))
@@ -213,9 +215,9 @@ def trained_rows(export: Path, data: Path, model: S.PlantedModel, lists: dict[st
               "user_taste_r2": weighted_r2(taste, trained), "smoothed_109_14": []}
     cfg = load_config(export / "config.toml")
     if any(cfg.model.field_init_scale.get(h, 1.0) for h in HISTORY_FIELDS):
-        # The trainer's DMP wraps the model in TrainStep, whose attribute ``model`` prefixes every key.
-        moved = {h: tables[h] - initial_table(cfg.train.seed, f"model.user_ebc.embedding_bags.t_{h}.weight",
-                                              *tables[h].shape, cfg.model.field_init_scale.get(h, 1.0)).numpy()
+        # The start was drawn under the trainer's key, which TrainStep prefixes to the model's own.
+        moved = {h: tables[h] - initial_table(cfg.train.seed, TRAIN_STEP_PREFIX + keys[h], *tables[h].shape,
+                                              cfg.model.field_init_scale.get(h, 1.0)).numpy()
                  for h in HISTORY_FIELDS}
         result["user_taste_r2_minus_start"] = weighted_r2(taste, pooled_per_list(lists, moved))
         print(f"trained rows minus their start: user taste {result['user_taste_r2_minus_start']}", flush=True)

@@ -53,7 +53,7 @@ def probe(checkpoint: Path, config: Path, fields: list[str]) -> dict:
     shapes = read_tensor_shapes(checkpoint)
     keys = {f: field_keys(shapes, f) for f in fields}
     state = {k: torch.empty(shapes[k]) for pair in keys.values() for k in pair}
-    dcp.load(state, checkpoint_id=str(checkpoint))
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # as checkpoint.load_unsharded reads alone
     result = {}
     for f, (table_key, accumulator_key) in keys.items():
         rows = state[table_key]
