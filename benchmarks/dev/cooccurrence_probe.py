@@ -110,6 +110,14 @@ def pooled_per_list(lists: dict[str, sp.csr_matrix], rows: dict[str, np.ndarray]
                             for h in fields])
 
 
+def field_columns(lists: dict[str, sp.csr_matrix]) -> dict[str, slice]:
+    """Each history field's columns in ``lsa_matrix`` (the four lists side by side, in HISTORY_FIELDS order)."""
+    out, start = {}, 0
+    for h in HISTORY_FIELDS:
+        out[h], start = slice(start, start + lists[h].shape[1]), start + lists[h].shape[1]
+    return out
+
+
 def lsa_matrix(lists: dict[str, sp.csr_matrix]) -> tuple[sp.csr_matrix, np.ndarray]:
     """The four lists side by side, log1p(count) x idf, rows L2-normalised; and each column's document
     frequency."""
@@ -124,23 +132,20 @@ def lsa_matrix(lists: dict[str, sp.csr_matrix]) -> tuple[sp.csr_matrix, np.ndarr
 def lsa(lists: dict[str, sp.csr_matrix], taste: np.ndarray, model: S.PlantedModel,
         ranks: list[int]) -> tuple[dict, np.ndarray]:
     """The LSA figures, and the users' pooled id embeddings of the largest rank."""
-    sizes = {h: lists[h].shape[1] for h in HISTORY_FIELDS}
-    offset, start = {}, 0
-    for h in HISTORY_FIELDS:
-        offset[h], start = start, start + sizes[h]
+    columns = field_columns(lists)
     x, df = lsa_matrix(lists)
     n = x.shape[0]
-    result = {"user_rows": n, "nonzeros": int(x.nnz), "columns": start, "ranks": {}}
+    result = {"user_rows": n, "nonzeros": int(x.nnz), "columns": x.shape[1], "ranks": {}}
     for rank in ranks:
         t = time.perf_counter()
         u, s, v = randomized_svd(x, rank)
         user_emb, id_emb = u * s, v * s
         per_field = {}
         for h in HISTORY_FIELDS:
-            ids = slice(offset[h] + 1, offset[h] + sizes[h])
+            ids = slice(columns[h].start + 1, columns[h].stop)  # column 0 of a field holds no id
             seen = df[ids] > 0
             per_field[h] = weighted_r2(model.history_vectors[h][seen], id_emb[ids][seen], df[ids][seen])
-        pooled = pooled_per_list(lists, {h: id_emb[offset[h]:offset[h] + sizes[h]] for h in HISTORY_FIELDS})
+        pooled = pooled_per_list(lists, {h: id_emb[columns[h]] for h in HISTORY_FIELDS})
         if rank == max(ranks):
             largest = pooled
         figures = {"seconds": round(time.perf_counter() - t, 1), "top_singular_values": s[:8].round(2).tolist(),

@@ -26,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 sys.path.insert(2, str(Path(__file__).resolve().parents[2]))
-from cooccurrence_probe import HISTORY_FIELDS, history_lists, lsa_matrix, pooled_per_list, randomized_svd  # noqa: E402
+from cooccurrence_probe import (HISTORY_FIELDS, field_columns, history_lists, lsa_matrix,  # noqa: E402
+                                pooled_per_list, randomized_svd)
 from factor_probe import r2  # noqa: E402
 from gap_breakdown import planted_config  # noqa: E402
 
@@ -56,11 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"LSA matrix: {x.nnz} non-zeros", flush=True)
         _, s, v = randomized_svd(x, args.rank)
         print(f"SVD rank {args.rank}: {time.perf_counter() - t:.0f} s", flush=True)
-    out, pooled_all, start = {}, [], 0
+    out, pooled_all, columns = {}, [], field_columns(lists)
     for h in HISTORY_FIELDS:
         width = lists[h].shape[1]
-        emb = planted[h].astype(np.float64) if args.planted else (v[start:start + width] * s).astype(np.float64)
-        start += width
+        emb = planted[h].astype(np.float64) if args.planted else (v[columns[h]] * s).astype(np.float64)
         if h not in args.fields:
             continue
         pooled = pooled_per_list(lists, {h: emb}, [h])
