@@ -123,16 +123,17 @@ class ModelConfig:
     over all the listed fields together was measured as well and scored lower (benchmarks/RESULTS.md,
     Full scale)."""
     factor_rank: int = 0
-    """ESMM only: rank k of a low-rank user x item interaction added to the task logits (0: none). The
-    user row (pooled embeddings and weight features, once per user) and the item row are projected to k
-    dims by projections P and Q shared by the towers; CTR's logit gains (P u) . (Q i) and CVR's
-    (P u)^T M (Q i), M a learned k x k matrix starting at the identity. CVR learns from the few purchases;
-    with P and Q trained by every task it has only M of its own to learn (benchmarks/RESULTS.md, Full
-    scale)."""
+    """Rank k of a low-rank user x item interaction added to the task logits (0: none). The user row
+    (pooled embeddings and weight features, once per user) and the item row are projected to k dims by
+    projections P and Q shared by the tasks; the first task's logit gains (P u) . (Q i) and every later
+    one's (P u)^T M_t (Q i), M_t a learned k x k matrix starting at the identity. The tasks: ESMM's ctr
+    and cvr towers; for the other heads every binary task in config order (regression tasks get none).
+    CVR learns from the few purchases; with P and Q trained by every task it has only M of its own to
+    learn (benchmarks/RESULTS.md, Full scale)."""
     factor_only_fields: list[str] = field(default_factory=list)
     """User-side fields whose pooled embeddings reach the logits only through the factors
-    (model.factor_rank): the towers do not read their embedding columns (their model.weight_features
-    columns, if any, they still read)."""
+    (model.factor_rank): the head's layers (towers, experts, gates) do not read their embedding columns
+    (their model.weight_features columns, if any, they still read)."""
     output_bias_init: str = "label_rate"
     """"label_rate": each binary task's output bias starts at the logit of its label rate in the train
     split (clicks per impression for CTR, purchases per click for a CVR over clicked rows), so the first
@@ -428,8 +429,6 @@ def _validate(cfg: JobConfig) -> None:
                           f"got {m.mean_pooled_fields!r}")
     if m.factor_rank < 0:
         raise ConfigError(f"model.factor_rank must be >= 0, got {m.factor_rank}")
-    if m.factor_rank and m.head != "esmm":
-        raise ConfigError(f"model.factor_rank is implemented for the esmm head only, got head = {m.head!r}")
     user_names = {f.name for f in USER_FIELDS}
     if m.factor_only_fields:
         if not m.factor_rank:
@@ -546,6 +545,9 @@ def _validate(cfg: JobConfig) -> None:
     if stray:
         raise ConfigError(f"model.task_tower_dims names {stray}, which have no tower in the {m.head} head "
                           f"(its towers: {towers})")
+    if m.factor_rank and not any(task.type == "binary" for task in cfg.tasks):
+        raise ConfigError("model.factor_rank adds its terms to the binary tasks' logits, and tasks has none "
+                          f"(types: {sorted({task.type for task in cfg.tasks})})")
 
 
 # ----------------------------------------------------------------------------------------------- TOML out

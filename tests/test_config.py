@@ -86,7 +86,9 @@ def test_tasks_from_toml(tmp_path):
         ('model.mean_pooled_fields=["205"]', "model.mean_pooled_fields must be distinct multi-valued fields"),
         ('model.mean_pooled_fields=["109_14", "109_14"]', "model.mean_pooled_fields must be distinct"),
         ("model.factor_rank=-1", "model.factor_rank must be >= 0"),
-        (("model.factor_rank=4", 'model.head="mmoe"'), "model.factor_rank is implemented for the esmm head only"),
+        (("model.factor_rank=4", 'model.head="mmoe"', 'tasks=[{name="price", label="price", type="regression"}]',
+          'train.early_stop_metric="price/mse"'),
+         "model.factor_rank adds its terms to the binary tasks' logits, and tasks has none"),
         ('model.factor_only_fields=["109_14"]', "model.factor_only_fields needs model.factor_rank > 0"),
         (("model.factor_rank=4", 'model.factor_only_fields=["205"]'), "model.factor_only_fields must be distinct user-side"),
         (("model.factor_rank=4", 'model.factor_only_fields=["109_14"]', "model.interaction=dot"),
@@ -115,6 +117,11 @@ def test_factor_options_load():
                              "train.epochs=2", "optimizer.dense_epochs=1"])
     assert (cfg.model.factor_rank, cfg.model.factor_only_fields) == (8, ["109_14", "150_14"])
     assert len(cfg.model.mean_pooled_fields) == 4 and cfg.optimizer.dense_epochs == 1
+    # Every head takes the factors (on its binary tasks).
+    mmoe = load_config(None, ["model.factor_rank=8", 'model.head="mmoe"', 'model.factor_only_fields=["109_14"]',
+                              'tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, '
+                              '{name="ctcvr", label="buy"}]'])
+    assert (mmoe.model.head, mmoe.model.factor_rank) == ("mmoe", 8)
 
 
 def test_task_tower_dims_load_and_round_trip_through_toml(tmp_path):

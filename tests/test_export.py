@@ -164,10 +164,14 @@ def test_weight_features_exported_live_from_one_rank(one_rank, tmp_path):
     assert_exported_live_scores_as_trained(cfg, tmp_path / "weights")
 
 
-def test_factors_and_mean_pooling_exported_live_from_one_rank(one_rank, tmp_path):
+@pytest.mark.parametrize("head", ["esmm", "mmoe"])
+def test_factors_and_mean_pooling_exported_live_from_one_rank(one_rank, tmp_path, head):
+    mmoe = ("model.head=mmoe", "model.expert_dims=[16]", "model.num_experts=3",
+            'tasks=[{name = "ctr", label = "click"}, {name = "ctcvr", label = "buy"}]')
     cfg = worker.job_config("table_wise", {}, (
         "model.factor_rank=4", 'model.factor_only_fields=["109_14", "127_14"]',
-        'model.mean_pooled_fields=["109_14", "127_14", "508"]', 'model.weight_features=["sum"]'))
+        'model.mean_pooled_fields=["109_14", "127_14", "508"]', 'model.weight_features=["sum"]',
+        *(mmoe if head == "mmoe" else ())))
     assert_exported_live_scores_as_trained(cfg, tmp_path / "factors")
 
 

@@ -388,12 +388,14 @@ def test_weighted_mean_pooling_divides_each_listed_field_by_its_rows_weight():
     assert WeightedMeanPooling(["a", "b", "c"], {})(pooled, kjt) is pooled
 
 
-def factor_model(rank: int = 4, factor_only=("109_14", "110_14"), mean_pooled=("109_14", "110_14")):
+def factor_model(rank: int = 4, factor_only=("109_14", "110_14"), mean_pooled=("109_14", "110_14"),
+                 head: str = "esmm"):
     torch.manual_seed(0)
-    cfg = small_model_config("esmm")
+    cfg = small_model_config(head)
     cfg.factor_rank, cfg.factor_only_fields, cfg.mean_pooled_fields = rank, list(factor_only), list(mean_pooled)
     cfg.weight_features = ["sum"]
-    return MultiTaskModel(cfg, VOCAB_SIZES, default_esmm_tasks(), sparse_device="cpu")
+    return MultiTaskModel(cfg, VOCAB_SIZES, default_esmm_tasks() if head == "esmm" else MMOE_TASKS,
+                          sparse_device="cpu")
 
 
 def test_mean_pooled_fields_reach_the_head_as_means_of_their_ids():
@@ -415,42 +417,53 @@ def test_mean_pooled_fields_reach_the_head_as_means_of_their_ids():
         torch.testing.assert_close(rows["mean"][:, cols], want)
 
 
-def test_factor_terms_add_to_the_logits_and_hide_their_fields_from_the_towers():
-    model = factor_model().eval()
-    head, batch = model.head, random_batch(num_users=5, num_impressions=23)
+@pytest.mark.parametrize("head", ["esmm", "mmoe", "ple", "shared_bottom"])
+def test_factor_terms_add_to_the_binary_logits_and_hide_their_fields_from_the_head(head):
+    model = factor_model(head=head).eval()
+    module, batch = model.head, random_batch(num_users=5, num_impressions=23, extra=("price",))
     user, item = pooled_by_name(model.user_ebc(batch.user_features), model.item_ebc(batch.item_features))
     user = model.user_weights.append_to(model.user_means(user, batch.user_features), batch.user_features)
     item = model.item_weights.append_to(item, batch.item_features)
     x = model.head_input(user, item, batch.user_index)
     hidden = {c for f in ("109_14", "110_14") for c in range(*model.head_input.layout.user_columns[f])}
-    assert len(hidden) == 16 and head.ctr_tower.body[0].in_features == model.head_input.out_dim - 16
+    assert len(hidden) == 16
+    if head == "esmm":
+        assert module.ctr_tower.body[0].in_features == model.head_input.out_dim - 16
     keep = [c for c in range(user.shape[1]) if c not in hidden]
-    tower_rows = GroupedRows(x.user[:, keep], x.item, x.user_index)
-    u = head.factors.user_projection(x.user)[x.user_index]
-    i = head.factors.item_projection(x.item)
+    # ESMM's two towers; elsewhere every binary task in config order (the regression task "price" has none).
+    tasks = ["ctr", "cvr"] if head == "esmm" else ["ctr", "ctcvr"]
+    assert module.factors.tasks == tasks and set(module.factors.mix) == set(tasks[1:])
+    u = module.factors.user_projection(x.user)[x.user_index]
+    i = module.factors.item_projection(x.item)
     with torch.no_grad():
-        head.factors.mix["cvr"].copy_(torch.randn(4, 4))
+        module.factors.mix[tasks[1]].copy_(torch.randn(4, 4))
     out = model(batch)
-    torch.testing.assert_close(out.logits["ctr"], head.ctr_tower(tower_rows) + (u * i).sum(1))
-    torch.testing.assert_close(out.logits["cvr"],
-                               head.cvr_tower(tower_rows) + ((u @ head.factors.mix["cvr"]) * i).sum(1))
+    bare = module.predict(GroupedRows(x.user[:, keep], x.item, x.user_index), {})
+    torch.testing.assert_close(out.logits[tasks[0]], bare.logits[tasks[0]] + (u * i).sum(1))
+    torch.testing.assert_close(out.logits[tasks[1]],
+                               bare.logits[tasks[1]] + ((u @ module.factors.mix[tasks[1]]) * i).sum(1))
+    if head == "esmm":
+        torch.testing.assert_close(out.predictions["ctcvr"],
+                                   torch.sigmoid(out.logits["ctr"]) * torch.sigmoid(out.logits["cvr"]))
+    else:
+        torch.testing.assert_close(out.predictions["price"], bare.predictions["price"])
     # Grouped and gathered rows give the same outputs.
-    dense = head(x.dense()).logits
-    for task in ("ctr", "cvr"):
+    dense = module(x.dense()).logits
+    for task in tasks:
         torch.testing.assert_close(dense[task], out.logits[task])
-    # The hidden fields move the logits only through the factors.
+    # The hidden fields move the outputs only through the factors.
     with torch.no_grad():
-        head.factors.user_projection.weight[:, sorted(hidden)] = 0.0
+        module.factors.user_projection.weight[:, sorted(hidden)] = 0.0
     moved = x.user.clone()
     moved[:, sorted(hidden)] += 5.0
-    for task in ("ctr", "cvr"):
-        torch.testing.assert_close(head(GroupedRows(moved, x.item, x.user_index)).logits[task],
-                                   head(x).logits[task])
+    before, after = module(x).predictions, module(GroupedRows(moved, x.item, x.user_index)).predictions
+    for task in before:
+        torch.testing.assert_close(after[task], before[task])
 
 
 def test_factors_without_hidden_fields_keep_every_column_for_the_towers():
     model = factor_model(factor_only=())
-    assert model.head.tower_user_columns is None
+    assert model.head.visible_user_columns is None
     assert model.head.ctr_tower.body[0].in_features == model.head_input.out_dim
 
 

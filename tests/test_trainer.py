@@ -168,9 +168,13 @@ def test_output_biases_start_at_the_train_splits_rates(dataset, tmp_path, init):
         assert abs(ctr_bias) < 1 and abs(cvr_bias) < 1
 
 
-def test_factor_model_trains_through_the_pipeline(dataset, tmp_path):
+@pytest.mark.parametrize("head", ["esmm", "mmoe"])
+def test_factor_model_trains_through_the_pipeline(dataset, tmp_path, head):
     overrides = ("model.factor_rank=4", 'model.factor_only_fields=["109_14", "110_14"]',
                  'model.mean_pooled_fields=["109_14", "110_14", "127_14", "150_14"]')
+    if head == "mmoe":
+        overrides += ('model.head="mmoe"', 'tasks=[{name="ctr", label="click"}, '
+                      '{name="cvr", label="buy", rows="click"}, {name="ctcvr", label="buy"}]')
     piped = Trainer(small_config(dataset, tmp_path / "piped", *overrides)).train()
     plain = Trainer(small_config(dataset, tmp_path / "plain", "train.pipeline=false", *overrides)).train()
     for key in ("ctr/auc", "cvr/auc", "ctcvr/logloss"):

@@ -15,8 +15,8 @@ from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
 from dist_mtl.losses import ModelOutput
 from dist_mtl.models.embeddings import build_ebc, field_columns, pooled_by_name
 from dist_mtl.models.interaction import GroupedDotInteraction
-from dist_mtl.models.layers import GroupedRows, MultiTaskHead
-from dist_mtl.models.esmm import ESMMHead, UserItemFactors, check_esmm_tasks
+from dist_mtl.models.layers import GroupedRows, MultiTaskHead, UserItemFactors
+from dist_mtl.models.esmm import ESMM_TOWERS, ESMMHead, check_esmm_tasks
 from dist_mtl.models.mmoe import MMOEHead, PLEHead, SharedBottomHead
 from dist_mtl.models.weight_features import RowWeightFeatures, WeightedMeanPooling
 from dist_mtl.tasks import TaskConfig
@@ -33,7 +33,7 @@ class MultiTaskModel(nn.Module):
         self.user_weights = side_weight_features(USER_FIELDS, cfg.weight_features)
         self.item_weights = side_weight_features(ITEM_FIELDS, cfg.weight_features)
         self.head_input = HeadInput(cfg, self.user_weights.out_dim, self.item_weights.out_dim)
-        self.head = HEADS[cfg.head](self.head_input.out_dim, cfg, tasks, self.head_input.layout)
+        self.head = build_head(self.head_input.out_dim, cfg, tasks, self.head_input.layout)
         self.head.bfloat16 = cfg.head_precision == "bfloat16"
 
     @torch.no_grad()
@@ -112,34 +112,50 @@ class HeadInput(nn.Module):
         return GroupedRows(torch.cat([user, per_user], dim=1), torch.cat([item, per_impression], dim=1), user_index)
 
 
-def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
+def _esmm(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> MultiTaskHead:
     check_esmm_tasks(tasks)
-    factors, tower_user_columns = None, None
-    if cfg.factor_rank:
-        if layout is None or layout.user_dim + layout.item_dim != in_dim:
-            raise ValueError(f"model.factor_rank needs the head input's layout (user and item row widths), got {layout}")
-        factors = UserItemFactors(layout.user_dim, layout.item_dim, cfg.factor_rank, ["ctr", "cvr"])
-        hidden = {c for f in cfg.factor_only_fields for c in range(*layout.user_columns[f])}
-        if hidden:
-            tower_user_columns = [c for c in range(layout.user_dim) if c not in hidden]
-    return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout, factors=factors,
-                    tower_user_columns=tower_user_columns, task_tower_dims=cfg.task_tower_dims)
+    return ESMMHead(in_dim, cfg.tower_dims, cfg.activation, cfg.dropout, task_tower_dims=cfg.task_tower_dims)
 
 
-def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
+def _mmoe(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> MultiTaskHead:
     return MMOEHead(in_dim, tasks, cfg.num_experts, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout,
                     cfg.task_tower_dims)
 
 
-def _shared_bottom(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig],
-                   layout: InputLayout | None = None) -> nn.Module:
+def _shared_bottom(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> MultiTaskHead:
     return SharedBottomHead(in_dim, tasks, cfg.expert_dims, cfg.tower_dims, cfg.activation, cfg.dropout,
                             cfg.task_tower_dims)
 
 
-def _ple(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig], layout: InputLayout | None = None) -> nn.Module:
+def _ple(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig]) -> MultiTaskHead:
     return PLEHead(in_dim, tasks, cfg.num_experts, cfg.task_experts, cfg.expert_dims, cfg.tower_dims,
                    cfg.activation, cfg.dropout, cfg.task_tower_dims)
+
+
+def factor_tasks(head: str, tasks: Sequence[TaskConfig]) -> list[str]:
+    """The tasks whose logits get a taste factor term (``model.factor_rank``), the first without a mix:
+    ESMM's two towers; for the other heads every binary task, in config order (a regression target's
+    scale has nothing to do with a click logit's, so it gets none)."""
+    if head == "esmm":
+        return list(ESMM_TOWERS)
+    return [t.name for t in tasks if t.type == "binary"]
+
+
+def build_head(in_dim: int, cfg: ModelConfig, tasks: Sequence[TaskConfig],
+               layout: InputLayout | None = None) -> MultiTaskHead:
+    """The head ``cfg.head`` over ``in_dim`` input columns, with the taste factors when
+    ``cfg.factor_rank`` asks for them; its layers then read all but the ``cfg.factor_only_fields``' user
+    columns (``layout`` says where those are)."""
+    if not cfg.factor_rank:
+        return HEADS[cfg.head](in_dim, cfg, tasks)
+    if layout is None or layout.user_dim + layout.item_dim != in_dim:
+        raise ValueError(f"model.factor_rank needs the head input's layout (user and item row widths), got {layout}")
+    factors = UserItemFactors(layout.user_dim, layout.item_dim, cfg.factor_rank, factor_tasks(cfg.head, tasks))
+    hidden = {c for f in cfg.factor_only_fields for c in range(*layout.user_columns[f])}
+    visible = [c for c in range(layout.user_dim) if c not in hidden] if hidden else None
+    head = HEADS[cfg.head](in_dim - len(hidden), cfg, tasks)
+    head.attach_factors(factors, visible)
+    return head
 
 
 HEADS: dict[str, Callable[..., MultiTaskHead]] = {

@@ -13,14 +13,17 @@ from dist_mtl.models.layers import GroupedInputLinear, HeadRows, MultiTaskHead, 
 from dist_mtl.tasks import TaskConfig
 
 
-def _outputs(tasks: Sequence[TaskConfig], raw: dict[str, torch.Tensor]) -> ModelOutput:
+def _outputs(tasks: Sequence[TaskConfig], raw: dict[str, torch.Tensor],
+             logit_terms: Mapping[str, torch.Tensor]) -> ModelOutput:
+    """Each task's output from its tower's ``raw`` value plus its entry of ``logit_terms`` (if any)."""
     predictions, logits = {}, {}
     for t in tasks:
+        value = raw[t.name] + logit_terms[t.name] if t.name in logit_terms else raw[t.name]
         if t.type == "binary":
-            logits[t.name] = raw[t.name]
-            predictions[t.name] = torch.sigmoid(raw[t.name])
+            logits[t.name] = value
+            predictions[t.name] = torch.sigmoid(value)
         else:
-            predictions[t.name] = raw[t.name]
+            predictions[t.name] = value
     return ModelOutput(predictions=predictions, logits=logits)
 
 
@@ -60,10 +63,10 @@ class MMOEHead(MultiTaskHead):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def predict(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows, logit_terms: Mapping[str, torch.Tensor]) -> ModelOutput:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
         raw = {t.name: self.towers[t.name](_gated_mixture(self.gates[t.name](x), experts)) for t in self.tasks}
-        return _outputs(self.tasks, raw)
+        return _outputs(self.tasks, raw, logit_terms)
 
 
 class SharedBottomHead(MultiTaskHead):
@@ -87,9 +90,9 @@ class SharedBottomHead(MultiTaskHead):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def predict(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows, logit_terms: Mapping[str, torch.Tensor]) -> ModelOutput:
         shared = self.bottom(x)
-        return _outputs(self.tasks, {t.name: self.towers[t.name](shared) for t in self.tasks})
+        return _outputs(self.tasks, {t.name: self.towers[t.name](shared) for t in self.tasks}, logit_terms)
 
 
 class PLEHead(MultiTaskHead):
@@ -140,7 +143,7 @@ class PLEHead(MultiTaskHead):
     def output_layers(self) -> dict[str, nn.Linear]:
         return {name: tower.out for name, tower in self.towers.items()}
 
-    def predict(self, x: HeadRows) -> ModelOutput:
+    def predict(self, x: HeadRows, logit_terms: Mapping[str, torch.Tensor]) -> ModelOutput:
         names = [t.name for t in self.tasks]
         task_in = {n: x for n in names}
         shared_in = x
@@ -153,4 +156,4 @@ class PLEHead(MultiTaskHead):
             task_in = {n: _gated_mixture(level["task_gates"][n](task_in[n]),
                                          torch.stack(task_out[n] + shared_out, dim=1))
                        for n in names}
-        return _outputs(self.tasks, {n: self.towers[n](task_in[n]) for n in names})
+        return _outputs(self.tasks, {n: self.towers[n](task_in[n]) for n in names}, logit_terms)
