@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 sys.path.insert(2, str(Path(__file__).resolve().parents[2]))
 from common import command_line, library_versions, write_result  # noqa: E402
-from cooccurrence_probe import weighted_r2  # noqa: E402
+from cooccurrence_probe import list_entries, user_taste, weighted_r2  # noqa: E402
 from gap_breakdown import planted_config  # noqa: E402
 
 from dist_mtl.data import synthetic as S  # noqa: E402
@@ -55,19 +55,6 @@ def planted_click_probabilities(data: Path) -> np.ndarray:
     return table.column("p_ctr").to_numpy()
 
 
-def user_taste(table, model: S.PlantedModel) -> np.ndarray:
-    """Each user row's planted taste: the log1p(count)-weighted mean vector over the four lists."""
-    n = table.num_rows
-    num, den = np.zeros((n, model.history_vectors["109_14"].shape[1])), np.zeros(n)
-    for h in S.HISTORY_FIELDS:
-        col = table.column(h).combine_chunks()
-        ids, w = col.values.to_numpy(), np.log1p(table.column(h + "_w").combine_chunks().values.to_numpy())
-        row = np.repeat(np.arange(n), np.diff(col.offsets.to_numpy()))
-        np.add.at(num, row, model.history_vectors[h][ids - 1] * w[:, None])
-        den += np.bincount(row, weights=w, minlength=n)
-    return num / den[:, None]
-
-
 def accumulate(data: Path, model: S.PlantedModel, p_ctr: np.ndarray) -> dict:
     """One pass over the train split: the co-click sums for the four matrices and the taste users."""
     size = model.vocab["206"] + 1  # the Parquet layout stores local id k as k + 1
@@ -79,10 +66,8 @@ def accumulate(data: Path, model: S.PlantedModel, p_ctr: np.ndarray) -> dict:
     for k, user_file in enumerate(files):
         users = pq.read_table(user_file, columns=[c for h in S.HISTORY_FIELDS for c in (h, h + "_w")])
         n = users.num_rows
-        col = users.column("109_14").combine_chunks()
-        ids = col.values.to_numpy()
-        weight = np.log1p(users.column("109_14_w").combine_chunks().values.to_numpy())
-        a = sp.csr_matrix((weight, (np.repeat(np.arange(n), np.diff(col.offsets.to_numpy())), ids)), shape=(n, size))
+        row, ids, weight = list_entries(users, "109_14")
+        a = sp.csr_matrix((weight, (row, ids)), shape=(n, size))
         a = (sp.diags(1 / np.maximum(np.asarray(a.sum(1)).ravel(), 1e-12)) @ a).tocsr()
         holders += np.bincount(ids, minlength=size)
         if sum(len(p) for p in tastes) < TASTE_USERS:

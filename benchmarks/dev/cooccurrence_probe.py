@@ -79,25 +79,37 @@ def user_files(data: Path) -> list[str]:
     return sorted(str(p) for p in (data / "train").glob("users-*.parquet"))
 
 
+def list_entries(table, field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A history list of a user table as (row, id, log1p(count)) per entry."""
+    ids_col = table.column(field).combine_chunks()
+    row = np.repeat(np.arange(table.num_rows), np.diff(ids_col.offsets.to_numpy()))
+    return row, ids_col.values.to_numpy(), np.log1p(table.column(field + "_w").combine_chunks().values.to_numpy())
+
+
+def user_taste(table, model: S.PlantedModel) -> np.ndarray:
+    """Each user row's planted taste: the log1p(count)-weighted mean of its history ids' vectors over the
+    four lists (the Parquet layout stores local id k as k + 1)."""
+    users = table.num_rows
+    num, den = np.zeros((users, model.history_vectors[HISTORY_FIELDS[0]].shape[1])), np.zeros(users)
+    for h in HISTORY_FIELDS:
+        row, ids, weight = list_entries(table, h)
+        np.add.at(num, row, model.history_vectors[h][ids - 1] * weight[:, None])
+        den += np.bincount(row, weights=weight, minlength=users)
+    return num / den[:, None]
+
+
 def history_lists(data: Path, model: S.PlantedModel, max_users: int) -> tuple[dict[str, sp.csr_matrix], np.ndarray]:
     """The first ``max_users`` train user rows (whole files): per history field a users x ids matrix of
-    log1p(count), and each user's planted taste (their log1p(count)-weighted mean vector, all four lists)."""
+    log1p(count), and each user's planted taste (``user_taste``)."""
     parts, tastes, n = {h: [] for h in HISTORY_FIELDS}, [], 0
     for f in user_files(data):
         table = pq.read_table(f, columns=[c for h in HISTORY_FIELDS for c in (h, h + "_w")])
-        users = table.num_rows
-        num, den = np.zeros((users, 4)), np.zeros(users)
         for h in HISTORY_FIELDS:
-            ids_col = table.column(h).combine_chunks()
-            ids, counts = ids_col.values.to_numpy(), table.column(h + "_w").combine_chunks().values.to_numpy()
-            row = np.repeat(np.arange(users), np.diff(ids_col.offsets.to_numpy()))
-            weight = np.log1p(counts)
+            row, ids, weight = list_entries(table, h)
             parts[h].append(sp.csr_matrix((weight.astype(np.float32), (row, ids)),
-                                          shape=(users, len(model.history_vectors[h]) + 1)))
-            np.add.at(num, row, model.history_vectors[h][ids - 1] * weight[:, None])
-            den += np.bincount(row, weights=weight, minlength=users)
-        tastes.append(num / den[:, None])
-        n += users
+                                          shape=(table.num_rows, len(model.history_vectors[h]) + 1)))
+        tastes.append(user_taste(table, model))
+        n += table.num_rows
         if n >= max_users:
             break
     return {h: sp.vstack(parts[h]).tocsr() for h in HISTORY_FIELDS}, np.concatenate(tastes)
