@@ -162,16 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tower-dims", default="[360,200,80]",
                         help="the towers (the ESMM paper's by default; also the extra heads' towers)")
     parser.add_argument("--head-precision", choices=("float32", "bfloat16"), default="bfloat16",
-                        help="model.head_precision of the training steps: the paper's towers run ~74k samples/s "
-                             "on 2 cores in float32, ~140k in bfloat16 on a CPU with AVX512-BF16 (on one "
-                             "without it, pass float32 and --tower-dims \"[64,32]\")")
+                        help="model.head_precision of the training steps; bfloat16 pays on a CPU with "
+                             "AVX512-BF16 (on one without it, pass float32 and --tower-dims \"[64,32]\"); "
+                             "measured rates: benchmarks/RESULTS.md, Full scale")
     parser.add_argument("--raw-share", type=float, default=None,
                         help="force raw text for this share only (default: all of it if the disk has room)")
     parser.add_argument("--heads", nargs="*", choices=EXTRA_HEADS, default=[],
                         help="also train and evaluate these heads (steps train_<head>)")
     parser.add_argument("--expert-dims", default="[64,32]",
                         help="the extra heads' expert MLP (MMOE: 4 experts; PLE: one level per entry, 4 shared "
-                             "and 1 per-task expert each); [256,128] runs 20-40k samples/s on 2 cores")
+                             "and 1 per-task expert each)")
     parser.add_argument("--force", default="", help="comma-separated steps to redo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "full_scale.json"))
     args = parser.parse_args(argv)

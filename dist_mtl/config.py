@@ -150,7 +150,9 @@ class ShardingConfig:
     table_sharding: dict[str, str] = field(default_factory=dict)
     """Per-field sharding type, e.g. {"205" = "row_wise"}; overrides sharding_type."""
     compute_kernel: str = "fused"
-    """Embedding compute kernel: "fused" (fbgemm TBE, optimizer in backward) or "dense"."""
+    """Embedding compute kernel of the sharded tables: "fused" (fbgemm TBE, optimizer in backward), or
+    "dense", TorchRec's kernel for data_parallel tables only (so it needs sharding_type = "data_parallel",
+    which takes it anyway)."""
 
 
 @dataclass
@@ -310,6 +312,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             f"{', '.join(repr(_join(where, k)) for k in unknown)}; valid keys{' in [' + where + ']' if where else ''}: "
             f"{sorted(names)}"
         )
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing required key{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(repr(_join(where, k)) for k in missing)}")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, _join(where, name))
@@ -371,6 +379,9 @@ def _validate(cfg: JobConfig) -> None:
         if not v > 0:
             raise ConfigError(f"{where} must be > 0, got {v}")
 
+    for key in ("train_split", "eval_split"):
+        if not getattr(cfg.data, key):
+            raise ConfigError(f"data.{key} must name a split of the dataset, got ''")
     positive("data.batch_size", cfg.data.batch_size)
     positive("data.eval_batch_size", cfg.data.eval_batch_size)
     positive("data.window_blocks", cfg.data.window_blocks)
@@ -461,6 +472,16 @@ def _validate(cfg: JobConfig) -> None:
     _require_fields("sharding.table_sharding", s.table_sharding)
     if s.compute_kernel not in ("fused", "dense"):
         raise ConfigError(f"sharding.compute_kernel must be 'fused' or 'dense', got {s.compute_kernel!r}")
+    if s.compute_kernel == "dense":
+        others = sorted({st for st in [s.sharding_type, *s.table_sharding.values()] if st != "data_parallel"})
+        if others:
+            # Left to the planner, 'dense' would silently replicate every table on every rank.
+            raise ConfigError(
+                f"sharding.compute_kernel = 'dense': TorchRec's dense kernel serves only data_parallel tables "
+                f"(a whole copy of each table on every rank), but the sharding asks for {others} ('' is the "
+                f"planner's choice); set sharding.sharding_type = \"data_parallel\" (whose tables take the "
+                f"dense kernel anyway) or keep 'fused'"
+            )
 
     o = cfg.optimizer
     if o.sparse not in SPARSE_OPTIMIZERS:

@@ -150,11 +150,6 @@ def table_constraints(
     model: nn.Module, cfg: ShardingConfig, device: torch.device
 ) -> dict[str, ParameterConstraints]:
     allowed = CPU_SHARDING_TYPES if device.type == "cpu" else None
-    if device.type == "cpu" and cfg.compute_kernel != "fused":
-        raise ValueError(
-            f"sharding.compute_kernel = {cfg.compute_kernel!r}: the planner finds no CPU kernel for it; "
-            f"use 'fused' on CPU"
-        )
     constraints = {}
     for ebc in sparse_modules(model):
         for table in ebc.embedding_bag_configs():
@@ -168,11 +163,10 @@ def table_constraints(
             if forced == ShardingType.DATA_PARALLEL.value:
                 kernels = [EmbeddingComputeKernel.DENSE.value]
             else:
-                kernels = [
-                    EmbeddingComputeKernel.FUSED.value
-                    if cfg.compute_kernel == "fused"
-                    else EmbeddingComputeKernel.DENSE.value
-                ]
+                if cfg.compute_kernel != "fused":  # config validation refuses it; a direct caller may not
+                    raise ValueError(f"sharding.compute_kernel = {cfg.compute_kernel!r} serves only data_parallel "
+                                     f"tables; table {table.name} is not forced to data_parallel")
+                kernels = [EmbeddingComputeKernel.FUSED.value]
                 if types is not None and ShardingType.DATA_PARALLEL.value in types:
                     kernels.append(EmbeddingComputeKernel.DENSE.value)
             constraints[table.name] = ParameterConstraints(

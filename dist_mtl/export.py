@@ -212,6 +212,8 @@ def export_model(
 # valid export.
 _SHAPELESS_MODEL_KEYS = ("head", "activation", "interaction", "weight_features", "mean_pooled_fields",
                          "factor_only_fields")
+#: Of those, the lists whose order the model does not depend on (weight_features' order is its columns').
+_FIELD_SET_KEYS = ("mean_pooled_fields", "factor_only_fields")
 
 
 def serving_config_mismatches(trained_with: Mapping, cfg: JobConfig) -> list[str]:
@@ -222,7 +224,7 @@ def serving_config_mismatches(trained_with: Mapping, cfg: JobConfig) -> list[str
 
     def settings(d: Mapping) -> dict:
         model = {**defaults["model"], **d.get("model", {})}
-        out = {f"model.{k}": model[k] for k in _SHAPELESS_MODEL_KEYS}
+        out = {f"model.{k}": sorted(model[k]) if k in _FIELD_SET_KEYS else model[k] for k in _SHAPELESS_MODEL_KEYS}
         out["data.weight_transform"] = {**defaults["data"], **d.get("data", {})}["weight_transform"]
         out["tasks (name, type)"] = [(t["name"], t.get("type", "binary")) for t in d.get("tasks", defaults["tasks"])]
         return out

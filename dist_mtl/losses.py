@@ -110,7 +110,10 @@ class MultiTaskLoss(torch.nn.Module):
     as much as one with 160, and a rank with none halving that step's gradient). Tasks over all rows keep
     the local batch size (ranks' batches differ by at most one impression). In eval mode nothing is
     exchanged: ranks may then run different numbers of batches. A rank's returned task losses are its
-    share of the global mean: their mean over ranks is the global mean (the trainer logs that).
+    share of the global mean, so their mean over ranks (what the trainer logs) is the global mean, except
+    for a weight-0 task over masked rows (ESMM's CVR): it trains nothing, so no count is exchanged for it,
+    and each rank returns the mean over its own rows (0 without any); the logged value is then the mean
+    of the ranks' means, the global mean only when the ranks hold as many of its rows.
 
     Tasks with ``loss_weight`` 0 are computed and reported but left out of the total, so their heads
     get no gradient from this loss. Rows outside a task's mask may hold anything (NaN labels included):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from dist_mtl.checkpoint import CheckpointManager
+from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError, read_side_file
 from dist_mtl.config import ConfigError, JobConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, make_dataloader
@@ -141,6 +141,10 @@ class Trainer:
         )
 
         self.train_reader = self._reader(cfg.data.train_split, cfg.data.batch_size, shuffle=cfg.data.shuffle)
+        # Built once now and dropped (it reads only metadata.json): the readers' checks (their split's size
+        # against the world size and eval_batch_size, its files) would otherwise first run after an epoch.
+        for split in dict.fromkeys((cfg.data.val_split or cfg.data.eval_split, cfg.data.eval_split)):
+            self._reader(split, cfg.data.eval_batch_size, shuffle=False)
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
@@ -221,10 +225,25 @@ class Trainer:
         self._unchecked_sources[self.global_step] = source
 
     def _raise_if_nonfinite(self) -> None:
-        if self._first_nonfinite is not None and (step := int(self._first_nonfinite)) >= 0:
-            bad = {k: float(v) for k, v in self._nonfinite_losses.items()}
-            raise TrainingError(f"non-finite loss at step {step} (task losses {bad}) on batch from "
-                                f"{self._unchecked_sources.get(step, 'an unrecorded batch')}")
+        """Collective (every rank calls it at the same steps): a non-finite loss on any rank stops every
+        rank with a TrainingError, the rank that saw it first naming its step, losses and batch. Raising
+        on that rank alone would leave the others to fail inside their next collective, with an error
+        that does not say why."""
+        world = self.ctx.world_size
+        local = -1 if self._first_nonfinite is None else int(self._first_nonfinite)
+        # One MIN over (step, rank) pairs encoded as step * world + rank; -1 (none) maps past every step.
+        code = torch.tensor([local * world + self.ctx.rank if local >= 0 else torch.iinfo(torch.int64).max],
+                            dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        first = int(code)
+        if first != torch.iinfo(torch.int64).max:
+            step, rank = divmod(first, world)
+            if rank == self.ctx.rank:
+                bad = {k: float(v) for k, v in self._nonfinite_losses.items()}
+                raise TrainingError(f"non-finite loss at step {step} on rank {rank} (task losses {bad}) on "
+                                    f"batch from {self._unchecked_sources.get(step, 'an unrecorded batch')}")
+            raise TrainingError(f"non-finite loss at step {step} on rank {rank} (that rank's error names "
+                                f"its losses and batch)")
         self._unchecked_sources.clear()
 
     def _dense_epochs(self) -> int:
@@ -267,7 +286,8 @@ class Trainer:
     def _job_losses(self, task_losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """The step's task losses over the whole job (collective: every rank logs at the same steps). A
         rank's loss is its share of the global mean (MultiTaskLoss), so rank 0's alone could read up to
-        world_size times off for a task over masked rows."""
+        world_size times off for a task over masked rows. A weight-0 task over masked rows is the mean of
+        the ranks' own means (MultiTaskLoss says why)."""
         names = list(task_losses)
         values = torch.stack([task_losses[n].float() for n in names])
         dist.all_reduce(values)
@@ -533,6 +553,16 @@ class Trainer:
         latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
             return 0, 0
+        # The dense optimizer's state is restored as saved; another optimizer's would fail at its first
+        # step (Adagrad looking for Adam's moments). Tables' state under another optimizer.sparse restarts
+        # (with a warning) instead, as CheckpointManager.load does for any plan without a counterpart.
+        saved_dense = read_side_file(latest)["extra"].get("config", {}).get("optimizer", {}).get("dense")
+        if saved_dense is not None and saved_dense != self.cfg.optimizer.dense:
+            raise CheckpointMismatchError(
+                f"{latest} was trained with optimizer.dense = {saved_dense!r}, this run asks for "
+                f"{self.cfg.optimizer.dense!r}: its state cannot carry over; resume with {saved_dense!r} or "
+                f"start in another run_dir"
+            )
         extra = self.checkpoints.load(latest, self.model, self.optimizer)
         self.global_step, self.epoch = int(extra["step"]), int(extra["epoch"])
         self.batches_in_epoch, self.epoch_samples = int(extra["next_batch"]), int(extra["epoch_samples"])

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--force", action="store_true", help="regenerate and reconvert")
     parser.add_argument("overrides", nargs="*", help="config overrides passed to launch/train.py")
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
 
     work = Path(args.work_dir).resolve()
     raw_dir, data_dir, run_dir = work / "raw", work / "parquet", work / "run"

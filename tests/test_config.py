@@ -54,6 +54,8 @@ def test_tasks_from_toml(tmp_path):
     [
         ("data.batchsize=3", "unknown config key 'data.batchsize'"),
         ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+        ('tasks=[{name="ctr", label="click"}, {name="ctcvr"}]', "tasks[1]: missing required key 'tasks[1].label'"),
+        ('data.eval_split=""', "data.eval_split must name a split of the dataset"),
         ("data.batch_size=0", "data.batch_size must be > 0"),
         ("data.batch_size=\"many\"", "data.batch_size: expected an integer"),
         ("model.embedding_dim=18", "multiples of 4"),
@@ -167,6 +169,23 @@ def test_task_errors(tmp_path):
     )
     with pytest.raises(ConfigError, match="esmm head carries only binary tasks"):
         load_config(path)
+
+
+@pytest.mark.parametrize("tasks, error", [
+    # Without rows = "click", CVR's AUC and its output bias would be over every impression, silently.
+    ('[{name="ctr", label="click"}, {name="cvr", label="buy", loss_weight=0.0}, {name="ctcvr", label="buy"}]',
+     r"task 'cvr' of the esmm head is over the clicked impressions: rows = 'click' \(ctr's label\), got rows = 'all'"),
+    ('[{name="ctr", label="click"}, {name="cvr", label="buy", rows="buy"}, {name="ctcvr", label="buy"}]',
+     r"got rows = 'buy'"),
+    ('[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, {name="ctcvr", label="buy", rows="click"}]',
+     r"task 'ctcvr' of the esmm head is over every impression"),
+])
+def test_esmm_tasks_must_keep_the_papers_rows(tasks, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(None, [f"tasks={tasks}"])
+    # The same tasks with the paper's rows load.
+    load_config(None, ['tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, '
+                       '{name="ctcvr", label="buy"}]'])
 
 
 def test_label_rates_come_from_the_splits_counts():

@@ -286,6 +286,30 @@ def test_bad_common_features_line(tmp_path, text, field_name):
     assert common.name in str(err.value) and "line 2" in str(err.value)
 
 
+BOM_CASES = [  # (file, line 2's text, field): a UTF-8 byte-order mark, as concatenated exports leave them
+    ("sample_skeleton_train.csv", "\ufeff2,1,0,a,1,205\x024\x031.0", "sample_id"),
+    ("sample_skeleton_train.csv", "2,1,0,\ufeffa,1,205\x024\x031.0", "common_feature_index"),
+    ("sample_skeleton_train.csv", "2,1,0,a,1,\ufeff205\x024\x031.0", "feature_list"),
+    ("common_features_train.csv", "\ufeffb,1,101\x022\x031.0", "common_feature_index"),
+]
+
+
+@pytest.mark.parametrize("file_name, text, field_name", BOM_CASES)
+@pytest.mark.parametrize("read_block_bytes", [1 << 20, 16])
+def test_a_byte_order_mark_is_bad_wherever_the_blocks_start(tmp_path, file_name, text, field_name, read_block_bytes):
+    # pyarrow drops a BOM at the start of the buffer it reads: with 16-byte blocks the line starts a
+    # block, with 1 MiB it does not, and the line must be refused (or skipped) the same way in both.
+    write_raw(tmp_path / "raw", "train", *good_train())
+    replace_line(tmp_path / "raw" / file_name, 2, text)
+    with pytest.raises(RawFormatError) as err:
+        convert_raw(tmp_path / "raw", tmp_path / "out", splits=("train",), read_block_bytes=read_block_bytes)
+    assert (Path(err.value.path).name, err.value.line, err.value.field) == (file_name, 2, field_name)
+    meta = convert_raw(tmp_path / "raw", tmp_path / "skip", splits=("train",), read_block_bytes=read_block_bytes,
+                       skip_bad_rows=True)
+    skipped = {k: v for k, v in meta.split("train").skipped.items() if v}
+    assert sum(skipped.values()) >= 1 and meta.split("train").num_impressions < 3, skipped
+
+
 def test_values_of_single_valued_fields_other_than_1_are_counted(tmp_path):
     users, impressions = good_train()
     impressions[1] = Impression(2, 1, 0, "a", [("205", 4, 99.5), ("206", 5, 1.0)])
@@ -418,6 +442,28 @@ def test_interrupted_conversion_leaves_no_metadata(tmp_path):
     assert not list(out.glob(".convert-staging-*"))
     with pytest.raises(schema.DatasetError, match="interrupted"):
         schema.DatasetMetadata.load(out)
+
+
+def test_a_conversion_stopped_mid_split_closes_that_splits_part_files(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    write_raw(raw, "train", TRAIN_USERS, TRAIN_IMPRESSIONS)
+    write_raw(raw, "test", [T1], TEST_IMPRESSIONS)
+    aborted = []
+    original = schema.SplitWriter.abort
+
+    def spy(self):
+        original(self)
+        aborted.append((self.split, self._writers))
+
+    monkeypatch.setattr(schema.SplitWriter, "abort", spy)
+
+    def interrupt(p):
+        if p.split == "train" and p.stage == "write" and p.rows > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_raw(raw, tmp_path / "out", progress=interrupt, block_impressions=1)
+    assert aborted == [("train", None)]
 
 
 def load_launcher():

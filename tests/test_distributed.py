@@ -5,7 +5,7 @@ import torch
 from model_helpers import VOCAB_SIZES, random_batch
 
 from dist_mtl import distributed
-from dist_mtl.config import load_config
+from dist_mtl.config import ConfigError, load_config
 from dist_mtl.distributed import dense_optimizer, init_distributed, init_embedding_tables, shard_model
 from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
@@ -82,8 +82,20 @@ def test_gpu_only_choices_are_refused_on_cpu():
         build('sharding.sharding_type="row_wise"')
     with pytest.raises(ValueError, match="'adam' has no CPU kernel"):
         build('optimizer.sparse="adam"')
-    with pytest.raises(ValueError, match="compute_kernel = 'dense'"):
+
+
+
+def test_the_dense_kernel_is_for_data_parallel_tables_only():
+    # Left to the planner, 'dense' would replicate every table on every rank without saying so.
+    with pytest.raises(ConfigError, match=r"compute_kernel = 'dense'.*data_parallel tables.*asks for \[''\]"):
         build('sharding.compute_kernel="dense"')
+    with pytest.raises(ConfigError, match=r"asks for \['table_wise'\]"):
+        build('sharding.compute_kernel="dense"', 'sharding.sharding_type="data_parallel"',
+              'sharding.table_sharding={"205" = "table_wise"}')
+    _, plan, _ = build('sharding.compute_kernel="dense"', 'sharding.sharding_type="data_parallel"')
+    plans = [p for module_plan in plan.plan.values() for p in module_plan.values()]
+    assert len(plans) == 23
+    assert {(p.sharding_type, p.compute_kernel) for p in plans} == {("data_parallel", "dense")}
 
 
 def test_per_table_sharding_constraint_is_honoured():

@@ -109,11 +109,24 @@ def test_predict_writes_every_impression_in_storage_order(trained, tmp_path):
         torch.testing.assert_close(got, expected[task], rtol=0, atol=1e-6)
 
 
-def test_mismatches_are_refused(trained, tmp_path):
+def cli_error(capsys, main, args: list[str]) -> str:
+    """The one-line error a launch script ends with (exit status 1, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert ": error: " in err and "Traceback" not in err
+    return err
+
+
+def test_mismatches_are_refused(trained, tmp_path, capsys):
     checkpoint = trained["run_dir"] / "checkpoints" / "step-00000003"
     tower = r"head\.ctr_tower\.body\.0\.weight of shape \[32, 184\] in the model"
     with pytest.raises(CheckpointMismatchError, match=tower):
-        export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "model.tower_dims=[32,8]"])
+        export_model(tmp_path / "x", load_config(trained["run_dir"] / "config.toml", ["model.tower_dims=[32,8]"]),
+                     checkpoint=checkpoint)
+    assert re.search(tower, cli_error(capsys, export_cli.main, ["--checkpoint", str(checkpoint), "--out",
+                                                                str(tmp_path / "x"), "model.tower_dims=[32,8]"]))
     assert not (tmp_path / "x" / INFO_FILE).exists()
     with pytest.raises(ExportError, match="no export.json"):
         load_exported(tmp_path / "x")
@@ -122,8 +135,8 @@ def test_mismatches_are_refused(trained, tmp_path):
     data = tmp_path / "data"
     write_random_dataset(data, splits={"test": 5})  # vocabularies of up to 1000 ids: not the model's 40
     vocab = r"vocab sizes \(dataset, model\) differ for fields \{'101': \(1000, 40\)"
-    with pytest.raises(ExportError, match=vocab):
-        predict_cli.main(["--model", str(export_dir), "--data", str(data), "--out", str(tmp_path / "p.parquet")])
+    assert re.search(vocab, cli_error(capsys, predict_cli.main, ["--model", str(export_dir), "--data", str(data),
+                                                                 "--out", str(tmp_path / "p.parquet")]))
     assert not (tmp_path / "p.parquet").exists()
 
 
@@ -208,7 +221,7 @@ def test_multi_tower_heads_exported_live_from_one_rank(one_rank, tmp_path, head,
     assert pq.read_schema(tmp_path / "p.parquet").names == ["index", "sample_id", "p_ctr", "p_ctcvr"]
 
 
-def test_a_checkpoint_is_exported_only_with_the_config_that_trained_it(tmp_path):
+def test_a_checkpoint_is_exported_only_with_the_config_that_trained_it(tmp_path, capsys):
     # Shapes do not tell an activation, mean pooling or the reader's weight transform apart, and
     # <run_dir>/config.toml is rewritten by every run in that directory: the job records its config
     # in each checkpoint, and an export from the checkpoint compares.
@@ -225,8 +238,8 @@ def test_a_checkpoint_is_exported_only_with_the_config_that_trained_it(tmp_path)
         ('model.mean_pooled_fields=["109_14"]', "model.mean_pooled_fields: trained with [], the config has ['109_14']"),
         ('data.weight_transform="none"', "data.weight_transform: trained with 'log1p', the config has 'none'"),
     ]:
-        with pytest.raises(CheckpointMismatchError, match=re.escape(difference)):
-            export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), override])
+        assert difference in cli_error(capsys, export_cli.main,
+                                       ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), override])
         assert not (tmp_path / "x" / INFO_FILE).exists()
     # Settings that only shape training are free (the trained bias replaces its init, an export serves
     # in float32), and so are those the head does not read (ESMM has no experts).
@@ -242,3 +255,14 @@ def test_a_recorded_config_of_an_older_version_compares_its_missing_keys_as_defa
     assert serving_config_mismatches(older, current) == []
     older["model"]["activation"] = "relu"
     assert serving_config_mismatches(older, current) == ["model.activation: trained with 'relu', the config has 'tanh'"]
+
+
+def test_field_sets_compare_as_sets_and_weight_features_in_order():
+    trained = load_config(None, ["model.factor_rank=4", 'model.factor_only_fields=["109_14", "110_14"]',
+                                 'model.mean_pooled_fields=["109_14", "110_14"]', 'model.weight_features=["sum", "last"]'])
+    reordered = load_config(None, ["model.factor_rank=4", 'model.factor_only_fields=["110_14", "109_14"]',
+                                   'model.mean_pooled_fields=["110_14", "109_14"]', 'model.weight_features=["sum", "last"]'])
+    assert serving_config_mismatches(trained.to_dict(), reordered) == []
+    reordered.model.weight_features = ["last", "sum"]  # the columns' order: another model
+    assert serving_config_mismatches(trained.to_dict(), reordered) == [
+        "model.weight_features: trained with ['sum', 'last'], the config has ['last', 'sum']"]

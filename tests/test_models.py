@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -333,8 +334,30 @@ def test_row_weight_stats_per_field_and_row():
                              [0, 0, 0, 5, 5, 1]], dtype=torch.float32)
     torch.testing.assert_close(got, torch.log1p(expected))
     assert torch.jit.script(features)(kjt).equal(got)
+    # Fields are found by name, as the tables find theirs: the same rows with the keys in another order.
+    permuted = kjt.permute([2, 0, 1])
+    assert permuted.keys() == ["c", "a", "b"]
+    assert features(permuted).equal(got) and torch.jit.script(features)(permuted).equal(got)
     with pytest.raises(ValueError, match="unknown weight statistic"):
         RowWeightFeatures(["a"], ["a"], ["mean"])
+    with pytest.raises(ValueError, match=r"fields \['d'\] are not among the side's keys"):
+        RowWeightFeatures(["a", "b"], ["d"], ["sum"])
+
+
+@pytest.mark.parametrize("options", [{"weight_features": ["last", "sum"]}, {"mean_pooled_fields": ["109_14"]}])
+def test_a_batch_with_its_keys_in_another_order_scores_the_same(options):
+    cfg = small_model_config("esmm")
+    for key, value in options.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    model = MultiTaskModel(cfg, VOCAB_SIZES, default_esmm_tasks(), sparse_device="cpu").eval()
+    batch = random_batch(num_users=5, num_impressions=20, seed=2)
+    order = list(range(len(batch.user_features.keys())))[::-1]
+    permuted = dataclasses.replace(batch, user_features=batch.user_features.permute(order))
+    with torch.no_grad():
+        expected, got = model(batch).predictions, model(permuted).predictions
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-6)
 
 
 def test_weight_features_reach_the_heads():

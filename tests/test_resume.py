@@ -13,6 +13,7 @@ import torch
 from data_helpers import write_random_dataset
 
 from dist_mtl import distributed
+from dist_mtl.checkpoint import CheckpointMismatchError
 from dist_mtl.config import ConfigError, load_config
 from dist_mtl.trainer import Trainer
 
@@ -177,6 +178,13 @@ def test_resume_with_another_batch_size_skips_the_rest_of_the_epoch(dataset, tmp
     assert "other data settings (batch_size 32 -> 64)" in capsys.readouterr().out
     assert resumed["impressions_skipped_on_resume"] == train_impressions - first["samples_trained"]
     assert resumed["samples_trained_this_run"] == train_impressions  # epoch 1, whole
+
+
+def test_resume_with_another_dense_optimizer_is_refused_by_name(dataset, tmp_path):
+    Trainer(load_config(None, overrides(dataset, tmp_path / "run", "train.max_steps=3"))).train()
+    with pytest.raises(CheckpointMismatchError, match=r"step-00000003 was trained with optimizer.dense = 'adam', "
+                                                      r"this run asks for 'adagrad'"):
+        Trainer(load_config(None, overrides(dataset, tmp_path / "run", 'optimizer.dense="adagrad"'))).train()
 
 
 def test_the_best_model_is_found_by_its_step_not_as_the_newest(tmp_path):

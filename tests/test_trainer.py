@@ -4,12 +4,20 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from data_helpers import write_random_dataset
 
 from dist_mtl.config import ConfigError, load_config
+from dist_mtl.data.schema import DatasetError
 from dist_mtl.trainer import Trainer, TrainingError
 
 
@@ -123,6 +131,22 @@ def test_a_split_the_dataset_lacks_is_refused_before_training(dataset, tmp_path,
         Trainer(small_config(dataset, tmp_path / "run", f'data.{key}="valid"'))
 
 
+@pytest.mark.parametrize("key", ["eval_split", "train_split"])
+def test_an_empty_split_name_is_refused(dataset, tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"data\.{key} must name a split of the dataset, got ''"):
+        Trainer(small_config(dataset, tmp_path / "run", f'data.{key}=""'))
+
+
+def test_an_evaluation_split_the_reader_refuses_is_refused_before_training(tmp_path):
+    # The evaluation reader is otherwise first built after a whole epoch: its checks must run up front.
+    data = tmp_path / "data"
+    write_random_dataset(data, splits={"train": 120, "test": 30}, seed=6)
+    (missing,) = [p for p in data.rglob("*.parquet") if "test" in str(p.relative_to(data)) and "impressions" in p.name]
+    missing.unlink()
+    with pytest.raises(DatasetError, match=r"no such file \(listed in metadata.json for split 'test'\)"):
+        Trainer(small_config(data, tmp_path / "run"))
+
+
 def test_diverging_loss_stops_with_the_step_and_the_batch_source(tmp_path):
     data = tmp_path / "data"
     write_random_dataset(data, splits={"train": 640, "test": 30}, extra_columns={"price": "float32"}, seed=4)
@@ -138,6 +162,40 @@ def test_diverging_loss_stops_with_the_step_and_the_batch_source(tmp_path):
         Trainer(cfg).train()
     step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     assert 1 <= step <= 3, str(err.value)
+
+
+def _nonfinite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        # Only rank 1 saw a non-finite loss (at step 7); rank 0's losses were all finite.
+        seen = rank == 1
+        fake = SimpleNamespace(
+            ctx=SimpleNamespace(rank=rank, world_size=world_size, device=torch.device("cpu")),
+            _first_nonfinite=torch.tensor(7 if seen else -1),
+            _nonfinite_losses={"ctr": torch.tensor(math.nan if seen else 0.0)},
+            _unchecked_sources={7: "impressions-00001.parquet"},
+        )
+        try:
+            Trainer._raise_if_nonfinite(fake)
+            message = "no error"
+        except TrainingError as e:
+            message = str(e)
+        dist.barrier()  # the check left no rank behind in a collective
+        Path(out_dir, f"rank{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_with_a_message(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nonfinite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (Path(tmp_path, f"rank{r}.txt").read_text() for r in range(2))
+    assert rank1 == ("non-finite loss at step 7 on rank 1 (task losses {'ctr': nan}) on batch from "
+                     "impressions-00001.parquet")
+    assert rank0 == "non-finite loss at step 7 on rank 1 (that rank's error names its losses and batch)"
 
 
 def test_early_stopping_on_an_error_metric_prefers_lower_values(dataset, tmp_path, monkeypatch):

@@ -704,6 +704,7 @@ def convert_raw(
     staging_parent = Path(work_dir) if work_dir is not None else out_dir
     staging_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-staging-", dir=staging_parent))
+    open_split: SplitWriter | None = None
     try:
         converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress)
         infos: dict[str, SplitInfo] = {}
@@ -721,7 +722,7 @@ def convert_raw(
                 vocab = build_vocabularies(counter, min_count)
                 distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
                 impressions = converter.read_staged(split, staged_path, staged_rows)
-            split_writer = writer.split(split)
+            split_writer = open_split = writer.split(split)
             groups = _GroupWriter(split_writer, users, vocab, block_impressions)
             # closing: an error here also stops the background reader of the file being parsed.
             with closing(impressions):
@@ -729,6 +730,7 @@ def convert_raw(
                     groups.push(batch)
             groups.finish()
             infos[split] = split_writer.close(skipped=dict(sorted(stats.skipped.items())))
+            open_split = None
             if infos[split].num_impressions == 0:
                 skipped = ", ".join(f"{k}={v:,}" for k, v in sorted(stats.skipped.items()) if v) or "none"
                 raise RawFormatError(
@@ -761,4 +763,6 @@ def convert_raw(
             notes=notes,
         )
     finally:
+        if open_split is not None:  # an error mid-split: close its part files now, not at garbage collection
+            open_split.abort()
         shutil.rmtree(staging, ignore_errors=True)

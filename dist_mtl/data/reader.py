@@ -219,20 +219,24 @@ class _WindowLoader:
             pf = pq.ParquetFile(path)
         except (OSError, pa.ArrowException) as e:
             raise DatasetError(f"{path}: cannot open as Parquet (missing, truncated or corrupt): {e}") from e
-        actual = pf.schema_arrow
-        for name, expected in expected_types.items():
-            index = actual.get_field_index(name)
-            if index < 0:
-                raise DatasetError(f"{path}: schema mismatch: column '{name}' is missing")
-            if not _same_type(actual.field(index).type, expected):
+        try:
+            actual = pf.schema_arrow
+            for name, expected in expected_types.items():
+                index = actual.get_field_index(name)
+                if index < 0:
+                    raise DatasetError(f"{path}: schema mismatch: column '{name}' is missing")
+                if not _same_type(actual.field(index).type, expected):
+                    raise DatasetError(
+                        f"{path}: schema mismatch: column '{name}' has type {actual.field(index).type}, "
+                        f"expected {expected}"
+                    )
+            if pf.metadata.num_row_groups != num_row_groups:
                 raise DatasetError(
-                    f"{path}: schema mismatch: column '{name}' has type {actual.field(index).type}, "
-                    f"expected {expected}"
+                    f"{path}: {pf.metadata.num_row_groups} row groups, metadata.json lists {num_row_groups}"
                 )
-        if pf.metadata.num_row_groups != num_row_groups:
-            raise DatasetError(
-                f"{path}: {pf.metadata.num_row_groups} row groups, metadata.json lists {num_row_groups}"
-            )
+        except DatasetError:
+            pf.close()
+            raise
         self._files[rel] = pf
         return pf
 

@@ -356,6 +356,12 @@ class SplitWriter:
                 w.close()
             self._writers = None
 
+    def abort(self) -> None:
+        """Close the open part files without writing what is buffered (after an error: the dataset is not
+        committed, so its parts are never read)."""
+        self._pending, self._pending_impressions = [], 0
+        self._close_writers()
+
     def close(self, skipped: dict[str, int] | None = None) -> SplitInfo:
         self._flush_block()
         self._close_writers()

@@ -22,7 +22,8 @@ ESMM_TOWERS = ("ctr", "cvr")
 
 
 def check_esmm_tasks(tasks: Sequence[TaskConfig]) -> None:
-    """ESMM's structure fixes its tasks: binary ctr, cvr and ctcvr (weights and columns are free)."""
+    """ESMM's structure fixes its tasks: binary ctr and ctcvr over every impression and cvr over the clicked
+    ones (the rows whose ctr label is 1); loss weights and label columns are free."""
     by_name = {t.name: t for t in tasks}
     if set(by_name) != set(ESMM_TASKS):
         raise ValueError(
@@ -35,6 +36,17 @@ def check_esmm_tasks(tasks: Sequence[TaskConfig]) -> None:
                 f"task '{t.name}' is {t.type}, but the esmm head carries only binary tasks "
                 f"(pCTCVR = pCTR x pCVR); use head = \"mmoe\" for regression tasks"
             )
+    for name in ("ctr", "ctcvr"):
+        if by_name[name].rows != "all":
+            raise ValueError(f"task '{name}' of the esmm head is over every impression (rows = \"all\"), got "
+                             f"rows = {by_name[name].rows!r}")
+    click = by_name["ctr"].label
+    if by_name["cvr"].rows != click:
+        # pCVR is p(buy | click): scored (and, with a loss weight, trained) on other rows it is another task.
+        raise ValueError(
+            f"task 'cvr' of the esmm head is over the clicked impressions: rows = {click!r} (ctr's label), got "
+            f"rows = {by_name['cvr'].rows!r}"
+        )
     if by_name["cvr"].loss_weight == 0 and by_name["ctcvr"].loss_weight == 0:
         raise ValueError(
             "cvr and ctcvr both have loss_weight 0, so the CVR tower would never train and their metrics "

@@ -23,13 +23,20 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dist_mtl.config import WEIGHT_STATS
 
 
+def _positions(keys: List[str], fields: List[str]) -> List[int]:
+    # By name, as the embedding tables read the KJT: a batch whose keys come in another order than the
+    # schema's must not have its weight columns read from other fields.
+    return [keys.index(f) for f in fields]
+
+
 def row_weight_stats(
-    lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, num_keys: int, rows: List[int],
+    lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, keys: List[str], fields: List[str],
     stats: List[str],
 ) -> torch.Tensor:
-    """``[B, len(rows) * len(stats)]`` for a KJT of ``num_keys`` keys in key-major layout; ``rows`` are the
-    positions of the summarised keys, columns go field by field, each with its ``stats``."""
-    batch = lengths.numel() // num_keys
+    """``[B, len(fields) * len(stats)]`` for a KJT with ``keys`` in key-major layout; columns go field by
+    field, each with its ``stats``."""
+    rows = _positions(keys, fields)
+    batch = lengths.numel() // len(keys)
     lengths = _key_rows(lengths, batch, rows)
     starts, ends = _key_rows(offsets[:-1], batch, rows), _key_rows(offsets[1:], batch, rows)
     columns: List[torch.Tensor] = []
@@ -58,10 +65,11 @@ def _sums_between(weights: torch.Tensor, starts: torch.Tensor, ends: torch.Tenso
     return (cumulative[ends] - cumulative[starts]).to(weights.dtype)
 
 
-def row_weight_sums(lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, num_keys: int,
-                    rows: List[int]) -> torch.Tensor:
-    """``[B, len(rows)]``: each row's sum of weights in the keys at positions ``rows`` (no log1p)."""
-    batch = lengths.numel() // num_keys
+def row_weight_sums(lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, keys: List[str],
+                    fields: List[str]) -> torch.Tensor:
+    """``[B, len(fields)]``: each row's sum of weights in each of ``fields`` (no log1p)."""
+    rows = _positions(keys, fields)
+    batch = lengths.numel() // len(keys)
     return _sums_between(weights, _key_rows(offsets[:-1], batch, rows), _key_rows(offsets[1:], batch, rows)).t()
 
 
@@ -72,11 +80,11 @@ torch.fx.wrap("row_weight_sums")
 
 
 class RowWeightFeatures(nn.Module):
-    """The configured statistics of every multi-valued field of one side's KJT (keys in ``keys`` order)."""
+    """The configured statistics of the multi-valued ``fields`` of one side's KJT (``keys``: the side's
+    keys, which must hold them; a batch may order them otherwise)."""
 
     # Declared for TorchScript, which cannot infer an element type from an empty list.
-    num_keys: int
-    rows: List[int]
+    fields: List[str]
     stats: List[str]
     out_dim: int
 
@@ -85,14 +93,16 @@ class RowWeightFeatures(nn.Module):
         unknown = [s for s in stats if s not in WEIGHT_STATS]
         if unknown:
             raise ValueError(f"unknown weight statistic(s) {unknown}; choose from {WEIGHT_STATS}")
-        self.num_keys = len(keys)
-        self.rows = [list(keys).index(f) for f in fields]
+        missing = [f for f in fields if f not in keys]
+        if missing:
+            raise ValueError(f"fields {missing} are not among the side's keys {list(keys)}")
+        self.fields = list(fields)
         self.stats = list(stats)
-        self.out_dim = len(self.rows) * len(self.stats)
+        self.out_dim = len(self.fields) * len(self.stats)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return row_weight_stats(features.lengths(), features.offsets(), features.weights(), self.num_keys,
-                                self.rows, self.stats)
+        return row_weight_stats(features.lengths(), features.offsets(), features.weights(), features.keys(),
+                                self.fields, self.stats)
 
     @torch.jit.export
     def append_to(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -112,28 +122,27 @@ class WeightedMeanPooling(nn.Module):
     weights (``F.embedding_bag`` supports them with sum only) and fbgemm's mean divides by the number of
     ids, not by their weights. An empty row stays zero."""
 
-    num_keys: int
-    rows: List[int]
+    fields: List[str]
     starts: List[int]
     dims: List[int]
 
     def __init__(self, keys: Sequence[str], columns: Mapping[str, Tuple[int, int]]):
-        """``keys``: the side's KJT keys in order; ``columns``: the ``[start, stop)`` pooled columns of each
-        field to pool as a mean."""
+        """``keys``: the side's KJT keys (a batch may order them otherwise); ``columns``: the
+        ``[start, stop)`` pooled columns of each field to pool as a mean."""
         super().__init__()
-        keys = list(keys)
+        missing = [f for f in columns if f not in keys]
+        if missing:
+            raise ValueError(f"fields {missing} are not among the side's keys {list(keys)}")
         # Column order, so that forward can cut the row into pieces from left to right.
-        fields = sorted(columns, key=lambda f: columns[f][0])
-        self.num_keys = len(keys)
-        self.rows = [keys.index(f) for f in fields]
-        self.starts = [columns[f][0] for f in fields]
-        self.dims = [columns[f][1] - columns[f][0] for f in fields]
+        self.fields = sorted(columns, key=lambda f: columns[f][0])
+        self.starts = [columns[f][0] for f in self.fields]
+        self.dims = [columns[f][1] - columns[f][0] for f in self.fields]
 
     def forward(self, pooled: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
-        if len(self.rows) == 0:
+        if len(self.fields) == 0:
             return pooled
-        totals = row_weight_sums(features.lengths(), features.offsets(), features.weights(), self.num_keys,
-                                 self.rows)
+        totals = row_weight_sums(features.lengths(), features.offsets(), features.weights(), features.keys(),
+                                 self.fields)
         # Only a positive total divides (weight_transform "none" passes raw weights through).
         scale = torch.where(totals > 0, 1.0 / totals, torch.zeros_like(totals)).to(pooled.dtype)
         pieces: List[torch.Tensor] = []
