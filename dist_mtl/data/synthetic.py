@@ -84,7 +84,7 @@ _USER_ZIPF = 0.6  # user ids repeat over a few rows each (730k rows, 238k ids), 
 _BLOCK_ZIPF = 0.9  # skew of attribute block sizes (items per category/shop/...)
 _GLOBAL_EVENT_SHARE = 0.3  # history events drawn from global popularity instead of near an anchor
 _RUN_GAP_MEAN = 0.5  # skipped catalog positions between consecutive items of a history run
-_LEAN_SHARE = 0.75  # impressions in the category of one of the user's history items
+_LEAN_SHARE = 0.75  # impressions near one of the user's history items (its category, or a neighbour of it)
 _LEAN_NEAR_SHARE = 0.3  # of those: the history item itself or a catalog neighbour
 _LEAN_SAME_ITEM = 0.3  # of those: the history item itself
 _LEAN_OFFSET_MEAN = 3.0
@@ -719,8 +719,12 @@ class PlantedModel:
         u = cells.draw(per_cell_impressions, lambda g, lo, hi: g.random((hi - lo, 8)))
         item_count = np.diff(hist.item_offsets)[impression_user]
         seen = hist.items[hist.item_offsets[:-1][impression_user] + (u[:, 1] * item_count).astype(np.int64)]
-        # Leaning impressions stay in the category of one of the user's history items; some of them
-        # are that very item or a catalog neighbour (then shop, brand and intention often match too).
+        # Leaning impressions stay near one of the user's history items: that very item, a catalog
+        # neighbour (then shop, brand and intention often match too, and the neighbour may sit across a
+        # category boundary) or another item of its category. The neighbour's distance and its side share
+        # one uniform, so neighbours below are 1-2 items away and those above 2 or more: a quirk of
+        # generator version 2 kept as it is, since changing it changes the planted world that every
+        # recorded figure was measured on.
         offset = np.where(u[:, 3] < _LEAN_SAME_ITEM, 0,
                           (1 + _geometric(u[:, 4], _LEAN_OFFSET_MEAN - 1)) * np.where(u[:, 4] < 0.5, -1, 1))
         near = np.clip(seen + offset, 0, n_items - 1)
