@@ -485,10 +485,13 @@ def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
     assert "features of unknown fields ignored: 998=1, 999=1" in out
     assert "features of the other file's fields ignored: 101=1, 205=1" in out
     assert "repeats of single-valued fields dropped: 121=1, 205=1" in out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage:
         launcher.main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "o2"), "--splits", "test"])
-    with pytest.raises(SystemExit):  # the test split's files are missing
+    assert usage.value.code == 2
+    assert "--splits 'test' must include train" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as missing:  # the test split's files are missing
         launcher.main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "o2")])
+    assert missing.value.code != 0
     assert "common_features_test.csv" in capsys.readouterr().err
 
 

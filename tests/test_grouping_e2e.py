@@ -1,10 +1,10 @@
 """Grouped users vs users copied onto impressions, through the whole job: same data and order, same AUCs."""
 
 import pytest
+from training_paths import train_checking_path
 
 from dist_mtl.config import load_config
 from dist_mtl.data.synthetic import SyntheticConfig, write_parquet_direct
-from dist_mtl.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_grouped_and_expanded_training_reach_the_same_test_auc(dataset, tmp_path
                                  f"data.grouped={'true' if grouped else 'false'}", "data.batch_size=256", "optimizer.dense_lr=0.003",
                                  "model.embedding_dim=8", "model.tower_dims=[16,8]", "train.epochs=1",
                                  "train.progress_bar=false"])
-        return Trainer(cfg).train()
+        return train_checking_path(cfg)  # and that the copied-rows run really copied them
 
     grouped, expanded = run(True), run(False)
     assert grouped["samples_trained"] == expanded["samples_trained"]

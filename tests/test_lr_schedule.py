@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from data_helpers import write_random_dataset
+from training_paths import assert_path, count_training_paths
 
 from dist_mtl.config import ConfigError, OptimizerConfig, load_config
 from dist_mtl.lr_schedule import dense_lr_factor
@@ -98,7 +99,9 @@ def test_the_job_steps_the_dense_rate_and_leaves_the_tables_rate(dataset, tmp_pa
         return step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    paths = count_training_paths(monkeypatch)
     summary = trainer.train()
+    assert_path(paths, pipeline=pipeline)
     total = summary["steps"]
     assert total == 2 * trainer.train_reader.steps_per_epoch() > 4
     assert [step for step, _ in seen] == list(range(1, total + 1))
@@ -137,7 +140,9 @@ def test_dense_epochs_train_the_tables_alone_afterwards(dataset, tmp_path, monke
         return step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    paths = count_training_paths(monkeypatch)
     summary = trainer.train()
+    assert_path(paths, pipeline=cfg.train.pipeline)
     assert summary["steps"] == 2 * dense_steps
     # The schedule (warm-up, then linear decay) spans the first epoch; the second has a dense rate of 0.
     for number, lr in seen.items():

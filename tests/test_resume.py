@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,6 +215,17 @@ def test_resume_on_another_world_size(dataset, tmp_path):
                          + overrides(dataset, run, "train.max_steps=7"), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     saved = json.loads((run / "summary.json").read_text())
+    # The model itself carries over: resumed on one rank and stopped at once (step 7 is max_steps), it
+    # scores the test split as the two-rank job did at step 7.
+    check = tmp_path / "check"
+    shutil.copytree(run, check)
+    stopped = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=1"] + args
+                             + overrides(dataset, check, "train.max_steps=7"), capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    reloaded = json.loads((check / "summary.json").read_text())
+    assert reloaded["resumed_from"]["step"] == 7 and reloaded["samples_trained_this_run"] == 0
+    for key in ("ctr/auc", "ctr/logloss", "cvr/auc", "ctcvr/logloss"):
+        assert reloaded["metrics"][key] == pytest.approx(saved["metrics"][key], rel=1e-5, abs=1e-6), key
     one = subprocess.run(TORCHRUN + ["--standalone", "--nproc_per_node=1"] + args + overrides(dataset, run),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

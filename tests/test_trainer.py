@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_helpers import write_random_dataset
+from training_paths import train_checking_path
 
 from dist_mtl.config import ConfigError, load_config
 from dist_mtl.data.schema import DatasetError
@@ -75,8 +76,8 @@ def test_early_stopping_keeps_the_best_model(dataset, tmp_path, monkeypatch):
 
 
 def test_plain_loop_and_pipeline_train_the_same(dataset, tmp_path):
-    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true")).train()
-    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false")).train()
+    a = train_checking_path(small_config(dataset, tmp_path / "a", "train.pipeline=true"))
+    b = train_checking_path(small_config(dataset, tmp_path / "b", "train.pipeline=false"))
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
@@ -84,8 +85,8 @@ def test_plain_loop_and_pipeline_train_the_same(dataset, tmp_path):
 def test_ple_trains_through_the_pipeline(dataset, tmp_path):
     # The pipeline's symbolic trace runs through the head's per-level loops and gate lookups.
     ple = ("model.head=ple", "model.expert_dims=[16,8]", "model.num_experts=2", "model.task_experts=2")
-    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", *ple)).train()
-    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false", *ple)).train()
+    a = train_checking_path(small_config(dataset, tmp_path / "a", "train.pipeline=true", *ple))
+    b = train_checking_path(small_config(dataset, tmp_path / "b", "train.pipeline=false", *ple))
     assert a["steps"] == b["steps"] > 0
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -93,8 +94,9 @@ def test_ple_trains_through_the_pipeline(dataset, tmp_path):
 
 def test_weight_features_train_through_the_pipeline(dataset, tmp_path):
     # TorchRec's pipeline traces the model's forward symbolically; the statistics must survive that.
-    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", 'model.weight_features=["sum", "last"]')).train()
-    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false", 'model.weight_features=["sum", "last"]')).train()
+    stats = 'model.weight_features=["sum", "last"]'
+    a = train_checking_path(small_config(dataset, tmp_path / "a", "train.pipeline=true", stats))
+    b = train_checking_path(small_config(dataset, tmp_path / "b", "train.pipeline=false", stats))
     assert a["steps"] == b["steps"] > 0
     assert a["metrics"]["ctr/auc"] == pytest.approx(b["metrics"]["ctr/auc"], abs=1e-6)
 
@@ -103,9 +105,9 @@ def test_bfloat16_heads_train_the_same_through_the_pipeline(dataset, tmp_path):
     # The pipeline fx-traces the model's forward; the heads' autocast must survive that (else the
     # pipelined run would train in float32 and match the float32 run instead).
     bf16 = 'model.head_precision="bfloat16"'
-    a = Trainer(small_config(dataset, tmp_path / "a", "train.pipeline=true", bf16)).train()
-    b = Trainer(small_config(dataset, tmp_path / "b", "train.pipeline=false", bf16)).train()
-    f32 = Trainer(small_config(dataset, tmp_path / "c", "train.pipeline=false")).train()
+    a = train_checking_path(small_config(dataset, tmp_path / "a", "train.pipeline=true", bf16))
+    b = train_checking_path(small_config(dataset, tmp_path / "b", "train.pipeline=false", bf16))
+    f32 = train_checking_path(small_config(dataset, tmp_path / "c", "train.pipeline=false"))
     assert a["steps"] == b["steps"] == f32["steps"] > 0
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -233,7 +235,7 @@ def test_factor_model_trains_through_the_pipeline(dataset, tmp_path, head):
     if head == "mmoe":
         overrides += ('model.head="mmoe"', 'tasks=[{name="ctr", label="click"}, '
                       '{name="cvr", label="buy", rows="click"}, {name="ctcvr", label="buy"}]')
-    piped = Trainer(small_config(dataset, tmp_path / "piped", *overrides)).train()
-    plain = Trainer(small_config(dataset, tmp_path / "plain", "train.pipeline=false", *overrides)).train()
+    piped = train_checking_path(small_config(dataset, tmp_path / "piped", *overrides))
+    plain = train_checking_path(small_config(dataset, tmp_path / "plain", "train.pipeline=false", *overrides))
     for key in ("ctr/auc", "cvr/auc", "ctcvr/logloss"):
         assert piped["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-5, abs=1e-7), key
