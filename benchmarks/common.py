@@ -119,11 +119,69 @@ def write_result(path: str | os.PathLike, name: str, command: str, payload: Mapp
 @dataclass(frozen=True)
 class MeasuredRun:
     """A finished subprocess: wall seconds and the peak RSS of its largest process (itself or any
-    descendant it waited for, e.g. torchrun's workers)."""
+    descendant it waited for, e.g. torchrun's workers); ``peak_rss_all_mb``: the peak of the summed RSS of
+    it and all its descendants at once (sampled every ``TREE_RSS_INTERVAL_S``, so a spike shorter than
+    that can be missed; None where /proc is missing)."""
 
     seconds: float
     peak_rss_mb: float
     log: Path
+    peak_rss_all_mb: float | None = None
+
+
+TREE_RSS_INTERVAL_S = 0.5
+
+
+def _tree_rss_bytes(root: int) -> int | None:
+    """The summed resident set of process ``root`` and its descendants now (Linux /proc; None elsewhere)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    parent, rss = {}, {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            parent[int(entry.name)] = int(fields[1])
+            rss[int(entry.name)] = int(fields[21]) * page
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while being read
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class _TreeRssSampler:
+    """Samples the summed RSS of a process tree in a background thread until stopped."""
+
+    def __init__(self, root: int):
+        import threading
+
+        self.root, self.peak, self._stop = root, None, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = _tree_rss_bytes(self.root)
+            if now is not None:
+                self.peak = now if self.peak is None else max(self.peak, now)
+            self._stop.wait(TREE_RSS_INTERVAL_S)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return None if self.peak is None else round(self.peak / 2**20, 1)
 
 
 def run_logged(cmd: Sequence[str], log: str | os.PathLike, what: str, cwd: str | os.PathLike | None = None,
@@ -138,10 +196,12 @@ def run_logged(cmd: Sequence[str], log: str | os.PathLike, what: str, cwd: str |
         out.flush()
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 env=None if env is None else dict(env))
+        sampler = _TreeRssSampler(proc.pid)
         try:
             # wait4 rather than Popen.wait: it also returns the child's resource usage.
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
+            sampler.stop()
             # SIGTERM first: torchrun forwards it to its workers, a SIGKILL would orphan them.
             proc.terminate()
             try:
@@ -151,13 +211,14 @@ def run_logged(cmd: Sequence[str], log: str | os.PathLike, what: str, cwd: str |
                 proc.wait()
             raise
         proc.returncode = os.waitstatus_to_exitcode(status)
+        peak_all = sampler.stop()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise BenchmarkError(
             f"{what} failed with exit status {proc.returncode} after {seconds:.0f}s; last lines of {log}:\n"
             + log_tail(log)
         )
-    return MeasuredRun(seconds=seconds, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), log=log)
+    return MeasuredRun(seconds=seconds, peak_rss_mb=_maxrss_mb(usage.ru_maxrss), log=log, peak_rss_all_mb=peak_all)
 
 
 def read_json_record(path: str | os.PathLike, required: Sequence[str], kind: str, producer: str) -> dict:

@@ -11,7 +11,7 @@ experts (PLE: levels) ``--expert-dims`` and ESMM's towers, ``esmm_factors`` is E
 ``FACTOR_OVERRIDES``, ``esmm_best`` that with a linear CVR readout and a second epoch that trains the tables
 alone (``BEST_ESMM_OVERRIDES``, the closest ESMM has come to the CVR oracle); the others train one epoch.
 The towers are the ESMM paper's 360x200x80 with the heads in bfloat16 (``--tower-dims``,
-``--head-precision``); a training step whose settings changed is redone, the data steps are kept.
+``--head-precision``); a training step whose command or preset changed is redone, the data steps are kept.
 
 The synthetic stand-in has the real row counts, ~58 impressions per user (~730k user rows per split),
 ~500 history ids per user row, the real per-field vocabularies and label rates (Ali-CCP's 3.9% CTR and
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -84,6 +85,11 @@ class Steps:
             (self.dir / f"{name}.json").unlink(missing_ok=True)
         record.write_text(json.dumps(fingerprint, sort_keys=True))
 
+    @staticmethod
+    def recorded_fingerprint(work: Path) -> dict | None:
+        record = work / "steps" / "fingerprint.json"
+        return json.loads(record.read_text()) if record.exists() else None
+
     def forget(self, name: str) -> None:
         (self.dir / f"{name}.json").unlink(missing_ok=True)
 
@@ -96,6 +102,19 @@ class Steps:
         tmp.write_text(json.dumps(figures, indent=1))
         tmp.replace(self.dir / f"{name}.json")
         return figures
+
+
+def raw_text_share(option: float | None, recorded: dict | None, data: dict, free: int, need_total: float) -> float:
+    """The share of the set generated as raw text: ``--raw-share`` when given; else the share of the
+    finished steps of the same data set in the work directory (their own files now take up the disk this
+    run would measure free, and a share measured again would mix steps of two shares); else all of it
+    when the disk holds the whole path, or what half the free space holds."""
+    if option is not None:
+        return option
+    if recorded is not None and recorded.get("raw_share") and {**recorded, "raw_share": None} == {
+            **data, "raw_share": None}:
+        return recorded["raw_share"]
+    return 1.0 if free > need_total else max(0.01, (free * 0.5) / need_total)
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -131,8 +150,8 @@ def auc_by_epoch(summary: dict) -> list[dict]:
 
 def run_step(steps: Steps, name: str, cmd: list[str], output: Path, log_dir: Path, figures=lambda: {},
              settings: dict | None = None) -> dict:
-    """Run a step unless it finished before with the same ``settings`` (a training step's model and
-    batch settings: the data steps stay valid when only those change). ``output`` (the directory the
+    """Run a step unless it finished before with the same ``settings`` (a training step's command and the
+    preset it reads: the data steps stay valid when only those change). ``output`` (the directory the
     step writes) is removed first: a rerun must not build on an earlier attempt's files, nor the trainer
     resume an earlier run."""
     previous = steps.done(name)
@@ -146,7 +165,8 @@ def run_step(steps: Steps, name: str, cmd: list[str], output: Path, log_dir: Pat
     shutil.rmtree(output, ignore_errors=True)
     print(f"[{name}] {' '.join(cmd)}\n  log: {log_dir / (name + '.log')}", flush=True)
     run = run_logged(cmd, log_dir / f"{name}.log", name, cwd=REPO)
-    result = {"minutes": run.seconds / 60, "peak_rss_mb": run.peak_rss_mb, **figures()}
+    result = {"minutes": run.seconds / 60, "peak_rss_mb": run.peak_rss_mb,
+              "peak_rss_all_processes_mb": run.peak_rss_all_mb, **figures()}
     if settings is not None:
         result["settings"] = settings
     print(f"[{name}] {result}", flush=True)
@@ -181,17 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
     train_n, test_n = int(REAL_TRAIN * args.scale), int(REAL_TEST * args.scale)
     # Vocabularies of the full data whatever the scale, so a rehearsal exercises the same tables.
     cfg = SyntheticConfig(train_impressions=train_n, test_impressions=test_n, vocab_scale=1.0, seed=0)
-    steps = Steps(work, {s for s in args.force.split(",") if s},
-                  {**dataset_fingerprint(cfg), "raw_share": args.raw_share})
-    logs = work / "logs"
-
     need_raw = (train_n + test_n) * RAW_BYTES_PER_IMPRESSION
     need_total = need_raw * 1.15 + 2 * (train_n + test_n) * PARQUET_BYTES_PER_IMPRESSION
     free = shutil.disk_usage(work).free
-    share = args.raw_share if args.raw_share is not None else (1.0 if free > need_total else
-                                                               max(0.01, (free * 0.5) / need_total))
+    share = raw_text_share(args.raw_share, Steps.recorded_fingerprint(work), dataset_fingerprint(cfg), free,
+                           need_total)
     print(f"disk: {free / 1e9:.0f} GB free at {work}; the full path needs ~{need_total / 1e9:.0f} GB "
           f"(raw text ~{need_raw / 1e9:.0f} GB); raw text share: {share:.0%}", flush=True)
+    # The share in use, not the option: finished data steps are this run's only if they had the same.
+    steps = Steps(work, {s for s in args.force.split(",") if s}, {**dataset_fingerprint(cfg), "raw_share": share})
+    logs = work / "logs"
 
     py = sys.executable
     raw_dir, data_dir, run_dir = work / "raw", work / "parquet", work / "run"
@@ -224,18 +243,25 @@ def main(argv: list[str] | None = None) -> dict:
                 'optimizer.dense_lr_decay="linear"', *overrides,
                 f"train.epochs={epochs}", "train.log_every_steps=200"]
 
-    settings = {"nproc": args.nproc, "batch_size": args.batch_size, "tower_dims": json.loads(args.tower_dims),
-                "head_precision": args.head_precision}
-    train = run_step(steps, "train", train_job(run_dir), run_dir, logs, lambda: run_summary(run_dir), settings)
+    # A training step is redone when anything that shapes it changed: its whole command and the preset
+    # it reads, not only the options of this script (its overrides and the preset file change too).
+    preset = hashlib.sha256((REPO / "configs" / "synthetic_cpu.toml").read_bytes()).hexdigest()
+
+    def settings(cmd: list[str]) -> dict:
+        return {"command": cmd[1:], "preset_sha256": preset}  # not the interpreter's path
+
+    train_cmd = train_job(run_dir)
+    train = run_step(steps, "train", train_cmd, run_dir, logs, lambda: run_summary(run_dir), settings(train_cmd))
 
     extra: dict[str, dict] = {}
     for head in args.heads:
         name, head_dir = f"train_{head}", work / f"run_{head}"
         overrides, epochs, described = head_job(head, args.expert_dims)
+        head_cmd = train_job(head_dir, *overrides, epochs=epochs)
         extra[head] = run_step(
-            steps, name, train_job(head_dir, *overrides, epochs=epochs), head_dir, logs,
+            steps, name, head_cmd, head_dir, logs,
             lambda head_dir=head_dir, described=described: {**described, **run_summary(head_dir)},
-            {**settings, **described})
+            settings(head_cmd))
 
     truth_dir = raw_dir if share >= 1.0 else data_dir
     oracle = oracle_auc(truth_dir / "truth_test.parquet")
@@ -257,6 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb": {"generate": generate["peak_rss_mb"], "convert": convert["peak_rss_mb"],
                         "train": train["peak_rss_mb"],
                         **({} if direct is None else {"generate_parquet": direct["peak_rss_mb"]})},
+        # The step's processes together (sampled; None for steps recorded before it was measured).
+        "peak_rss_all_processes_mb": {
+            name: step.get("peak_rss_all_processes_mb")
+            for name, step in (("generate", generate), ("convert", convert), ("train", train),
+                               ("generate_parquet", direct)) if step is not None},
         "disk_gb": {"raw": generate["disk_gb"], "parquet": disk_gb(data_dir), "total": disk_gb(work)},
         "auc": {t: train["metrics"][f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")},
         "oracle_auc": oracle,
@@ -274,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
             "head_precision": args.head_precision,
             **job_figures(figures),
             "peak_rss_mb": figures["peak_rss_mb"],
+            "peak_rss_all_processes_mb": figures.get("peak_rss_all_processes_mb"),
             "auc": {t: figures["metrics"][f"{t}/auc"] for t in ("ctr", "cvr", "ctcvr")},
             **({"auc_by_epoch": figures["auc_by_epoch"]} if len(figures.get("auc_by_epoch", [])) > 1 else {}),
         }

@@ -404,6 +404,21 @@ def test_full_scale_redoes_a_training_step_when_its_settings_change_and_keeps_th
     assert other.done("generate") is None and other.done("train") is None
 
 
+def test_full_scale_keeps_the_raw_share_its_finished_steps_used():
+    from full_scale import raw_text_share
+
+    data = {"train_impressions": 100, "generator_version": 2}
+    gb = 10**9
+    assert raw_text_share(None, None, data, free=100 * gb, need_total=50 * gb) == 1.0
+    assert raw_text_share(None, None, data, free=20 * gb, need_total=50 * gb) == pytest.approx(0.2)
+    # Resumed: the finished steps' own files now fill the disk; their share stands, for this data set only.
+    assert raw_text_share(None, {**data, "raw_share": 0.2}, data, free=200 * gb, need_total=50 * gb) == 0.2
+    assert raw_text_share(None, {**data, "raw_share": 1.0}, data, free=5 * gb, need_total=50 * gb) == 1.0
+    other = {**data, "train_impressions": 200}
+    assert raw_text_share(None, {**other, "raw_share": 0.2}, data, free=200 * gb, need_total=50 * gb) == 1.0
+    assert raw_text_share(0.5, {**data, "raw_share": 0.2}, data, free=200 * gb, need_total=50 * gb) == 0.5
+
+
 def test_full_scale_extra_heads_are_valid_configs_and_esmm_best_trains_the_tables_alone_in_epoch_two():
     import full_scale
 

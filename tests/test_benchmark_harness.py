@@ -45,6 +45,22 @@ def test_write_result_records_reproduction_facts(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the process tree is read from /proc")
+def test_run_logged_adds_up_the_rss_of_processes_alive_at_once(tmp_path):
+    # Two children holding 150 MiB each at the same time (each waits until both hold it, then for 1.5 s:
+    # several samples): the tree holds 300 MiB and more, which no one process here does. (peak_rss_mb is
+    # not compared: ru_maxrss also counts the pytest process's pages a child shares between fork and exec.)
+    child = ("import pathlib, sys, time; b = bytearray(150 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+             "d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+             "[time.sleep(0.05) for _ in iter(lambda: len(list(d.iterdir())) < 2, False)]; time.sleep(1.5)")
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    parent = (f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}, {str(ready)!r}, str(i)]) "
+              f"for i in range(2)]; sys.exit(max(p.wait() for p in ps))")
+    run = common.run_logged([sys.executable, "-c", parent], tmp_path / "tree.log", "two children")
+    assert run.peak_rss_all_mb > 300
+
+
 def test_command_line_is_repo_relative_and_shell_safe():
     argv = ["--work-dir", "/tmp/a b", "tasks=[{name=\"ctr\"}]"]
     cmd = common.command_line(REPO / "benchmarks" / "train_cpu_bench.py", argv, python=str(REPO / ".venv/bin/python"))
@@ -55,6 +71,7 @@ def test_run_logged_measures_and_reports_failures(tmp_path):
     run = common.run_logged([sys.executable, "-c", "print('hello from child')"], tmp_path / "ok.log", "greeting")
     assert "hello from child" in run.log.read_text()
     assert run.seconds > 0 and run.peak_rss_mb > 1
+    assert run.peak_rss_all_mb is None or run.peak_rss_all_mb >= 0
 
     script = "import sys\nfor i in range(50): print(f'line {i}')\nsys.exit(3)"
     with pytest.raises(common.BenchmarkError) as err:
