@@ -98,7 +98,10 @@ def _repo_relative(path: str | os.PathLike) -> str:
 
 def write_result(path: str | os.PathLike, name: str, command: str, payload: Mapping,
                  versions: Mapping[str, str | None]) -> dict:
-    """Write a result record (tmp + rename, so a reader never sees half a file) and return it."""
+    """Write a result record (tmp + rename, so a reader never sees half a file) and return it.
+
+    Its ``peak_rss_mb`` is the writing process's own peak: a script whose work runs in subprocesses (the
+    training jobs of train_cpu, grouping, sweep, accuracy) records theirs in ``payload``, or not at all."""
     record = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -33,7 +33,7 @@ RESULT = common.REPO / "benchmarks" / "results" / "convert.json"
 
 
 def _generate(raw_dir: Path, impressions: int, test_impressions: int, history: float, seed: int) -> None:
-    from dist_mtl.data.synthetic import SyntheticConfig, write_raw
+    from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint, write_raw
 
     cfg = SyntheticConfig(
         train_impressions=impressions, test_impressions=test_impressions, history_ids_per_user=history, seed=seed
@@ -41,7 +41,23 @@ def _generate(raw_dir: Path, impressions: int, test_impressions: int, history: f
     report = write_raw(raw_dir, cfg)
     for split in report["splits"]:
         (raw_dir / f"truth_{split}.parquet").unlink()  # not read by the converter
-    (raw_dir / "generated.json").write_text(json.dumps({"config": cfg.__dict__, "report": report}, default=str))
+    (raw_dir / "generated.json").write_text(json.dumps(
+        {"config": cfg.__dict__, "fingerprint": dataset_fingerprint(cfg), "report": report}, default=str))
+
+
+def _generated_by_this_generator(raw_dir: Path, impressions: int, test_impressions: int, history: float,
+                                 seed: int) -> bool:
+    """Whether ``raw_dir`` holds finished raw files of these sizes written by the current generator
+    version (the folder name says the sizes, not the version: text of an older generator is redone)."""
+    from dist_mtl.data.synthetic import SyntheticConfig, dataset_fingerprint
+
+    record = raw_dir / "generated.json"
+    if not record.exists():
+        return False
+    cfg = SyntheticConfig(
+        train_impressions=impressions, test_impressions=test_impressions, history_ids_per_user=history, seed=seed
+    )
+    return json.loads(record.read_text()).get("fingerprint") == json.loads(json.dumps(dataset_fingerprint(cfg), default=str))
 
 
 def _dataset_sizes(out_dir: Path) -> dict:
@@ -88,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.work_dir)
     raw_dir = work / f"raw-{args.impressions}-{args.test_impressions}-{args.history_ids_per_user:g}-{args.seed}"
-    if not (raw_dir / "generated.json").exists():
+    if not _generated_by_this_generator(raw_dir, args.impressions, args.test_impressions,
+                                        args.history_ids_per_user, args.seed):
         shutil.rmtree(raw_dir, ignore_errors=True)
         common.run_logged(
             [sys.executable, __file__, "--generate-into", raw_dir, "--impressions", args.impressions,

@@ -447,3 +447,20 @@ def test_full_scale_reads_the_test_aucs_of_each_epoch_from_a_runs_summary(tmp_pa
     assert full_scale.run_summary(tmp_path) == {"train_seconds": 5.0, "auc_by_epoch": [
         {"epoch": 1, "step": 10, "ctr": 0.7, "cvr": 0.6, "ctcvr": 0.8},
         {"epoch": 2, "step": 20, "ctr": 1.7, "cvr": 1.6, "ctcvr": 1.8}]}
+
+
+# -------------------------------------------------------------------------------------------- convert_bench
+
+
+def test_convert_bench_regenerates_raw_text_of_another_generator_version(tmp_path):
+    import convert_bench
+
+    raw = tmp_path / "raw"
+    assert not convert_bench._generated_by_this_generator(raw, 300, 100, 20.0, 0)  # nothing there yet
+    convert_bench._generate(raw, 300, 100, 20.0, 0)
+    assert convert_bench._generated_by_this_generator(raw, 300, 100, 20.0, 0)
+    assert not convert_bench._generated_by_this_generator(raw, 300, 100, 20.0, 1)  # another seed
+    record = json.loads((raw / "generated.json").read_text())
+    record["fingerprint"]["generator_version"] -= 1  # text an older generator wrote
+    (raw / "generated.json").write_text(json.dumps(record))
+    assert not convert_bench._generated_by_this_generator(raw, 300, 100, 20.0, 0)
