@@ -18,6 +18,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,6 @@ class _TreeRssSampler:
     """Samples the summed RSS of a process tree in a background thread until stopped."""
 
     def __init__(self, root: int):
-        import threading
-
         self.root, self.peak, self._stop = root, None, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -54,7 +54,7 @@ from dist_mtl.checkpoint import (
 )
 from dist_mtl.config import JobConfig, load_config
 from dist_mtl.data.batch import GroupedBatch
-from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN
+from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, DatasetError
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
 
@@ -70,6 +70,11 @@ _TABLE_KEY = {f.name: f"{f.side}_ebc.embedding_bags.{table_name(f.name)}.weight"
 
 class ExportError(ValueError):
     """An export directory is incomplete or does not fit the data it is asked to score."""
+
+
+#: What export_model and predict_split raise for bad input (a checkpoint, an export, a dataset or a path
+#: that does not fit); the launchers report these in one line, anything else with its traceback.
+INPUT_ERRORS = (ExportError, CheckpointMismatchError, DatasetError, FileNotFoundError)
 
 
 @contextmanager

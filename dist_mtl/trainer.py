@@ -141,10 +141,12 @@ class Trainer:
         )
 
         self.train_reader = self._reader(cfg.data.train_split, cfg.data.batch_size, shuffle=cfg.data.shuffle)
-        # Built once now and dropped (it reads only metadata.json): the readers' checks (their split's size
-        # against the world size and eval_batch_size, its files) would otherwise first run after an epoch.
-        for split in dict.fromkeys((cfg.data.val_split or cfg.data.eval_split, cfg.data.eval_split)):
-            self._reader(split, cfg.data.eval_batch_size, shuffle=False)
+        # The evaluation readers are built here, once, and every evaluation reuses its split's: their checks
+        # (the split's size against the world size and eval_batch_size, its files) then run before the
+        # first epoch rather than after it.
+        self.eval_readers = {split: self._reader(split, cfg.data.eval_batch_size, shuffle=False)
+                             for split in dict.fromkeys((cfg.data.val_split or cfg.data.eval_split,
+                                                         cfg.data.eval_split))}
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
@@ -229,14 +231,14 @@ class Trainer:
         rank with a TrainingError, the rank that saw it first naming its step, losses and batch. Raising
         on that rank alone would leave the others to fail inside their next collective, with an error
         that does not say why."""
-        world = self.ctx.world_size
+        world, none = self.ctx.world_size, torch.iinfo(torch.int64).max
         local = -1 if self._first_nonfinite is None else int(self._first_nonfinite)
-        # One MIN over (step, rank) pairs encoded as step * world + rank; -1 (none) maps past every step.
-        code = torch.tensor([local * world + self.ctx.rank if local >= 0 else torch.iinfo(torch.int64).max],
+        # One MIN over (step, rank) pairs encoded as step * world + rank; a rank without one sends `none`.
+        code = torch.tensor([local * world + self.ctx.rank if local >= 0 else none],
                             dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(code, op=dist.ReduceOp.MIN)
         first = int(code)
-        if first != torch.iinfo(torch.int64).max:
+        if first != none:
             step, rank = divmod(first, world)
             if rank == self.ctx.rank:
                 bad = {k: float(v) for k, v in self._nonfinite_losses.items()}
@@ -448,7 +450,8 @@ class Trainer:
         self.model.eval()
         try:
             self.metrics.reset()
-            reader = self._reader(split, self.cfg.data.eval_batch_size, shuffle=False)
+            reader = self.eval_readers[split]
+            reader.set_epoch(0)  # from its first batch, whatever an earlier (maybe interrupted) pass left
             for batch in self._batches(reader):
                 batch = batch.to(self.ctx.device, non_blocking=True)
                 _, (_, output) = self.model(batch)

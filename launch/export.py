@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     args = parser.parse_args(argv)
 
-    from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError
-    from dist_mtl.data.schema import DatasetError
-    from dist_mtl.export import ExportError, export_model
+    from dist_mtl.checkpoint import CheckpointManager
+    from dist_mtl.export import INPUT_ERRORS, export_model
 
     if args.run_dir is not None:
         run_dir = args.run_dir
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(str(e))
     try:
         out = export_model(args.out, cfg, checkpoint=checkpoint)
-    except (ExportError, CheckpointMismatchError, DatasetError, FileNotFoundError) as e:
+    except INPUT_ERRORS as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
     print(f"exported {checkpoint} ({cfg.model.head}) to {out}", flush=True)
     return out

@@ -26,13 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    from dist_mtl.checkpoint import CheckpointMismatchError
-    from dist_mtl.data.schema import DatasetError
-    from dist_mtl.export import ExportError, predict_split
+    from dist_mtl.export import INPUT_ERRORS, predict_split
 
     try:
         summary = predict_split(args.model, args.data, args.split, args.out, args.batch_size)
-    except (ExportError, CheckpointMismatchError, DatasetError, FileNotFoundError) as e:
+    except INPUT_ERRORS as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
     print(json.dumps(summary), flush=True)
     return summary

@@ -115,6 +115,15 @@ def test_bfloat16_heads_train_the_same_through_the_pipeline(dataset, tmp_path):
     assert a["metrics"]["ctr/logloss"] == pytest.approx(f32["metrics"]["ctr/logloss"], rel=0.02)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_evaluation_reads_its_whole_split_again(dataset, tmp_path, workers):
+    # The evaluation readers are built once and reused: a second pass must start from the first batch.
+    trainer = Trainer(small_config(dataset, tmp_path / "run", f"data.num_workers={workers}"))
+    first, second = trainer.evaluate("test"), trainer.evaluate("test")
+    test_impressions = json.loads((dataset / "metadata.json").read_text())["splits"]["test"]["num_impressions"]
+    assert first["ctr/count"] == test_impressions and first == second
+
+
 def test_unwritable_run_dir_is_refused(dataset, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -14,7 +14,7 @@ Each statistic is ``log1p`` of a non-negative per-row quantity (an empty row giv
 - ``count``: the number of ids in the row.
 """
 
-from typing import List, Mapping, Sequence, Tuple
+from typing import Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +27,12 @@ def _positions(keys: List[str], fields: List[str]) -> List[int]:
     # By name, as the embedding tables read the KJT: a batch whose keys come in another order than the
     # schema's must not have its weight columns read from other fields.
     return [keys.index(f) for f in fields]
+
+
+def _check_fields(keys: Sequence[str], fields: Iterable[str]) -> None:
+    missing = [f for f in fields if f not in keys]
+    if missing:
+        raise ValueError(f"fields {missing} are not among the side's keys {list(keys)}")
 
 
 def row_weight_stats(
@@ -93,9 +99,7 @@ class RowWeightFeatures(nn.Module):
         unknown = [s for s in stats if s not in WEIGHT_STATS]
         if unknown:
             raise ValueError(f"unknown weight statistic(s) {unknown}; choose from {WEIGHT_STATS}")
-        missing = [f for f in fields if f not in keys]
-        if missing:
-            raise ValueError(f"fields {missing} are not among the side's keys {list(keys)}")
+        _check_fields(keys, fields)
         self.fields = list(fields)
         self.stats = list(stats)
         self.out_dim = len(self.fields) * len(self.stats)
@@ -130,9 +134,7 @@ class WeightedMeanPooling(nn.Module):
         """``keys``: the side's KJT keys (a batch may order them otherwise); ``columns``: the
         ``[start, stop)`` pooled columns of each field to pool as a mean."""
         super().__init__()
-        missing = [f for f in columns if f not in keys]
-        if missing:
-            raise ValueError(f"fields {missing} are not among the side's keys {list(keys)}")
+        _check_fields(keys, columns)
         # Column order, so that forward can cut the row into pieces from left to right.
         self.fields = sorted(columns, key=lambda f: columns[f][0])
         self.starts = [columns[f][0] for f in self.fields]
