@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "steps": summary["steps"], "best_step": summary["best_step"],
                 "samples_trained": summary["samples_trained"], "train_samples_per_s": summary["train_samples_per_s"],
                 "wall_seconds": summary["wall_seconds"], "process_seconds": measured.seconds,
-                "peak_rss_mb_largest_process": measured.peak_rss_mb, "eval_history": summary["history"],
+                "peak_rss_mb_largest_process": measured.peak_rss_mb,
+                "peak_rss_all_processes_mb": measured.peak_rss_all_mb, "eval_history": summary["history"],
                 "command": shlex.join(cmd), "log": str(log),
             }
             say(f"{model} {size:,}: " + ", ".join(

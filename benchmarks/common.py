@@ -102,7 +102,8 @@ def write_result(path: str | os.PathLike, name: str, command: str, payload: Mapp
     """Write a result record (tmp + rename, so a reader never sees half a file) and return it.
 
     Its ``peak_rss_mb`` is the writing process's own peak: a script whose work runs in subprocesses (the
-    training jobs of train_cpu, grouping, sweep, accuracy) records theirs in ``payload``, or not at all."""
+    training jobs of train_cpu, grouping, sweep, accuracy, full_scale) records theirs in ``payload``
+    (``peak_rss_mb_largest_process`` and ``peak_rss_all_processes_mb`` from ``run_logged``)."""
     record = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

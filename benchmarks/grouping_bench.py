@@ -85,10 +85,11 @@ def train(data: Path, run_dir: Path, nproc: int, towers: list[int], grouped: boo
            f"data.grouped={'true' if grouped else 'false'}", "model.embedding_dim=16",
            f"model.tower_dims={towers}", f'model.head_precision="{args.head_precision}"', "train.epochs=1",
            f"train.max_steps={args.steps}", "train.progress_bar=false", f"train.log_every_steps={max(args.steps // 4, 1)}"]
-    run_logged(cmd, run_dir / "log.txt", f"training {run_dir.name}", cwd=REPO)
+    measured = run_logged(cmd, run_dir / "log.txt", f"training {run_dir.name}", cwd=REPO)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"samples_per_s": summary["train_samples_per_s"], "steps": summary["steps"],
-            "samples": summary["samples_trained"]}
+            "samples": summary["samples_trained"], "peak_rss_mb_largest_process": measured.peak_rss_mb,
+            "peak_rss_all_processes_mb": measured.peak_rss_all_mb}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -149,6 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "bytes_per_impression_expanded": sizes["expanded"],
                 "steps": runs["grouped"][0]["steps"],
                 "runs_samples_per_s": {label: [r["samples_per_s"] for r in runs[label]] for label in variants},
+                # The most any repeat took: copied user rows cost memory as well as time.
+                "peak_rss_mb_largest_process": {
+                    label: max(r["peak_rss_mb_largest_process"] for r in runs[label]) for label in variants},
+                "peak_rss_all_processes_mb": {
+                    label: max((r["peak_rss_all_processes_mb"] for r in runs[label]
+                                if r["peak_rss_all_processes_mb"] is not None), default=None)
+                    for label in variants},
             })
     payload = {
         "batch_size": args.batch_size,

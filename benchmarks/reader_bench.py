@@ -14,24 +14,18 @@ Writes a synthetic dataset per case (tests/data_helpers.write_random_dataset), t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torchrec
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the dataset writer shared with the tests
 
+from common import command_line, library_versions, write_result  # noqa: E402
 from data_helpers import write_random_dataset  # noqa: E402
 
 from dist_mtl.data import schema  # noqa: E402
@@ -127,28 +121,17 @@ def main(argv: list[str] | None = None) -> dict:
             for name, impressions in (("flat", args.flat_impressions), ("multi", args.multi_impressions))
         }
     flat = cases["flat"]
-    report = {
-        "name": "reader",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python benchmarks/reader_bench.py"]
-                            + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
+    payload = {
         "batch_size": args.batch_size,
         # Headline figures: the flat case, one process (0 DataLoader workers), validation on.
         "reader_impressions_per_s": flat["reader"][0]["impressions_per_s"],
         "pyarrow_rows_per_s": flat["pyarrow"]["rows_per_s"],
         "cases": cases,
-        "environment": {
-            "python": platform.python_version(), "torch": torch.__version__, "torchrec": torchrec.__version__,
-            "pyarrow": pa.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "processor": platform.processor(),
-            # The test machine's 2 cores are shared: the 1-minute load average says how contended it was.
-            "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        # The test machine's 2 cores are shared: the 1-minute load average says how contended it was.
+        "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    return report
-
+    return write_result(args.out, "reader", command_line(__file__, argv if argv is not None else sys.argv[1:]),
+                        payload, library_versions(["torch", "torchrec", "pyarrow"]))
 
 if __name__ == "__main__":
     summary = main()

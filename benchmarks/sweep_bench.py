@@ -175,6 +175,7 @@ def measure(run: SweepRun, data: Path, work: Path, settings: SweepSettings, towe
                      users_per_batch_rank0=result.get("rank0_mean_users_per_batch"),
                      model_config=result.get("model_config"))
     entry.update(process_seconds=measured.seconds, peak_rss_mb_largest_process=measured.peak_rss_mb,
+                 peak_rss_all_processes_mb=measured.peak_rss_all_mb,
                  omp_num_threads_per_rank=env.get("OMP_NUM_THREADS"), command=shlex.join(cmd), log=str(log))
     return entry
 

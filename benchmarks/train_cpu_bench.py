@@ -332,7 +332,8 @@ def run_dist_mtl(model: str, args: argparse.Namespace, data: BenchData, work: Pa
         "command": shlex.join(cmd), "omp_num_threads_per_rank": env.get("OMP_NUM_THREADS"),
         "samples_trained": summary["samples_trained"], "train_seconds": summary["train_seconds"],
         "wall_seconds": summary["wall_seconds"], "process_seconds": measured.seconds,
-        "peak_rss_mb_largest_process": measured.peak_rss_mb, "eval_rows": summary["metrics"].get("ctr/count"),
+        "peak_rss_mb_largest_process": measured.peak_rss_mb,
+        "peak_rss_all_processes_mb": measured.peak_rss_all_mb, "eval_rows": summary["metrics"].get("ctr/count"),
         "run_dir": str(run_dir),
     }
 

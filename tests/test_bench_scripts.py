@@ -1,6 +1,6 @@
-"""The throughput sweep and accuracy benchmarks' pure helpers (benchmarks/sweep_bench.py,
-prebuilt_steps.py, accuracy_bench.py, plots.py). The training runs themselves are exercised by running
-the benchmarks (``sweep_bench.py --quick``)."""
+"""The benchmark scripts' helpers (sweep, prebuilt steps, accuracy, plots, learnable bound, gap
+breakdown, full scale, converter) and a tiny reader_bench.py run. The training runs themselves are
+exercised by running the benchmarks (``sweep_bench.py --quick``)."""
 
 from __future__ import annotations
 
@@ -464,3 +464,22 @@ def test_convert_bench_regenerates_raw_text_of_another_generator_version(tmp_pat
     record["fingerprint"]["generator_version"] -= 1  # text an older generator wrote
     (raw / "generated.json").write_text(json.dumps(record))
     assert not convert_bench._generated_by_this_generator(raw, 300, 100, 20.0, 0)
+
+
+def test_reader_bench_counts_every_impression_and_writes_a_result_record(tmp_path):
+    import reader_bench
+
+    out = tmp_path / "reader.json"
+    reader_bench.main(["--flat-impressions", "3000", "--multi-impressions", "2000", "--workers", "0",
+                       "--repeats", "1", "--batch-size", "512", "--out", str(out)])
+    record = json.loads(out.read_text())
+    # The facts every result record carries (common.write_result), beside the reader's own figures.
+    assert record["name"] == "reader" and record["versions"]["torchrec"] and record["machine"]["cpu_count"] >= 1
+    assert "benchmarks/reader_bench.py --flat-impressions 3000" in record["command"]
+    for case in ("flat", "multi"):
+        figures = record["cases"][case]
+        impressions = figures["dataset"]["impressions"]
+        assert [r["impressions"] for r in figures["reader"]] == [impressions]
+        assert figures["reader_validate_off"]["impressions"] == impressions
+        assert figures["pyarrow"]["impression_rows"] == impressions
+    assert record["reader_impressions_per_s"] == record["cases"]["flat"]["reader"][0]["impressions_per_s"]
