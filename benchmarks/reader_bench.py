@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     return write_result(args.out, "reader", command_line(__file__, argv if argv is not None else sys.argv[1:]),
                         payload, library_versions(["torch", "torchrec", "pyarrow"]))
 
+
 if __name__ == "__main__":
     summary = main()
     for case, figures in summary["cases"].items():
