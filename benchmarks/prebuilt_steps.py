@@ -11,7 +11,10 @@ step are those of the real job and only the data source differs: each rank first
 timed steps cycling over them.
 
 The figure is global: impressions trained by all ranks in the timed steps over the slowest rank's time
-(ranks start timing together, after a barrier). Rank 0 writes it to ``--out`` as JSON.
+(ranks start timing together, after a barrier). Rank 0 writes it to ``--out`` as JSON. With
+``--profile-steps N`` every rank then runs N more steps under torch.profiler, and rank 0 adds the
+operators with the most self CPU time per step to the JSON (``profile``) and prints them: where a step's
+time goes, e.g. what the history lists cost (RESULTS, User groups).
 """
 
 from __future__ import annotations
@@ -51,6 +54,24 @@ def timed_samples(batch_sizes: Sequence[int], warmup: int, steps: int) -> int:
     return full_cycles * sum(batch_sizes) + sum(tail)
 
 
+def profile_steps(step, steps: int, top: int = 20) -> dict:
+    """Run ``steps`` more steps under torch.profiler (CPU activities); the ``top`` operators by self CPU
+    time, per step. Kept apart from the timed steps: the profiler's own overhead would slow them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    return {
+        "steps": steps,
+        "self_cpu_ms_per_step": round(total_us / 1e3 / steps, 3),
+        "operators": [{"name": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                       "calls_per_step": round(e.count / steps, 2)} for e in events[:top]],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config file, as launch/train.py")
@@ -58,11 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=16, help="batches per rank read into memory first")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timed steps, run this many more under torch.profiler and report the "
+                             "operators with the most self CPU time (rank 0's; the timed figure is unaffected)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     args = parser.parse_args(argv)
-    if args.batches < 1 or args.warmup < 0 or args.steps < 1:
-        parser.error(f"need --batches >= 1, --warmup >= 0, --steps >= 1 (got {args.batches}, {args.warmup}, "
-                     f"{args.steps})")
+    if args.batches < 1 or args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
+        parser.error(f"need --batches >= 1, --warmup >= 0, --steps >= 1, --profile-steps >= 0 (got {args.batches}, "
+                     f"{args.warmup}, {args.steps}, {args.profile_steps})")
 
     from dist_mtl.config import ConfigError, load_config
 
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         if bad:
             raise RuntimeError(f"rank {ctx.rank}: non-finite task losses after the timed steps: {bad}")
 
+        profile = profile_steps(step, args.profile_steps) if args.profile_steps else None
+
         totals = torch.tensor([timed_samples(sizes, args.warmup, args.steps)], dtype=torch.int64)
         slowest = torch.tensor([seconds], dtype=torch.float64)
         dist.all_reduce(totals)
@@ -131,11 +157,19 @@ def main(argv: list[str] | None = None) -> dict:
             "last_task_losses": losses,
             "model_config": cfg.to_dict()["model"],
         }
+        if profile is not None:
+            result["profile"] = profile
         if ctx.is_main:
             write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
             ranks = f"{ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}"
             print(f"prebuilt steps: {result['samples_per_s']:,.0f} samples/s ({ranks}, {args.steps} timed steps "
                   f"over {len(batches)} batches in memory)", flush=True)
+            if profile is not None:
+                print(f"rank 0's operators by self CPU time over {args.profile_steps} profiled steps (ms per step):",
+                      flush=True)
+                for op in profile["operators"]:
+                    print(f"  {op['self_cpu_ms_per_step']:8.2f}  {op['calls_per_step']:6.1f} calls  {op['name']}",
+                          flush=True)
         trainer.logger.close()
         return result
     finally:
