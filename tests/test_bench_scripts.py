@@ -1,5 +1,5 @@
 """The benchmark scripts' helpers (sweep, prebuilt steps, accuracy, plots, learnable bound, gap
-breakdown, full scale, converter) and a tiny reader_bench.py run. The training runs themselves are
+breakdown, full scale, converter, profiled steps) and a tiny reader_bench.py run. The training runs themselves are
 exercised by running the benchmarks (``sweep_bench.py --quick``)."""
 
 from __future__ import annotations
@@ -483,3 +483,21 @@ def test_reader_bench_counts_every_impression_and_writes_a_result_record(tmp_pat
         assert figures["reader_validate_off"]["impressions"] == impressions
         assert figures["pyarrow"]["impression_rows"] == impressions
     assert record["reader_impressions_per_s"] == record["cases"]["flat"]["reader"][0]["impressions_per_s"]
+
+
+def test_profile_steps_reports_each_operator_per_step():
+    import torch
+
+    a = torch.randn(64, 64)
+    calls = []
+
+    def step():
+        calls.append(1)
+        return {"loss": (a @ a).sum()}
+
+    profile = prebuilt_steps.profile_steps(step, 3, top=5)
+    assert len(calls) == 3 and profile["steps"] == 3 and len(profile["operators"]) <= 5
+    by_name = {op["name"]: op for op in profile["operators"]}
+    assert by_name["aten::mm"]["calls_per_step"] == 1.0  # counted over the steps, reported per step
+    times = [op["self_cpu_ms_per_step"] for op in profile["operators"]]
+    assert times == sorted(times, reverse=True) and profile["self_cpu_ms_per_step"] >= sum(times)
