@@ -1,5 +1,5 @@
-"""The benchmark scripts' helpers (sweep, prebuilt steps, accuracy, plots, learnable bound, gap
-breakdown, full scale, converter, profiled steps) and a tiny reader_bench.py run. The training runs themselves are
+"""The benchmark scripts' helpers (sweep, prebuilt and profiled steps, accuracy, plots, learnable bound,
+gap breakdown, full scale, converter) and a tiny reader_bench.py run. The training runs themselves are
 exercised by running the benchmarks (``sweep_bench.py --quick``)."""
 
 from __future__ import annotations
