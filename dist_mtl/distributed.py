@@ -27,6 +27,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from dist_mtl.config import EPS_SPARSE_OPTIMIZERS, OptimizerConfig, ShardingConfig
+from dist_mtl.data.reader import FeatureLoad
 
 # What fbgemm's CPU kernels and TorchRec's gloo path support (row-wise sharding is GPU-only).
 CPU_SHARDING_TYPES = (
@@ -147,8 +148,12 @@ def sparse_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def table_constraints(
-    model: nn.Module, cfg: ShardingConfig, device: torch.device
+    model: nn.Module, cfg: ShardingConfig, device: torch.device,
+    loads: Mapping[str, FeatureLoad] | None = None,
 ) -> dict[str, ParameterConstraints]:
+    """The planner's constraints per table: the sharding types and kernels allowed, and, with ``loads``
+    (``reader.feature_loads``), the rows and ids per row its feature brings a batch, so that the planner
+    prices the lookups a table really serves rather than one id per impression."""
     allowed = CPU_SHARDING_TYPES if device.type == "cpu" else None
     constraints = {}
     for ebc in sparse_modules(model):
@@ -169,8 +174,10 @@ def table_constraints(
                 kernels = [EmbeddingComputeKernel.FUSED.value]
                 if types is not None and ShardingType.DATA_PARALLEL.value in types:
                     kernels.append(EmbeddingComputeKernel.DENSE.value)
+            load = loads.get(feature) if loads else None
             constraints[table.name] = ParameterConstraints(
-                sharding_types=types, compute_kernels=kernels, is_weighted=True
+                sharding_types=types, compute_kernels=kernels, is_weighted=True,
+                **({"pooling_factors": [load.ids_per_row], "batch_sizes": [load.rows_per_batch]} if load else {}),
             )
     return constraints
 
@@ -195,8 +202,10 @@ def shard_model(
     sharding: ShardingConfig,
     optimizer: OptimizerConfig,
     batch_size: int,
+    loads: Mapping[str, FeatureLoad] | None = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Fused table optimizer in backward, a planner over the real topology, then DMP."""
+    """Fused table optimizer in backward, a planner over the real topology (and, with ``loads``, the
+    data's rows and ids per batch of each feature), then DMP."""
     opt_cls = sparse_optimizer(optimizer.sparse, ctx.device)
     for ebc in sparse_modules(model):
         # One call per table, so that tables can differ (optimizer.field_sparse_lr / _eps); TorchRec groups
@@ -207,7 +216,7 @@ def shard_model(
     planner = EmbeddingShardingPlanner(
         topology=build_topology(ctx),
         batch_size=batch_size,
-        constraints=table_constraints(model, sharding, ctx.device),
+        constraints=table_constraints(model, sharding, ctx.device, loads),
     )
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)

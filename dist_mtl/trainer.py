@@ -27,7 +27,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError, read_side_file
 from dist_mtl.config import ConfigError, JobConfig
 from dist_mtl.data.batch import GroupedBatch
-from dist_mtl.data.reader import ParquetGroupReader, make_dataloader
+from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloader
 from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata
 from dist_mtl.distributed import (
     DistContext,
@@ -133,7 +133,8 @@ class Trainer:
             train_split = self.metadata.split(cfg.data.train_split)  # present: checked above
             model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
         step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
-        self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size)
+        loads = feature_loads(cfg.data.path, cfg.data.train_split, cfg.data.batch_size, cfg.data.grouped)
+        self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size, loads)
         init_embedding_tables(self.model, cfg.train.seed, cfg.model.field_init_scale)
         self.optimizer = dense_optimizer(self.model, cfg.optimizer)
         self.pipeline = (

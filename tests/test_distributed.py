@@ -166,3 +166,18 @@ def test_per_field_table_settings_reach_fused_and_data_parallel_tables(setting):
     groups = dict(opt.optimizers)["data_parallel_tables"].param_groups
     assert sorted((g["lr"], g["eps"]) for g in groups) == sorted(
         [(0.05, 1e-8), ((stop, 1e-8) if setting == "field_sparse_lr" else (0.05, stop))])
+
+
+def test_the_planner_is_told_each_features_rows_and_ids_per_batch():
+    from dist_mtl.data.reader import FeatureLoad
+
+    cfg = load_config(None, ["model.embedding_dim=8", "model.tower_dims=[16,8]"])
+    model = MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks)
+    loads = {"101": FeatureLoad(72, 1.0), "110_14": FeatureLoad(72, 198.2), "205": FeatureLoad(4096, 1.0)}
+    constraints = distributed.table_constraints(model, cfg.sharding, torch.device("cpu"), loads)
+    assert constraints["t_110_14"].pooling_factors == [198.2] and constraints["t_110_14"].batch_sizes == [72]
+    assert constraints["t_205"].batch_sizes == [4096]
+    # A feature without a load keeps TorchRec's defaults (the job's batch size, one id per row).
+    default = distributed.table_constraints(model, cfg.sharding, torch.device("cpu"))["t_110_14"]
+    assert constraints["t_206"].pooling_factors == default.pooling_factors and default.batch_sizes is None
+    assert constraints["t_110_14"].sharding_types == default.sharding_types  # the loads change nothing else

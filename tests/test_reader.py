@@ -575,3 +575,25 @@ def test_batch_size_one_that_would_leave_a_rank_an_empty_batch(dataset):
         _reader(dataset, batch_size=1, world_size=uneven)
     even = next(w for w in (2, 3, 4, 5, 6) if n % w == 0)
     assert _reader(dataset, batch_size=1, world_size=even).steps_per_epoch() == n // even
+
+
+def test_feature_loads_are_what_the_readers_batches_hold(tmp_path):
+    from dist_mtl.data.reader import feature_loads
+
+    # One file per part, one row group per file: the sampled row groups are the whole split.
+    write_random_dataset(tmp_path, splits={"train": 400}, impressions_per_user=(20, 40), history_len=(10, 60),
+                         combination_len=(0, 3), block_impressions=1 << 20, blocks_per_file=1, seed=3)
+    batch_size = 256
+    loads = feature_loads(tmp_path, "train", batch_size)
+    batches = list(ParquetGroupReader(tmp_path, "train", batch_size, shuffle=False))
+    users = np.mean([b.num_users for b in batches])
+    assert abs(loads["101"].rows_per_batch - users) <= 1.5  # impressions per user from metadata.json
+    assert loads["205"].rows_per_batch == batch_size and loads["205"].ids_per_row == 1.0
+    for field in ("109_14", "150_14", "508", "853"):
+        kjt = "user_features" if schema.FIELDS_BY_NAME[field].side == "user" else "item_features"
+        lengths = np.concatenate([getattr(b, kjt)[field].lengths().numpy() for b in batches])
+        # Batches repeat a user cut at a boundary, so their user rows run a little above the split's.
+        assert loads[field].ids_per_row == pytest.approx(lengths.mean(), rel=0.03), field
+    assert loads["109_14"].ids_per_row > 5 and loads["508"].ids_per_row < 3
+    # Users copied onto impressions: the user side has the batch's rows.
+    assert feature_loads(tmp_path, "train", batch_size, grouped=False)["101"].rows_per_batch == batch_size
