@@ -169,11 +169,10 @@ def lsa(lists: dict[str, sp.csr_matrix], taste: np.ndarray, model: S.PlantedMode
     return result, largest
 
 
-def category_neighbours(data: Path, model: S.PlantedModel, ms: list[int], keep: int) -> tuple[dict, np.ndarray]:
-    """The neighbour figures, and each category's ``keep`` strongest neighbours by PPMI (as ids, a row per
-    id of the table; an id without links is its own neighbour)."""
-    field = "109_14"
-    n_ids = len(model.history_vectors[field]) + 1
+def cooccurrence(data: Path, field: str, n_ids: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """How often each two ids of the history list ``field`` share a train user row (each row's list
+    weighted by 1/sqrt(length), the diagonal zero; dense ``[n_ids, n_ids]``), each id's number of user
+    rows, and the number of user rows."""
     rows, cols, n = [], [], 0
     for f in user_files(data):
         col = pq.read_table(f, columns=[field]).column(field).combine_chunks()
@@ -183,18 +182,31 @@ def category_neighbours(data: Path, model: S.PlantedModel, ms: list[int], keep: 
         n += len(offsets) - 1
     x = sp.csr_matrix((np.ones(sum(len(r) for r in rows), np.float32), (np.concatenate(rows), np.concatenate(cols))),
                       shape=(n, n_ids))
+    df = np.asarray((x > 0).sum(0)).ravel()
     length = np.asarray(x.sum(1)).ravel()
     x = sp.diags(1 / np.sqrt(np.maximum(length, 1))) @ x  # a long list links many categories by chance
     c = (x.T @ x).toarray().astype(np.float64)
     np.fill_diagonal(c, 0)
+    return c, df, n
+
+
+def ppmi(c: np.ndarray) -> np.ndarray:
+    """Positive PMI of a co-occurrence matrix (0 where two ids never co-occur)."""
     degree = c.sum(1)
-    linked = np.flatnonzero(degree > 0)
-    c = c[np.ix_(linked, linked)]
-    expected = np.outer(degree[linked], degree[linked]) / degree.sum()
-    ppmi = np.where(c > 0, np.maximum(np.log(np.maximum(c, 1e-300) / expected), 0), 0)
+    expected = np.outer(degree, degree) / max(degree.sum(), 1e-300)
+    return np.where(c > 0, np.maximum(np.log(np.maximum(c, 1e-300) / np.maximum(expected, 1e-300)), 0), 0)
+
+
+def category_neighbours(data: Path, model: S.PlantedModel, ms: list[int], keep: int) -> tuple[dict, np.ndarray]:
+    """The neighbour figures, and each category's ``keep`` strongest neighbours by PPMI (as ids, a row per
+    id of the table; an id without links is its own neighbour)."""
+    n_ids = len(model.history_vectors["109_14"]) + 1
+    c, _, n = cooccurrence(data, "109_14", n_ids)
+    linked = np.flatnonzero(c.sum(1) > 0)
+    ppmi_linked = ppmi(c[np.ix_(linked, linked)])  # an unlinked id's row and column are zero
     position = linked - 1  # local id = the category's place among the catalog line's category runs
     topic = model.topic_of_category[position]
-    order = np.argsort(-ppmi, 1)
+    order = np.argsort(-ppmi_linked, 1)
     result = {"user_rows": n, "categories_linked": int(len(linked)), "neighbours": {}}
     for m in ms:
         nb = order[:, :m]

@@ -8,7 +8,7 @@ on the catalog line (``cooccurrence_probe.py``: its two or three strongest PPMI 
 categories beside it), and a topic is reached only by chaining those links. Laplacian eigenmaps follow
 such chains: the smoothest functions on the co-occurrence graph vary slowly along it, so a few dozen of
 them can hold a property that is constant over long runs of it. This builds the PPMI graph of the
-categories of 109_14 over all train user rows (``cooccurrence_probe.category_neighbours``' weighting),
+categories of 109_14 over all train user rows (``cooccurrence_probe.cooccurrence``, ``ppmi``),
 keeps each category's ``--neighbours`` strongest links (symmetrised), and takes the eigenvectors of the
 smallest eigenvalues of its normalised Laplacian (the first, constant one dropped). It prints, for
 several numbers of eigenvectors, the R^2 of the categories' planted vectors on them (weighted by the
@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 sys.path.insert(2, str(Path(__file__).resolve().parents[2]))
-from cooccurrence_probe import history_lists, pooled_per_list, user_files  # noqa: E402
+from cooccurrence_probe import cooccurrence, history_lists, ppmi, pooled_per_list  # noqa: E402
 from factor_probe import r2  # noqa: E402
 from gap_breakdown import planted_config  # noqa: E402
 
@@ -41,37 +40,13 @@ from dist_mtl.data import synthetic as S  # noqa: E402
 FIELD = "109_14"
 
 
-def ppmi_graph(data: Path, n_ids: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    """PPMI between the ids of FIELD over all train user rows (each list weighted by 1/sqrt(length)), and
-    each id's number of user rows."""
-    rows, cols, n = [], [], 0
-    for f in user_files(data):
-        col = pq.read_table(f, columns=[FIELD]).column(FIELD).combine_chunks()
-        offsets = col.offsets.to_numpy()
-        rows.append(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)) + n)
-        cols.append(col.values.to_numpy())
-        n += len(offsets) - 1
-    x = sp.csr_matrix((np.ones(sum(len(r) for r in rows), np.float32), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(n, n_ids))
-    df = np.asarray((x > 0).sum(0)).ravel()
-    length = np.asarray(x.sum(1)).ravel()
-    x = sp.diags(1 / np.sqrt(np.maximum(length, 1))) @ x
-    c = (x.T @ x).toarray().astype(np.float64)
-    np.fill_diagonal(c, 0)
-    degree = c.sum(1)
-    expected = np.outer(degree, degree) / max(degree.sum(), 1e-300)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ppmi = np.where(c > 0, np.maximum(np.log(c / expected), 0), 0)
-    return ppmi, df
-
-
-def knn_laplacian_eigenvectors(ppmi: np.ndarray, neighbours: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_laplacian_eigenvectors(weights: np.ndarray, neighbours: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``count`` smoothest non-constant eigenvectors of the normalised Laplacian of the symmetrised
     ``neighbours``-strongest-links graph, scaled by D^-1/2 (the random-walk form), and their eigenvalues."""
-    n = ppmi.shape[0]
-    top = np.argpartition(-ppmi, neighbours, axis=1)[:, :neighbours]
+    n = weights.shape[0]
+    top = np.argpartition(-weights, neighbours, axis=1)[:, :neighbours]
     rows = np.repeat(np.arange(n), neighbours)
-    w = sp.csr_matrix((ppmi[rows, top.ravel()], (rows, top.ravel())), shape=(n, n))
+    w = sp.csr_matrix((weights[rows, top.ravel()], (rows, top.ravel())), shape=(n, n))
     w = w.maximum(w.T)
     w.eliminate_zeros()
     degree = np.asarray(w.sum(1)).ravel()
@@ -100,10 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     model = S.planted_model(planted_config(args.data))
     vectors_planted = model.history_vectors[FIELD]
     n_ids = len(vectors_planted) + 1  # the Parquet layout stores local id k as k + 1; row 0 holds no id
-    ppmi, df = ppmi_graph(args.data, n_ids)
-    print(f"PPMI {ppmi.shape}, {time.perf_counter() - t:.0f} s", flush=True)
+    counts, df, _ = cooccurrence(args.data, FIELD, n_ids)
+    weights = ppmi(counts)
+    print(f"PPMI {weights.shape}, {time.perf_counter() - t:.0f} s", flush=True)
     most = max(max(args.report_dims), args.dims)
-    emb, eigenvalues = knn_laplacian_eigenvectors(ppmi, args.neighbours, most)
+    emb, eigenvalues = knn_laplacian_eigenvectors(weights, args.neighbours, most)
     print(f"{most} eigenvectors, {time.perf_counter() - t:.0f} s; eigenvalues {eigenvalues[:6].round(5).tolist()} "
           f"... {eigenvalues[-1]:.4f}", flush=True)
     seen = df[1:] > 0
