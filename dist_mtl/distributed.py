@@ -9,7 +9,7 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from dist_mtl.config import EPS_SPARSE_OPTIMIZERS, OptimizerConfig, ShardingConfig
-from dist_mtl.data.reader import FeatureLoad
+
+if TYPE_CHECKING:  # the planner only reads the loads; the data reader is not needed to shard a model
+    from dist_mtl.data.reader import FeatureLoad
 
 # What fbgemm's CPU kernels and TorchRec's gloo path support (row-wise sharding is GPU-only).
 CPU_SHARDING_TYPES = (

@@ -133,7 +133,8 @@ class Trainer:
             train_split = self.metadata.split(cfg.data.train_split)  # present: checked above
             model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
         step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
-        loads = feature_loads(cfg.data.path, cfg.data.train_split, cfg.data.batch_size, cfg.data.grouped)
+        loads = feature_loads(cfg.data.path, cfg.data.train_split, cfg.data.batch_size, cfg.data.grouped,
+                              self.metadata)
         self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size, loads)
         init_embedding_tables(self.model, cfg.train.seed, cfg.model.field_init_scale)
         self.optimizer = dense_optimizer(self.model, cfg.optimizer)

@@ -835,8 +835,8 @@ class FeatureLoad:
 _LOAD_SAMPLE_ROW_GROUPS = 4
 
 
-def feature_loads(root: str | os.PathLike, split: str, batch_size: int,
-                  grouped: bool = True) -> dict[str, FeatureLoad]:
+def feature_loads(root: str | os.PathLike, split: str, batch_size: int, grouped: bool = True,
+                  meta: DatasetMetadata | None = None) -> dict[str, FeatureLoad]:
     """Each feature's expected input per batch of ``batch_size`` impressions, for the sharding planner.
 
     TorchRec's planner prices a table's lookups and all-to-all by its batch size and pooling factor, and
@@ -845,9 +845,10 @@ def feature_loads(root: str | os.PathLike, split: str, batch_size: int,
     everything but the work. Users per batch follow metadata.json's impressions per user (plus the user
     cut at the batch's end); ids per row of the multi-valued fields are measured on up to
     ``_LOAD_SAMPLE_ROW_GROUPS`` row groups of each file kind (their list offsets only). With
-    ``grouped=False`` the user side is copied onto impressions, so its rows are the batch's.
+    ``grouped=False`` the user side is copied onto impressions, so its rows are the batch's. ``meta``:
+    the dataset's metadata where the caller has loaded it already (else read from ``root``).
     """
-    meta = DatasetMetadata.load(root)
+    meta = DatasetMetadata.load(root) if meta is None else meta
     info = meta.split(split)
     if info.num_impressions < 1 or not info.parts:
         raise DatasetError(f"{root}: split '{split}' holds no impressions")
