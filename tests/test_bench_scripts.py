@@ -500,4 +500,6 @@ def test_profile_steps_reports_each_operator_per_step():
     by_name = {op["name"]: op for op in profile["operators"]}
     assert by_name["aten::mm"]["calls_per_step"] == 1.0  # counted over the steps, reported per step
     times = [op["self_cpu_ms_per_step"] for op in profile["operators"]]
-    assert times == sorted(times, reverse=True) and profile["self_cpu_ms_per_step"] >= sum(times)
+    assert times == sorted(times, reverse=True)
+    # Every figure is rounded to 0.001 ms: the total may fall short of its parts' sum by half that each.
+    assert profile["self_cpu_ms_per_step"] >= sum(times) - 0.0005 * (len(times) + 1)
