@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_mtl.losses import PROBABILITY_EPS
-from dist_mtl.metrics import METRICS_JSONL, MetricsLogger, TaskMetrics
+from dist_mtl.metrics import METRICS_JSONL, DistributedExactAUC, MetricsLogger, TaskMetrics
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 
 TASKS = default_esmm_tasks() + [
@@ -67,7 +67,7 @@ def _assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) 
         if math.isnan(value):
             assert math.isnan(actual[key]), key
         else:
-            # AUC runs in float32 inside torchmetrics; the sums are float64.
+            # The AUC counts pairs exactly; the float64 sums add in another order than numpy.
             assert actual[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
 
 
@@ -149,6 +149,24 @@ def test_bad_values_outside_a_task_rows_are_ignored():
     _assert_metrics_equal(metrics.compute(), expected)
 
 
+@pytest.mark.parametrize("positive_share", [0.02, 0.5, 0.97])
+def test_exact_auc_matches_sklearn_whichever_class_is_smaller(positive_share):
+    # Scores on a coarse grid, so that many positive/negative pairs tie (they count half), and both
+    # counting directions: the positives gathered (rare) or the negatives (positives the majority).
+    rng = np.random.default_rng(7)
+    n = 5_000
+    positive = rng.uniform(size=n) < positive_share
+    scores = np.round(np.clip(rng.normal(0.5 + 0.1 * positive, 0.2), 0, 1), 2).astype(np.float32)
+    auc = DistributedExactAUC(torch.device("cpu"))
+    for part in np.array_split(np.arange(n), 7):
+        auc.update(torch.from_numpy(scores[part]), torch.from_numpy(positive[part]))
+    expected = roc_auc_score(positive, scores.astype(np.float64))
+    assert auc.compute() == pytest.approx(expected, abs=1e-12)
+    assert auc.compute() == pytest.approx(expected, abs=1e-12)  # compute() keeps the rows
+    auc.reset()
+    assert math.isnan(auc.compute())
+
+
 # ------------------------------------------------------------------------------------------- 2 ranks
 
 RANK_ROWS = (300, 170)
@@ -207,6 +225,39 @@ def test_two_gloo_ranks_with_uneven_rows_match_the_gathered_data(tmp_path):
         _assert_metrics_equal(result["rank0"], expected_rank0)
     # Same values on every rank, to the bit (NaN compares unequal, so compare the JSON text).
     assert json.dumps(results[0]) == json.dumps(results[1])
+
+
+def _auc_worker(rank: int, world_size: int, port: int, out_dir: str, positive_share: float) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        scores, positive = _auc_data(positive_share)
+        auc = DistributedExactAUC(torch.device("cpu"))
+        # Rank 0 holds the first 1,000 rows and only those; rank 1 the other 3,000, which hold every
+        # row of the minority class: the gathered class is empty on one rank.
+        part = slice(0, 1000) if rank == 0 else slice(1000, None)
+        auc.update(torch.from_numpy(scores[part]), torch.from_numpy(positive[part]))
+        Path(out_dir, f"auc{rank}.json").write_text(json.dumps(auc.compute()))
+    finally:
+        dist.destroy_process_group()
+
+
+def _auc_data(positive_share: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    n, minority = 4000, positive_share < 0.5
+    positive = np.zeros(n, bool) if minority else np.ones(n, bool)
+    positive[1000:] = rng.uniform(size=n - 1000) < positive_share
+    scores = np.round(rng.uniform(size=n) + 0.2 * positive, 1).astype(np.float32)
+    return scores, positive
+
+
+@pytest.mark.parametrize("positive_share", [0.1, 0.9])
+def test_exact_auc_over_two_ranks_when_one_rank_lacks_the_gathered_class(tmp_path, positive_share):
+    mp.spawn(_auc_worker, args=(2, _free_port(), str(tmp_path), positive_share), nprocs=2, join=True)
+    scores, positive = _auc_data(positive_share)
+    expected = roc_auc_score(positive, scores.astype(np.float64))
+    for rank in range(2):
+        assert json.loads((tmp_path / f"auc{rank}.json").read_text()) == pytest.approx(expected, abs=1e-12)
 
 
 # -------------------------------------------------------------------------------------------- logger
