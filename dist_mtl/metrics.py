@@ -96,12 +96,12 @@ class DistributedExactAUC:
         others = torch.sort(local[1 - gathered_label]).values
         below = torch.searchsorted(others, gathered, right=False)
         below_or_tied = torch.searchsorted(others, gathered, right=True)
+        tied = (below_or_tied - below).sum()
+        # A gathered positive beats the negatives below it; a gathered negative is beaten by the
+        # positives above it.
+        wins = below.sum() if gathered_label == 1 else (len(others) - below_or_tied).sum()
         # Twice the pair count, in integers: exact up to 2^63 (P * N of the full Ali-CCP is ~7e13).
-        if gathered_label == 1:  # each positive beats the negatives below it
-            twice_pairs = 2 * below.sum() + (below_or_tied - below).sum()
-        else:  # each negative is beaten by the positives above it
-            twice_pairs = 2 * (len(others) - below_or_tied).sum() + (below_or_tied - below).sum()
-        twice_pairs = twice_pairs.reshape(1)
+        twice_pairs = (2 * wins + tied).reshape(1)
         if _distributed():
             dist.all_reduce(twice_pairs)
         return int(twice_pairs.item()) / (2.0 * positives * negatives)

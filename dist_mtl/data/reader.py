@@ -844,7 +844,8 @@ def feature_loads(root: str | os.PathLike, split: str, batch_size: int, grouped:
     per 4096 impressions, and a history list ~40-240 ids per row, so the planner would balance ranks by
     everything but the work. Users per batch follow metadata.json's impressions per user (plus the user
     cut at the batch's end); ids per row of the multi-valued fields are measured on up to
-    ``_LOAD_SAMPLE_ROW_GROUPS`` row groups of each file kind (their list offsets only). With
+    ``_LOAD_SAMPLE_ROW_GROUPS`` row groups of each file kind (the first row group of evenly spread
+    parts; only the list columns are read). With
     ``grouped=False`` the user side is copied onto impressions, so its rows are the batch's. ``meta``:
     the dataset's metadata where the caller has loaded it already (else read from ``root``).
     """
