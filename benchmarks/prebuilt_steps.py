@@ -15,6 +15,11 @@ The figure is global: impressions trained by all ranks in the timed steps over t
 ``--profile-steps N`` every rank then runs N more steps under torch.profiler, and rank 0 adds the
 operators with the most self CPU time per step to the JSON (``profile``) and prints them: where a step's
 time goes, e.g. what the history lists cost (RESULTS, User groups).
+
+With ``--evaluate`` the steps are the evaluation's instead: batches of ``data.eval_batch_size`` from the
+eval split's reader, the model in eval mode, and each step ``Trainer.eval_step`` (forward under no_grad,
+then the metrics' update), as ``Trainer.evaluate`` runs them; the metrics are reset after every cycle over
+the batches, so memory stays that of ``--batches`` batches.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after the timed steps, run this many more under torch.profiler and report the "
                              "operators with the most self CPU time (rank 0's; the timed figure is unaffected)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="time evaluation steps (eval split, eval batch size, no backward) instead of training")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
@@ -106,14 +113,27 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = init_distributed(cfg.sharding.device)
     try:
         trainer = Trainer(cfg, ctx)
-        batches = list(itertools.islice(iter(trainer.train_reader), args.batches))
+        split = cfg.data.eval_split if args.evaluate else cfg.data.train_split
+        reader = trainer.eval_readers[split] if args.evaluate else trainer.train_reader
+        batches = list(itertools.islice(iter(reader), args.batches))
         if not batches:
-            raise RuntimeError(f"rank {ctx.rank}: the train split of {cfg.data.path} gave no batch")
+            raise RuntimeError(f"rank {ctx.rank}: the {split} split of {cfg.data.path} gave no batch")
         sizes = [b.num_impressions for b in batches]
         users = [b.num_users for b in batches]
         source = itertools.cycle(batches)
 
-        if trainer.pipeline is not None:
+        if args.evaluate:
+            # As Trainer.evaluate: the plain forward in eval mode, the pipeline's rewrite taken off.
+            if trainer.pipeline is not None:
+                trainer.pipeline.detach()
+            trainer.model.eval()
+            scored = itertools.count(1)
+
+            def step() -> dict:
+                if next(scored) % len(batches) == 0:
+                    trainer.metrics.reset()  # the scores of one cycle, not of every step
+                return trainer.eval_step(next(source))
+        elif trainer.pipeline is not None:
             trainer.model.train()
             trainer.pipeline.attach(trainer.model)
 
@@ -150,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup_steps": args.warmup,
             "batches_in_memory": len(batches),
             "world_size": ctx.world_size,
-            "pipeline": trainer.pipeline is not None,
+            "mode": "evaluate" if args.evaluate else "train",
+            "split": split,
+            "pipeline": trainer.pipeline is not None and not args.evaluate,
             "rank0_mean_impressions_per_batch": sum(sizes) / len(sizes),
             "rank0_mean_users_per_batch": sum(users) / len(users),
             "torch_threads": torch.get_num_threads(),
@@ -162,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         if ctx.is_main:
             write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
             ranks = f"{ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}"
-            print(f"prebuilt steps: {result['samples_per_s']:,.0f} samples/s ({ranks}, {args.steps} timed steps "
+            print(f"prebuilt {result['mode']} steps: {result['samples_per_s']:,.0f} samples/s ({ranks}, {args.steps} timed steps "
                   f"over {len(batches)} batches in memory)", flush=True)
             if profile is not None:
                 print(f"rank 0's operators by self CPU time over {args.profile_steps} profiled steps (ms per step):",

@@ -442,6 +442,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- eval
 
     @torch.no_grad()
+    def eval_step(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
+        """Scores one batch into ``self.metrics`` (the model in eval mode, the pipeline detached: see
+        ``evaluate``); returns the batch's task losses."""
+        batch = batch.to(self.ctx.device, non_blocking=True)
+        _, (task_losses, output) = self.model(batch)
+        self.metrics.update(output.predictions, batch.labels, source=batch.source)
+        return task_losses
+
+    @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         start = time.perf_counter()
         was_training = self.model.training
@@ -455,9 +464,7 @@ class Trainer:
             reader = self.eval_readers[split]
             reader.set_epoch(0)  # from its first batch, whatever an earlier (maybe interrupted) pass left
             for batch in self._batches(reader):
-                batch = batch.to(self.ctx.device, non_blocking=True)
-                _, (_, output) = self.model(batch)
-                self.metrics.update(output.predictions, batch.labels, source=batch.source)
+                self.eval_step(batch)
             metrics = self.metrics.compute()
         finally:
             # Back to training mode before any further step: in eval mode TorchRec's input distribution

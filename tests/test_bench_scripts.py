@@ -485,6 +485,30 @@ def test_reader_bench_counts_every_impression_and_writes_a_result_record(tmp_pat
     assert record["reader_impressions_per_s"] == record["cases"]["flat"]["reader"][0]["impressions_per_s"]
 
 
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_prebuilt_steps_time_the_split_and_batches_of_their_mode(tmp_path, evaluate):
+    from data_helpers import write_random_dataset
+
+    meta = write_random_dataset(tmp_path / "data", splits={"train": 40, "test": 50}, seed=5)
+    train, test = meta.splits["train"].num_impressions, meta.splits["test"].num_impressions
+    assert train <= 8 * 64 and 64 < test <= 1024
+    # The whole train split in batches of at most 64 impressions; the test split in one evaluation batch.
+    result = prebuilt_steps.main([
+        "--out", str(tmp_path / "steps.json"), "--batches", "8", "--warmup", "1", "--steps", "5",
+        *(["--evaluate"] if evaluate else []), f'data.path="{tmp_path / "data"}"', f'run_dir="{tmp_path / "run"}"',
+        "data.batch_size=64", "data.eval_batch_size=1024", "model.embedding_dim=8", "model.tower_dims=[16,8]",
+        "train.progress_bar=false"])
+    assert result == json.loads((tmp_path / "steps.json").read_text())
+    assert result["mode"] == ("evaluate" if evaluate else "train")
+    assert result["split"] == ("test" if evaluate else "train")
+    batches, mean_size = result["batches_in_memory"], result["rank0_mean_impressions_per_batch"]
+    if evaluate:
+        assert (batches, mean_size, result["timed_samples"]) == (1, test, 5 * test)
+    else:
+        assert batches * mean_size == pytest.approx(train) and batches >= 2
+    assert result["pipeline"] is not evaluate and result["samples_per_s"] > 0
+
+
 def test_profile_steps_reports_each_operator_per_step():
     import torch
 
