@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         if ctx.is_main:
             write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
             ranks = f"{ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}"
-            print(f"prebuilt {result['mode']} steps: {result['samples_per_s']:,.0f} samples/s ({ranks}, {args.steps} timed steps "
-                  f"over {len(batches)} batches in memory)", flush=True)
+            print(f"prebuilt {result['mode']} steps: {result['samples_per_s']:,.0f} samples/s ({ranks}, "
+                  f"{args.steps} timed steps over {len(batches)} batches in memory)", flush=True)
             if profile is not None:
                 print(f"rank 0's operators by self CPU time over {args.profile_steps} profiled steps (ms per step):",
                       flush=True)

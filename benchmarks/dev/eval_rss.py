@@ -8,10 +8,10 @@ resident memory as it goes: where an evaluation's RSS comes from.
 
 The job is built by dist_mtl's ``Trainer`` (same model, plan and eval reader as ``launch/train.py``), then
 each step is ``Trainer.eval_step`` on the next batch of the eval split, as ``Trainer.evaluate`` runs them
-(``--batches 0``: the whole split, then the metrics' ``compute``). Every ``--every`` batches each rank prints
-its RSS (``/proc/self/statm``) and its rows per second since the last print, and at the end its peak RSS. ``--trim-every K``
-calls glibc's ``malloc_trim(0)`` every K batches and prints the RSS before and after it: what the heap
-holds freed but not returned. ``--no-metrics`` skips the metrics' update (the model's forward only).
+(``--batches 0``: the whole split, then the metrics' ``compute``). Every ``--every`` batches each rank
+prints its RSS (``/proc/self/statm``) and its rows per second since the last print, at the end its peak
+RSS. ``--trim-every K`` calls glibc's ``malloc_trim(0)`` every K batches and prints the RSS before and
+after it: what the heap holds freed but not returned. ``--no-metrics`` skips the metrics' update (the model's forward only).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                 note = f" (before malloc_trim {before:.0f} MB)"
             if batches % args.every == 0:
                 now = time.perf_counter()
-                print(f"rank {ctx.rank} batch {batches}: RSS {rss_mb():.0f} MB{note}, {rows_since / (now - last):,.0f} rows/s",
-                      flush=True)
+                rate = rows_since / (now - last)
+                print(f"rank {ctx.rank} batch {batches}: RSS {rss_mb():.0f} MB{note}, {rate:,.0f} rows/s", flush=True)
                 last, rows_since = now, 0
             if batches == args.batches:
                 break
