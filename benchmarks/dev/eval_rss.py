@@ -11,7 +11,8 @@ each step is ``Trainer.eval_step`` on the next batch of the eval split, as ``Tra
 (``--batches 0``: the whole split, then the metrics' ``compute``). Every ``--every`` batches each rank
 prints its RSS (``/proc/self/statm``) and its rows per second since the last print, at the end its peak
 RSS. ``--trim-every K`` calls glibc's ``malloc_trim(0)`` every K batches and prints the RSS before and
-after it: what the heap holds freed but not returned. ``--no-metrics`` skips the metrics' update (the model's forward only).
+after it: what the heap holds freed but not returned. ``--no-metrics`` skips the metrics' update (the
+model's forward only).
 """
 
 from __future__ import annotations
