@@ -25,6 +25,7 @@ the batches, so memory stays that of ``--batches`` batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -123,10 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
         source = itertools.cycle(batches)
 
         if args.evaluate:
-            # As Trainer.evaluate: the plain forward in eval mode, the pipeline's rewrite taken off.
-            if trainer.pipeline is not None:
-                trainer.pipeline.detach()
-            trainer.model.eval()
             scored = itertools.count(1)
 
             def step() -> dict:
@@ -144,19 +141,21 @@ def main(argv: list[str] | None = None) -> dict:
             def step() -> dict:
                 return trainer.train_step(next(source))
 
-        for _ in range(args.warmup):
-            step()
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            task_losses = step()
-        seconds = time.perf_counter() - start
-        losses = {k: float(v) for k, v in task_losses.items()}
-        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-        if bad:
-            raise RuntimeError(f"rank {ctx.rank}: non-finite task losses after the timed steps: {bad}")
+        # Evaluation steps run as Trainer.evaluate runs them: in its eval mode (the plain forward).
+        with trainer.eval_mode() if args.evaluate else contextlib.nullcontext():
+            for _ in range(args.warmup):
+                step()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                task_losses = step()
+            seconds = time.perf_counter() - start
+            losses = {k: float(v) for k, v in task_losses.items()}
+            bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+            if bad:
+                raise RuntimeError(f"rank {ctx.rank}: non-finite task losses after the timed steps: {bad}")
 
-        profile = profile_steps(step, args.profile_steps) if args.profile_steps else None
+            profile = profile_steps(step, args.profile_steps) if args.profile_steps else None
 
         totals = torch.tensor([timed_samples(sizes, args.warmup, args.steps)], dtype=torch.int64)
         slowest = torch.tensor([seconds], dtype=torch.float64)

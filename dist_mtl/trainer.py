@@ -12,6 +12,7 @@ the best model's metrics on the evaluation split.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import platform
@@ -441,10 +442,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- eval
 
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The model in eval mode with the plain forward, for ``eval_step``; training mode and the pipeline
+        are given back on exit."""
+        was_training = self.model.training
+        if self.pipeline is not None:
+            # The pipeline rewrote the EBCs' forward for its own input distribution; give the plain
+            # forward back (batches in flight are kept, and attach() resumes them).
+            self.pipeline.detach()
+        self.model.eval()
+        try:
+            yield
+        finally:
+            # Back to training mode before any further step: in eval mode TorchRec's input distribution
+            # asserts that the global batch divides by the world size, which unequal user counts break.
+            self.model.train(was_training)
+            if self.pipeline is not None:
+                self.pipeline.attach(self.model)
+
     @torch.no_grad()
     def eval_step(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
-        """Scores one batch into ``self.metrics`` (the model in eval mode, the pipeline detached: see
-        ``evaluate``); returns the batch's task losses."""
+        """Scores one batch into ``self.metrics`` (inside ``eval_mode``); returns the batch's task losses."""
         batch = batch.to(self.ctx.device, non_blocking=True)
         _, (task_losses, output) = self.model(batch)
         self.metrics.update(output.predictions, batch.labels, source=batch.source)
@@ -453,25 +472,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         start = time.perf_counter()
-        was_training = self.model.training
-        if self.pipeline is not None:
-            # The pipeline rewrote the EBCs' forward for its own input distribution; give the plain
-            # forward back (batches in flight are kept, and attach() resumes them).
-            self.pipeline.detach()
-        self.model.eval()
-        try:
+        with self.eval_mode():
             self.metrics.reset()
             reader = self.eval_readers[split]
             reader.set_epoch(0)  # from its first batch, whatever an earlier (maybe interrupted) pass left
             for batch in self._batches(reader):
                 self.eval_step(batch)
             metrics = self.metrics.compute()
-        finally:
-            # Back to training mode before any further step: in eval mode TorchRec's input distribution
-            # asserts that the global batch divides by the world size, which unequal user counts break.
-            self.model.train(was_training)
-            if self.pipeline is not None:
-                self.pipeline.attach(self.model)
         self.eval_seconds += time.perf_counter() - start
         return metrics
 

@@ -58,35 +58,34 @@ def main(argv: list[str] | None = None) -> None:
     ctx = init_distributed(cfg.sharding.device)
     try:
         trainer = Trainer(cfg, ctx)
-        if trainer.pipeline is not None:
-            trainer.pipeline.detach()
-        trainer.model.eval()
         if args.no_metrics:
             trainer.metrics.update = lambda *a, **k: None  # type: ignore[method-assign]
         libc = ctypes.CDLL("libc.so.6") if args.trim_every else None
-        reader = trainer.eval_readers[cfg.data.eval_split]
-        reader.set_epoch(0)
-        start = last = time.perf_counter()
-        rows = rows_since = batches = 0
-        for batch in trainer._batches(reader):
-            trainer.eval_step(batch)
-            batches += 1
-            rows += batch.num_impressions
-            rows_since += batch.num_impressions
-            note = ""
-            if libc is not None and batches % args.trim_every == 0:
-                before = rss_mb()
-                libc.malloc_trim(0)
-                note = f" (before malloc_trim {before:.0f} MB)"
-            if batches % args.every == 0:
-                now = time.perf_counter()
-                rate = rows_since / (now - last)
-                print(f"rank {ctx.rank} batch {batches}: RSS {rss_mb():.0f} MB{note}, {rate:,.0f} rows/s", flush=True)
-                last, rows_since = now, 0
-            if batches == args.batches:
-                break
-        metrics = trainer.metrics.compute() if not args.no_metrics else {}
-        seconds = time.perf_counter() - start
+        with trainer.eval_mode():
+            reader = trainer.eval_readers[cfg.data.eval_split]
+            reader.set_epoch(0)
+            start = last = time.perf_counter()
+            rows = rows_since = batches = 0
+            for batch in trainer._batches(reader):
+                trainer.eval_step(batch)
+                batches += 1
+                rows += batch.num_impressions
+                rows_since += batch.num_impressions
+                note = ""
+                if libc is not None and batches % args.trim_every == 0:
+                    before = rss_mb()
+                    libc.malloc_trim(0)
+                    note = f" (before malloc_trim {before:.0f} MB)"
+                if batches % args.every == 0:
+                    now = time.perf_counter()
+                    rate = rows_since / (now - last)
+                    print(f"rank {ctx.rank} batch {batches}: RSS {rss_mb():.0f} MB{note}, {rate:,.0f} rows/s",
+                          flush=True)
+                    last, rows_since = now, 0
+                if batches == args.batches:
+                    break
+            metrics = trainer.metrics.compute() if not args.no_metrics else {}
+            seconds = time.perf_counter() - start
         auc = f"; ctr/auc {metrics['ctr/auc']:.5f}" if metrics else ""
         print(f"rank {ctx.rank}: {batches} batches, {rows:,} rows in {seconds:.1f} s ({rows / seconds:,.0f} rows/s); "
               f"RSS {rss_mb():.0f} MB, peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB{auc}",
