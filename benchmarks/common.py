@@ -166,11 +166,13 @@ def _tree_rss_bytes(root: int) -> int | None:
     return total
 
 
-class _TreeRssSampler:
-    """Samples the summed RSS of a process tree in a background thread until stopped."""
+class TreeRssSampler:
+    """Samples the summed RSS of a process tree in a background thread until stopped (``stop()`` returns
+    the peak in MB). Pages shared between the processes count once per process that maps them."""
 
-    def __init__(self, root: int):
+    def __init__(self, root: int, interval_s: float = TREE_RSS_INTERVAL_S):
         self.root, self.peak, self._stop = root, None, threading.Event()
+        self.interval_s = interval_s
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -179,7 +181,7 @@ class _TreeRssSampler:
             now = _tree_rss_bytes(self.root)
             if now is not None:
                 self.peak = now if self.peak is None else max(self.peak, now)
-            self._stop.wait(TREE_RSS_INTERVAL_S)
+            self._stop.wait(self.interval_s)
 
     def stop(self) -> float | None:
         self._stop.set()
@@ -199,7 +201,7 @@ def run_logged(cmd: Sequence[str], log: str | os.PathLike, what: str, cwd: str |
         out.flush()
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 env=None if env is None else dict(env))
-        sampler = _TreeRssSampler(proc.pid)
+        sampler = TreeRssSampler(proc.pid)
         try:
             # wait4 rather than Popen.wait: it also returns the child's resource usage.
             _, status, usage = os.wait4(proc.pid, 0)

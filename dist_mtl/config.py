@@ -47,7 +47,9 @@ class DataConfig:
     eval_batch_size: int = 16384
     """Impressions per evaluation batch per rank."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (0 reads in the training process)."""
+    """DataLoader worker processes per rank (0 reads in the training process). Workers divide the
+    shuffle windows between them (each loads its own); each holds about two windows' worth of batches in
+    host memory. On a CPU-only machine the training ranks need the cores: keep 0 there."""
     shuffle: bool = True
     """Shuffle block order and user groups inside the buffer window, per (seed, epoch)."""
     window_blocks: int = 4

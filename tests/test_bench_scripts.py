@@ -485,6 +485,28 @@ def test_reader_bench_counts_every_impression_and_writes_a_result_record(tmp_pat
     assert record["reader_impressions_per_s"] == record["cases"]["flat"]["reader"][0]["impressions_per_s"]
 
 
+def test_reader_bench_times_an_existing_dataset_per_worker_count(tmp_path):
+    import reader_bench
+    from data_helpers import write_random_dataset
+
+    from dist_mtl.data.reader import ParquetGroupReader
+
+    root = tmp_path / "ds"
+    write_random_dataset(root, splits={"train": 150}, impressions_per_user=(1, 12), block_impressions=64,
+                         blocks_per_file=3, seed=1)
+    rank_batches = [b.num_impressions for b in ParquetGroupReader(root, "train", 32, rank=1, world_size=2)]
+    for batches, want in ((3, sum(rank_batches[:3])), (0, sum(rank_batches))):
+        out = tmp_path / f"reader_{batches}.json"
+        record = reader_bench.main(["--dataset", str(root), "--rank", "1", "--world-size", "2", "--batch-size",
+                                    "32", "--batches", str(batches), "--workers", "0", "2", "--repeats", "1",
+                                    "--out", str(out)])
+        assert json.loads(out.read_text()) == json.loads(json.dumps(record, default=str))
+        assert record["name"] == "reader_dataset" and "--dataset" in record["command"]
+        assert [r["num_workers"] for r in record["reader"]] == [0, 2]
+        assert [r["impressions"] for r in record["reader"]] == [want, want]
+        assert all(r["peak_tree_rss_mb"] > 0 for r in record["reader"])
+
+
 @pytest.mark.parametrize("evaluate", [False, True])
 def test_prebuilt_steps_time_the_split_and_batches_of_their_mode(tmp_path, evaluate):
     from data_helpers import write_random_dataset

@@ -104,6 +104,85 @@ def test_exactly_once_for_any_world_size_and_worker_count(dataset, world_size):
             assert per_rank == reference, f"order differs with {num_workers} workers"
 
 
+def _batch_content(batch) -> tuple:
+    """Everything a batch holds, as plain values: equal content means the same batch."""
+    def kjt(k):
+        return (k.keys(), k.values().tolist(), k.weights().tolist(), k.lengths().tolist())
+    return (kjt(batch.user_features), kjt(batch.item_features), batch.user_index.tolist(),
+            {name: v.tolist() for name, v in batch.labels.items()}, batch.source)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("batch_size,window_blocks", [(BATCH, WINDOW_BLOCKS), (300, 1)])
+def test_workers_yield_the_very_batches_of_one_process(dataset, batch_size, window_blocks):
+    """Workers load disjoint windows and send each window's batches; batches that straddle windows
+    (all of them at 300 impressions over one-block windows) are assembled from pieces of several workers."""
+    for rank, world in ((0, 1), (1, 3)):
+        reference = [_batch_content(b) for b in _reader(dataset, batch_size=batch_size, window_blocks=window_blocks,
+                                                         rank=rank, world_size=world)]
+        if window_blocks == 1:
+            assert any(c[-1].count("window") >= 3 for c in reference), "no batch spans three windows"
+        for num_workers in (1, 2, 3):
+            reader = _reader(dataset, batch_size=batch_size, window_blocks=window_blocks, rank=rank, world_size=world)
+            got = [_batch_content(b) for b in make_dataloader(reader, num_workers=num_workers)]
+            assert got == reference, f"rank {rank}/{world}, {num_workers} workers"
+            assert reader.state_dict()["next_batch"] == reader.steps_per_epoch()
+
+
+def test_each_window_is_loaded_by_one_worker_once(dataset, tmp_path, monkeypatch):
+    from dist_mtl.data import reader as reader_module
+
+    log = tmp_path / "loads.txt"
+    original = reader_module._WindowLoader.load
+
+    def recording_load(self, window):  # runs in the (forked) worker processes
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {window}\n")
+        return original(self, window)
+
+    monkeypatch.setattr(reader_module._WindowLoader, "load", recording_load)
+    reader = _reader(dataset, window_blocks=1, rank=1, world_size=2)
+    read = {int(w) for b in reader for w in re.findall(r"window (\d+)", b.source)}
+    log.unlink()
+    reader.set_epoch(0)
+    batches = list(make_dataloader(reader, num_workers=2))
+    loads = [line.split() for line in log.read_text().splitlines()]
+    windows = [int(w) for _, w in loads]
+    assert sorted(windows) == sorted(read), "a window loaded twice, or one the rank does not read"
+    assert len({pid for pid, _ in loads}) == 2, "the loads were not shared by the two workers"
+    assert len(batches) == reader.steps_per_epoch()
+
+
+def test_the_dataloaders_pinning_thread_pins_every_batch_of_a_window_part(dataset, monkeypatch):
+    """Pinning needs CUDA; here a stand-in records what the DataLoader's pin step would pin."""
+    from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin_memory
+
+    from dist_mtl.data.batch import GroupedBatch
+    from dist_mtl.data.reader import _WindowPart
+
+    pinned = []
+    monkeypatch.setattr(GroupedBatch, "pin_memory", lambda self: pinned.append(self.source) or self)
+    parts = [dataloader_pin_memory(part) for part in _reader(dataset)._window_parts(0, 1)]
+    assert all(isinstance(p, _WindowPart) for p in parts)
+    whole = [item.source for p in parts for _, item, _ in p.entries if isinstance(item, GroupedBatch)]
+    pieces = [item for p in parts for _, item, _ in p.entries if not isinstance(item, GroupedBatch)]
+    assert whole and pieces and pinned == whole
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory")
+def test_pin_memory_with_workers_yields_the_same_batches(dataset):
+    """Pinned on a CUDA machine (tests/test_cuda.py moves pinned batches); here it must change nothing."""
+    reference = [_batch_content(b) for b in _reader(dataset, batch_size=300, window_blocks=1)]
+    loader = make_dataloader(_reader(dataset, batch_size=300, window_blocks=1), num_workers=2, pin_memory=True)
+    assert [_batch_content(b) for b in loader] == reference
+
+
+def test_the_reader_itself_refuses_to_run_in_a_dataloader_worker(dataset):
+    loader = torch.utils.data.DataLoader(_reader(dataset), batch_size=None, num_workers=1)
+    with pytest.raises(RuntimeError, match="make_dataloader"):
+        next(iter(loader))
+
+
 def test_steps_and_stats_follow_the_balanced_policy(dataset):
     n = schema.DatasetMetadata.load(dataset).split("train").num_impressions
     for world_size in (1, 2, 3, 4, 7):

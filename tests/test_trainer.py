@@ -115,6 +115,15 @@ def test_bfloat16_heads_train_the_same_through_the_pipeline(dataset, tmp_path):
     assert a["metrics"]["ctr/logloss"] == pytest.approx(f32["metrics"]["ctr/logloss"], rel=0.02)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_reader_workers_train_the_same_model(dataset, tmp_path):
+    """Workers split the windows (dist_mtl.data.reader); the batches, so the training, must not change."""
+    runs = [Trainer(small_config(dataset, tmp_path / f"w{w}", "train.epochs=2", "data.window_blocks=1",
+                                 f"data.num_workers={w}")).train() for w in (0, 2)]
+    assert runs[0]["steps"] == runs[1]["steps"] > 0
+    assert runs[0]["metrics"] == runs[1]["metrics"]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_each_evaluation_reads_its_whole_split_again(dataset, tmp_path, workers):
     # The evaluation readers are built once and reused: a second pass must start from the first batch.

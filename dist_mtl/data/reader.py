@@ -22,15 +22,18 @@ Users cut by a boundary
     batch's ``user_index`` points at its own copy. Within a batch a user's impressions are
     contiguous and ``user_index`` is nondecreasing.
 
-DataLoader workers
-    Worker ``w`` of ``nw`` yields the rank's batches ``k+w, k+w+nw, ...`` (``k`` = the cursor when
-    iteration starts), so the DataLoader's round-robin order equals the single-process order for any
-    number of workers. Each worker loads the windows its own batches touch; with batches smaller than
-    a window that is every window, so each worker reads and decodes the whole rank range (the I/O and
-    decoding cost multiplies by ``num_workers``; batch assembly is what workers split). A batch's
-    tensors are views of one storage, so it crosses processes as one shared-memory segment.
+DataLoader workers (``make_dataloader``)
+    Loading windows is ~90% of the reader's time (reading, decoding, checking, permuting; assembling
+    batches the rest), so workers divide the windows: of the windows this rank's batches touch from the
+    cursor on, worker ``w`` of ``nw`` loads the ``w``-th, ``w+nw``-th, ... once each, assembles the
+    batches that lie inside it into one shared-memory storage and sends them as one message (a
+    ``_WindowPart``); a batch that straddles windows travels as pieces from each, which the main process
+    assembles. The DataLoader's round-robin over workers returns the parts in window order, so the
+    batches, their content and order are those of a single process for any number of workers. Each
+    worker holds one window and may have ``prefetch_windows`` parts ready ahead. Iterating the reader
+    itself in a DataLoader worker is refused: every worker would load every window.
 
-Window loads line up across ranks
+Window loads line up across ranks (in-process reading)
     A rank loads a window synchronously (tens to hundreds of ms), and the next collective of the
     training step makes every other rank wait for it; ranks whose windows start at different steps
     would therefore each stall all of them in turn (W ranks: W stalls per window). So every rank loads
@@ -63,7 +66,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -110,6 +113,49 @@ class _Window:
     user_index: np.ndarray  # int64 [impressions], row of the impression's user in user_columns
     labels: dict[str, np.ndarray]
     source: str
+    row_offset: int = 0  # window-local row of this object's row 0 (non-zero for a piece cut by ``rows``)
+
+    def rows(self, lo: int, hi: int) -> "_Window":
+        """Impressions [lo, hi) (``hi > lo``) and their users as a window of their own: what a DataLoader
+        worker sends of a batch that other windows complete."""
+        first_user, end_user = int(self.user_index[lo]), int(self.user_index[hi - 1]) + 1
+        return _Window(
+            user_columns=[_slice_rows(c, first_user, end_user) for c in self.user_columns],
+            item_columns=[_slice_rows(c, lo, hi) for c in self.item_columns],
+            user_index=self.user_index[lo:hi] - first_user,
+            labels={name: values[lo:hi] for name, values in self.labels.items()},
+            source=self.source,
+            row_offset=self.row_offset + lo,
+        )
+
+    @property
+    def num_impressions(self) -> int:
+        return len(self.user_index)
+
+
+def _slice_rows(column: _Jagged, lo: int, hi: int) -> _Jagged:
+    start, end = int(column.offsets[lo]), int(column.offsets[hi])
+    return _Jagged(column.values[start:end], column.weights[start:end], column.lengths[lo:hi],
+                   column.offsets[lo:hi + 1] - start, column.multi_valued)
+
+
+@dataclass
+class _WindowPart:
+    """One window's share of a rank's batches, as a DataLoader worker sends it (see ``make_dataloader``).
+
+    ``entries`` are in batch order: ``(batch index, GroupedBatch, True)`` for a batch inside the window,
+    ``(batch index, _Window piece, last)`` for a batch that straddles windows; its pieces arrive in order
+    over consecutive parts, ``last`` on the final one, and the main process assembles them.
+    """
+
+    window: int
+    entries: list[tuple[int, "GroupedBatch | _Window", bool]]
+
+    def pin_memory(self) -> "_WindowPart":
+        """What the DataLoader's pinning thread calls: the whole batches pinned; pieces are pinned once
+        the main process has assembled them."""
+        return _WindowPart(self.window, [(index, item.pin_memory() if isinstance(item, GroupedBatch) else item, last)
+                                         for index, item, last in self.entries])
 
 
 class _EpochPlan:
@@ -461,19 +507,24 @@ _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int3
 _VALUES_DTYPE, _WEIGHTS_DTYPE, _LENGTHS_DTYPE = np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.int32)
 
 
-def _pack(groups: Sequence[tuple[np.dtype, Sequence[np.ndarray]]]) -> list[torch.Tensor]:
+def _pack(groups: Sequence[tuple[np.dtype, Sequence[np.ndarray]]], shared: bool = False) -> list[torch.Tensor]:
     """Concatenate (and cast) each group of arrays into one tensor of the group's dtype.
 
-    All tensors are views of a single storage: a DataLoader worker then sends a batch through one
+    All tensors are views of a single storage: a DataLoader worker then sends them through one
     shared-memory segment instead of one per tensor, which costs about 1 ms each on the 2-core test
-    machine and dominated the worker path.
+    machine and dominated the worker path. ``shared``: allocate that storage in shared memory at once;
+    otherwise sending it copies it there (tens of ms for a window's batches).
     """
     starts, total = [], 0
     for dtype, parts in groups:
         total = _ceil_div(total, 8) * 8  # every dtype view must start aligned
         starts.append(total)
         total += sum(len(p) for p in parts) * dtype.itemsize
-    storage = torch.empty(max(total, 1), dtype=torch.uint8)
+    if shared:
+        # What Tensor.share_memory_() allocates, without its copy (torch has no public allocator for it).
+        storage = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+    else:
+        storage = torch.empty(max(total, 1), dtype=torch.uint8)
     flat = storage.numpy()
     tensors = []
     for (dtype, parts), start in zip(groups, starts):
@@ -722,8 +773,13 @@ class ParquetGroupReader(IterableDataset):
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[GroupedBatch]:
-        worker = get_worker_info()
-        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        if get_worker_info() is not None:
+            # A DataLoader over the reader would have every worker load every window (and yield only
+            # its share of the batches); make_dataloader gives each worker its own windows instead.
+            raise RuntimeError(
+                "ParquetGroupReader is iterated in a DataLoader worker: use "
+                "dist_mtl.data.reader.make_dataloader(reader, num_workers=N) for worker processes"
+            )
         epoch, first = self._epoch, self._next_batch
         plan = self._plan(epoch)
         loader = _WindowLoader(self._spec, plan, epoch)
@@ -731,7 +787,7 @@ class ParquetGroupReader(IterableDataset):
         windows: dict[int, _Window] = {}
         next_load = 0  # index into load_steps of the next shared load step ahead of this batch
         try:
-            for batch_index in range(first + worker_id, self._steps, num_workers):
+            for batch_index in range(first, self._steps):
                 pieces = plan.pieces(int(self._batch_bounds[batch_index]), int(self._batch_bounds[batch_index + 1]))
                 for stale in [w for w in windows if w < pieces[0][0]]:
                     del windows[stale]
@@ -746,11 +802,51 @@ class ParquetGroupReader(IterableDataset):
                     if w not in windows:
                         windows[w] = loader.load(w)
                 batch = self._assemble(batch_index, [(windows[w], lo, hi) for w, lo, hi in pieces])
-                if worker is None:
-                    self._next_batch = batch_index + 1
+                self._next_batch = batch_index + 1
                 yield batch
         finally:
             loader.close()
+
+    def _window_parts(self, worker_id: int, num_workers: int) -> Iterator[_WindowPart]:
+        """This rank's batches from the cursor on, one ``_WindowPart`` per window they touch, of the
+        windows ``worker_id``, ``worker_id + num_workers``, ... of that list: each window is loaded by one
+        worker only, and the DataLoader's round-robin over workers hands the parts over in window order."""
+        epoch, first = self._epoch, self._next_batch
+        if first >= self._steps:
+            return
+        plan = self._plan(epoch)
+        first_window = int(np.searchsorted(plan.window_starts, self._batch_bounds[first], side="right")) - 1
+        last_window = int(np.searchsorted(plan.window_starts, self._batch_bounds[-1] - 1, side="right")) - 1
+        loader = _WindowLoader(self._spec, plan, epoch)
+        try:
+            for w in range(first_window + worker_id, last_window + 1, num_workers):
+                # Built in a call of its own, so that neither the window nor the part outlives the yield:
+                # a worker holds one window while it loads the next, not two.
+                yield self._window_part(loader, plan, w, first)
+        finally:
+            loader.close()
+
+    def _window_part(self, loader: _WindowLoader, plan: _EpochPlan, w: int, first: int) -> _WindowPart:
+        lo_w, hi_w = int(plan.window_starts[w]), int(plan.window_starts[w + 1])
+        bounds = self._batch_bounds
+        # The batches from the cursor on whose impressions overlap [lo_w, hi_w).
+        k_first = max(first, int(np.searchsorted(bounds, lo_w, side="right")) - 1)
+        k_end = min(int(np.searchsorted(bounds, hi_w, side="left")), self._steps)
+        if k_end <= k_first:
+            return _WindowPart(w, [])
+        window = loader.load(w)
+        entries: list[tuple[int, GroupedBatch | _Window | None, bool]] = []
+        inside = []
+        for k in range(k_first, k_end):
+            b_lo, b_hi = int(bounds[k]), int(bounds[k + 1])
+            lo, hi = max(b_lo, lo_w) - lo_w, min(b_hi, hi_w) - lo_w
+            if lo_w <= b_lo and b_hi <= hi_w:
+                inside.append((k, [(window, lo, hi)]))
+                entries.append((k, None, True))  # filled below, all in one storage
+            else:
+                entries.append((k, window.rows(lo, hi), b_hi <= hi_w))
+        assembled = iter(self._assemble_many(inside, shared=get_worker_info() is not None))
+        return _WindowPart(w, [(k, next(assembled) if item is None else item, last) for k, item, last in entries])
 
     def _window_load_steps(self, plan: _EpochPlan) -> list[int]:
         """The steps at which rank 0 starts a window (0 included), then ``steps`` as a sentinel."""
@@ -761,66 +857,112 @@ class ParquetGroupReader(IterableDataset):
         return [0, *starts.tolist(), self._steps]
 
     def _assemble(self, batch_index: int, pieces: list[tuple[_Window, int, int]]) -> GroupedBatch:
-        user_pieces, item_pieces, user_index = [], [], []
-        users_so_far = 0
-        for window, lo, hi in pieces:
-            first_user = int(window.user_index[lo])
-            end_user = int(window.user_index[hi - 1]) + 1
-            user_pieces.append((window.user_columns, first_user, end_user))
-            item_pieces.append((window.item_columns, lo, hi))
-            user_index.append(window.user_index[lo:hi] - (first_user - users_so_far))
-            users_so_far += end_user - first_user
-        label_groups = [
-            (self._label_dtypes[name], [w.labels[name][lo:hi] for w, lo, hi in pieces]) for name in self.label_columns
-        ]
-        user_values, user_weights, user_lengths, item_values, item_weights, item_lengths, index, *labels = _pack(
-            _jagged_parts(len(_USER_KEYS), user_pieces) + _jagged_parts(len(_ITEM_KEYS), item_pieces)
-            + [(_VALUES_DTYPE, user_index)] + label_groups
-        )
-        source = "; ".join(f"{w.source} rows {lo}-{hi}" for w, lo, hi in pieces)
-        return GroupedBatch(
-            user_features=KeyedJaggedTensor(keys=_USER_KEYS, values=user_values, weights=user_weights,
-                                            lengths=user_lengths),
-            item_features=KeyedJaggedTensor(keys=_ITEM_KEYS, values=item_values, weights=item_weights,
-                                            lengths=item_lengths),
-            user_index=index,
-            labels=dict(zip(self.label_columns, labels)),
-            dense=None,
-            source=f"{self.root}/{self.split} rank {self.rank} batch {batch_index}: {source}",
-        )
+        return self._assemble_many([(batch_index, pieces)])[0]
+
+    def _assemble_many(self, batches: list[tuple[int, list[tuple[_Window, int, int]]]],
+                       shared: bool = False) -> list[GroupedBatch]:
+        """``(batch index, window pieces)`` -> batches whose tensors are all views of one storage, in
+        shared memory if ``shared`` (see ``_pack``).
+
+        One storage is what crosses processes as one shared-memory segment: a worker sends a window's
+        batches for the cost of one segment instead of one per batch (~1 ms each on the 2-core machine).
+        """
+        groups: list[tuple[np.dtype, Sequence[np.ndarray]]] = []
+        for _, pieces in batches:
+            user_pieces, item_pieces, user_index = [], [], []
+            users_so_far = 0
+            for window, lo, hi in pieces:
+                first_user = int(window.user_index[lo])
+                end_user = int(window.user_index[hi - 1]) + 1
+                user_pieces.append((window.user_columns, first_user, end_user))
+                item_pieces.append((window.item_columns, lo, hi))
+                user_index.append(window.user_index[lo:hi] - (first_user - users_so_far))
+                users_so_far += end_user - first_user
+            groups += _jagged_parts(len(_USER_KEYS), user_pieces) + _jagged_parts(len(_ITEM_KEYS), item_pieces)
+            groups.append((_VALUES_DTYPE, user_index))
+            groups += [(self._label_dtypes[name], [w.labels[name][lo:hi] for w, lo, hi in pieces])
+                       for name in self.label_columns]
+        tensors = _pack(groups, shared)
+        per_batch = len(groups) // max(len(batches), 1)
+        out = []
+        for i, (batch_index, pieces) in enumerate(batches):
+            user_values, user_weights, user_lengths, item_values, item_weights, item_lengths, index, *labels = (
+                tensors[i * per_batch:(i + 1) * per_batch])
+            source = "; ".join(f"{w.source} rows {lo + w.row_offset}-{hi + w.row_offset}" for w, lo, hi in pieces)
+            out.append(GroupedBatch(
+                user_features=KeyedJaggedTensor(keys=_USER_KEYS, values=user_values, weights=user_weights,
+                                                lengths=user_lengths),
+                item_features=KeyedJaggedTensor(keys=_ITEM_KEYS, values=item_values, weights=item_weights,
+                                                lengths=item_lengths),
+                user_index=index,
+                labels=dict(zip(self.label_columns, labels)),
+                dense=None,
+                source=f"{self.root}/{self.split} rank {self.rank} batch {batch_index}: {source}",
+            ))
+        return out
 
 
-class _CursorDataLoader(DataLoader):
-    """A DataLoader that advances the reader's cursor in the main process as worker batches arrive."""
+class _WindowParts(IterableDataset):
+    """What DataLoader workers run: the reader's batches as ``_WindowPart``s, one window per worker in turn."""
 
-    def __iter__(self):
-        batches = super().__iter__()
-        if self.num_workers == 0:
-            return batches  # the reader advances its own cursor in this process
-        return self._counted(batches)
+    def __init__(self, reader: ParquetGroupReader):
+        super().__init__()
+        self.reader = reader
 
-    def _counted(self, batches):
-        for batch in batches:
-            self.dataset._advance_cursor()
-            yield batch
+    def __iter__(self) -> Iterator[_WindowPart]:
+        worker = get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        return self.reader._window_parts(worker_id, num_workers)
+
+
+class _WindowPartLoader(DataLoader):
+    """Worker processes load disjoint windows; the main process yields their batches in order, assembles
+    the batches that straddle windows, and advances the reader's cursor as batches reach the consumer."""
+
+    def __init__(self, reader: ParquetGroupReader, num_workers: int, pin_memory: bool, prefetch_windows: int):
+        super().__init__(_WindowParts(reader), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=False, prefetch_factor=prefetch_windows)
+        self.reader = reader
+
+    def __iter__(self) -> Iterator[GroupedBatch]:
+        # The DataLoader pins only where there is a device to pin for; the straddling batches follow it.
+        return self._batches(super().__iter__(), pin=self.pin_memory and torch.cuda.is_available())
+
+    def _batches(self, parts: Iterator[_WindowPart], pin: bool) -> Iterator[GroupedBatch]:
+        pieces: list[_Window] = []
+        for part in parts:
+            for index, item, last in part.entries:
+                if isinstance(item, GroupedBatch):
+                    batch = item
+                else:
+                    pieces.append(item)
+                    if not last:
+                        continue
+                    batch = self.reader._assemble(index, [(p, 0, p.num_impressions) for p in pieces])
+                    pieces = []
+                    if pin:
+                        batch = batch.pin_memory()
+                self.reader._advance_cursor()
+                yield batch
 
 
 def make_dataloader(
-    reader: ParquetGroupReader, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2
-) -> DataLoader:
-    """Batches come out in the same order for any ``num_workers`` (see the module docstring).
+    reader: ParquetGroupReader, num_workers: int = 0, pin_memory: bool = False, prefetch_windows: int = 1
+) -> Iterable[GroupedBatch]:
+    """The reader's batches, in the same order for any ``num_workers`` (see the module docstring).
 
-    Every worker reads and permutes each window its batches touch, and each batch crosses processes
-    through shared memory, so workers pay off only where batch assembly, not window loading, is the
-    cost and cores are to spare; ``benchmarks/reader_bench.py`` measures both.
+    With ``num_workers = 0`` the reader runs in this process (a plain DataLoader over it, which pins
+    batches when asked). With workers, each worker loads its own share of the windows, one window at a
+    time, and sends that window's batches in one message; ``prefetch_windows`` is how many such parts
+    each worker may have ready ahead of the consumer (the host memory of about one window's batches
+    each). Windows are where the reader's time goes (reading, decoding, checking, permuting: ~90% of it),
+    so workers divide it; a DataLoader over the reader itself would have every worker load every window.
     """
-    options: dict = {}
-    if num_workers > 0:
-        options["prefetch_factor"] = prefetch_factor
-    return _CursorDataLoader(
-        reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-        **options,
-    )
+    if num_workers == 0:
+        return DataLoader(reader, batch_size=None, num_workers=0, pin_memory=pin_memory)
+    if prefetch_windows < 1:
+        raise ValueError(f"prefetch_windows must be >= 1, got {prefetch_windows}")
+    return _WindowPartLoader(reader, num_workers, pin_memory, prefetch_windows)
 
 
 @dataclass(frozen=True)
