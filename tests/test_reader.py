@@ -562,6 +562,15 @@ def test_id_beyond_vocabulary_names_field_file_row_group_row(small):
     assert sum(b.num_impressions for b in ParquetGroupReader(small, "train", 16, validate=False)) > 0
 
 
+def test_a_workers_data_error_reaches_the_consumer_naming_file_row_and_field(small):
+    vocab = schema.DatasetMetadata.load(small).vocab_sizes
+    _rewrite(small / "train/impressions-00000.parquet", _at(1, 3, "206", vocab["206"]))
+    with pytest.raises(DatasetError, match=r"impressions-00000.parquet row group 1 row 3: field '206' id \d+ is "
+                                           r"outside"):
+        for _ in make_dataloader(ParquetGroupReader(small, "train", 16, shuffle=False), num_workers=2):
+            pass
+
+
 def test_history_id_beyond_vocabulary_is_located_by_user_row(small):
     vocab = schema.DatasetMetadata.load(small).vocab_sizes
     _rewrite(small / "train/users-00001.parquet", _at(0, 2, "110_14", vocab["110_14"] + 5))
