@@ -69,3 +69,21 @@ def test_bfloat16_heads_train_through_the_pipeline_on_cuda():
         assert all(p.dtype == torch.float32 and p.is_cuda for p in output.predictions.values())
         assert all(torch.isfinite(v).all() for v in task_losses.values())
     assert all(p.dtype == torch.float32 for p in dmp.parameters())
+
+
+def test_reader_workers_hand_over_pinned_batches(tmp_path):
+    """With workers, whole batches are pinned by the DataLoader's thread and the batches that straddle
+    windows by make_dataloader after it assembles them: every batch must arrive pinned, CUDA initialised."""
+    from data_helpers import write_random_dataset
+
+    from dist_mtl.data.reader import ParquetGroupReader, make_dataloader
+
+    torch.zeros(1, device="cuda")  # workers fork from a process that has initialised CUDA, as in training
+    write_random_dataset(tmp_path, splits={"train": 120}, block_impressions=64, blocks_per_file=3, seed=3)
+    reader = ParquetGroupReader(tmp_path, "train", 40, window_blocks=2)
+    batches = list(make_dataloader(reader, num_workers=2, pin_memory=True))
+    assert len(batches) == reader.steps_per_epoch()
+    assert any(b.source.count("window") >= 2 for b in batches), "no batch straddles windows"
+    for b in batches:
+        assert b.user_features.values().is_pinned() and b.item_features.weights().is_pinned(), b.source
+        assert b.user_index.is_pinned() and all(v.is_pinned() for v in b.labels.values()), b.source
