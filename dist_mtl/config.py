@@ -48,8 +48,9 @@ class DataConfig:
     """Impressions per evaluation batch per rank."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process). Workers divide the
-    shuffle windows between them (each loads its own); each holds about two windows' worth of batches in
-    host memory. On a CPU-only machine the training ranks need the cores: keep 0 there."""
+    shuffle windows between them (each loads its own) and send their batches through shared memory; each
+    holds about two windows' worth of batches. On a 2-core CPU machine one worker per rank trains as fast
+    as 0, which spares the workers' start-up at every epoch and evaluation."""
     shuffle: bool = True
     """Shuffle block order and user groups inside the buffer window, per (seed, epoch)."""
     window_blocks: int = 4
