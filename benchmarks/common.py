@@ -137,20 +137,59 @@ class MeasuredRun:
 TREE_RSS_INTERVAL_S = 0.5
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after "pid (comm) ": state, ppid, ... (comm may hold spaces and parentheses)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _tree_pids(root: int) -> list[int] | None:
+    """``root`` and its descendants, walked through /proc/<pid>/task/<tid>/children, so that a sample
+    reads the tree's processes only, not every process of the host (a benchmark sampling a few times a
+    second beside its timed loop would otherwise pay for all of them). None where the kernel has no
+    ``children`` files (CONFIG_PROC_CHILDREN off)."""
+    pids, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # the process ended while being read
+        pids.append(pid)
+        for tid in tasks:
+            path = Path(f"/proc/{pid}/task/{tid}/children")
+            try:
+                stack.extend(int(child) for child in path.read_text().split())
+            except FileNotFoundError:
+                if not Path(f"/proc/{pid}/task/{tid}").exists():
+                    continue  # the thread ended while being read
+                return None
+            except OSError:
+                continue
+    return pids
+
+
 def _tree_rss_bytes(root: int) -> int | None:
     """The summed resident set of process ``root`` and its descendants now (Linux /proc; None elsewhere)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return None
-    parent, rss = {}, {}
     page = os.sysconf("SC_PAGE_SIZE")
-    for entry in proc.iterdir():
+    pids = _tree_pids(root)
+    if pids is not None:
+        total = 0
+        for pid in pids:
+            try:
+                total += int(_stat_fields(pid)[21]) * page
+            except (OSError, ValueError, IndexError):
+                continue  # the process ended while being read
+        return total
+    # Without the children files: every process's parent, from every process's stat.
+    parent, rss = {}, {}
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = _stat_fields(int(entry.name))
             parent[int(entry.name)] = int(fields[1])
             rss[int(entry.name)] = int(fields[21]) * page
         except (OSError, ValueError, IndexError):
