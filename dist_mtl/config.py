@@ -147,7 +147,7 @@ class ModelConfig:
 @dataclass
 class ShardingConfig:
     device: str = "auto"
-    """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
+    """"auto" (cuda when the node has a GPU for each of its processes, else cpu), "cpu" or "cuda"."""
     sharding_type: str = ""
     """Sharding type forced on every table ("" lets the planner choose among those the device supports)."""
     table_sharding: dict[str, str] = field(default_factory=dict)

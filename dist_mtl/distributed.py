@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -64,14 +65,12 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
 
     A 1-process group keeps one code path: DMP, the planner and metric sync behave as on N ranks.
     """
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("sharding.device = 'cuda' but CUDA is not available on this machine")
-    backend = "nccl" if use_cuda else "gloo"
     # The variables torchrun sets; nothing else is read from the environment.
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else 1
+    use_cuda = resolve_device(device, local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0) == "cuda"
+    backend = "nccl" if use_cuda else "gloo"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -92,6 +91,34 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
         device=dev,
         backend=backend,
     )
+
+
+def resolve_device(device: str, local_world_size: int, gpus: int) -> str:
+    """"cpu" or "cuda" for sharding.device ("auto", "cpu" or "cuda") on a node that runs
+    ``local_world_size`` processes and has ``gpus`` GPUs.
+
+    Each process takes the GPU of its local rank, so CUDA needs one GPU per local process: "auto" picks
+    CUDA only then (two CPU ranks on a one-GPU laptop, the README's main job, stay on the CPU rather than
+    failing on a device that does not exist), and "cuda" without them is an error that says so.
+    """
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda":
+        if gpus == 0:
+            raise RuntimeError("sharding.device = 'cuda' but CUDA is not available on this machine")
+        if gpus < local_world_size:
+            raise RuntimeError(
+                f"sharding.device = 'cuda' with {local_world_size} processes on this node but {gpus} GPU(s): "
+                f"each process needs a GPU of its own (torchrun --nproc_per_node={gpus}), or use "
+                f"sharding.device = 'cpu'")
+        return "cuda"
+    if device != "auto":
+        raise ValueError(f"sharding.device = {device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if 0 < gpus < local_world_size:
+        warnings.warn(f"sharding.device = 'auto': {local_world_size} processes on this node but {gpus} GPU(s), "
+                      f"so the job runs on the CPU (gloo); set sharding.device = 'cuda' with "
+                      f"--nproc_per_node={gpus} to train on the GPUs", stacklevel=2)
+    return "cuda" if 0 < gpus and gpus >= local_world_size else "cpu"
 
 
 def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:

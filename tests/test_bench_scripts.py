@@ -234,6 +234,7 @@ def test_accuracy_markdown_table_and_plot_points():
 
 
 def test_plots_write_png_files_and_nothing_else(tmp_path):
+    pytest.importorskip("matplotlib")  # CI installs it; the GPU test machine has none
     sweep = [plots.SweepPoint(m, w, r, b, 1000.0 * b / w) for m in ("esmm", "mmoe") for w in (1, 2)
              for r in ("included", "excluded") for b in (1024, 4096)]
     path = plots.plot_sweep(sweep, tmp_path / "out" / "sweep.png", "sweep")

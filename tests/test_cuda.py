@@ -87,3 +87,28 @@ def test_reader_workers_hand_over_pinned_batches(tmp_path):
     for b in batches:
         assert b.user_features.values().is_pinned() and b.item_features.weights().is_pinned(), b.source
         assert b.user_index.is_pinned() and all(v.is_pinned() for v in b.labels.values()), b.source
+
+
+def test_exact_auc_over_nccl_counts_ties_half():
+    """DistributedExactAUC on CUDA tensors and the job's NCCL group (the evaluation's path on a GPU) against
+    the Mann-Whitney AUC in float64 on the host, on scores with many ties."""
+    import numpy as np
+
+    from dist_mtl.metrics import DistributedExactAUC
+
+    init_distributed("cuda")
+    gen = torch.Generator().manual_seed(0)
+    auc = DistributedExactAUC(torch.device("cuda"))
+    all_scores, all_labels = [], []
+    for _ in range(5):
+        scores = torch.randint(0, 40, (3000,), generator=gen).float() / 40  # 40 distinct values: ties
+        positive = torch.rand(3000, generator=gen) < 0.2 + 0.5 * scores
+        auc.update(scores.cuda(), positive.cuda())
+        all_scores.append(scores)
+        all_labels.append(positive)
+    s, y = torch.cat(all_scores).double().numpy(), torch.cat(all_labels).numpy()
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # average rank of each tie group
+    p, n = y.sum(), (~y).sum()
+    expected = (ranks[y].sum() - p * (p + 1) / 2) / (p * n)
+    assert abs(auc.compute() - expected) < 1e-12

@@ -181,3 +181,20 @@ def test_the_planner_is_told_each_features_rows_and_ids_per_batch():
     default = distributed.table_constraints(model, cfg.sharding, torch.device("cpu"))["t_110_14"]
     assert constraints["t_206"].pooling_factors == default.pooling_factors and default.batch_sizes is None
     assert constraints["t_110_14"].sharding_types == default.sharding_types  # the loads change nothing else
+
+
+@pytest.mark.parametrize("device,local_world,gpus,expected", [
+    ("auto", 1, 0, "cpu"), ("auto", 8, 8, "cuda"), ("auto", 1, 2, "cuda"),
+    ("cpu", 8, 8, "cpu"), ("cuda", 4, 8, "cuda"),
+])
+def test_each_process_needs_a_gpu_of_its_own(device, local_world, gpus, expected):
+    assert distributed.resolve_device(device, local_world, gpus) == expected
+
+
+def test_auto_says_why_it_stays_on_the_cpu_and_cuda_says_what_is_missing():
+    with pytest.warns(UserWarning, match="2 processes on this node but 1 GPU"):
+        assert distributed.resolve_device("auto", 2, 1) == "cpu"
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        distributed.resolve_device("cuda", 1, 0)
+    with pytest.raises(RuntimeError, match=r"2 processes on this node but 1 GPU.*--nproc_per_node=1"):
+        distributed.resolve_device("cuda", 2, 1)

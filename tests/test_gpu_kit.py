@@ -1,0 +1,229 @@
+"""The GPU session kit (benchmarks/gpu): the bundle builder on a fake wheel, the session's step runner
+(timeouts, prerequisites, budget, its record), its bring-up, and its env and TBE steps run on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLIM_TOOL = REPO.parent / "shared" / "gpu" / "slim_fatbin.py"
+FATBIN_MAGIC = 0xBA55ED50
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"gpu_{name}", REPO / "benchmarks" / "gpu" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+build_bundle = _load("build_bundle")
+gpu_session = _load("session")
+
+
+# ------------------------------------------------------------------------------------------ build_bundle
+
+
+def fake_fatbin(payloads: dict[int, bytes]) -> bytes:
+    """A shared library's bytes holding one CUDA fat binary container with an entry per arch."""
+    entries = b"".join(struct.pack("<HHII", 2, 0, 32, len(p)) + bytes(16) + struct.pack("<I", sm) + p
+                       for sm, p in payloads.items())
+    return b"\x7fELF" + bytes(12) + struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, len(entries)) + entries + b"end"
+
+
+def fat_size(data: bytes) -> int:
+    pos = data.index(struct.pack("<I", FATBIN_MAGIC))
+    return struct.unpack_from("<Q", data, pos + 8)[0]
+
+
+def write_wheel(folder: Path, dist: str, version: str, module: str, tag: str = "py3-none-any",
+                files: dict[str, bytes] | None = None) -> Path:
+    """A minimal wheel that pip installs: one module plus dist-info."""
+    path = folder / f"{dist}-{version}-{tag}.whl"
+    info = f"{dist}-{version}.dist-info"
+    contents = {f"{module}/__init__.py": b"", **(files or {}),
+                f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
+                f"{info}/WHEEL": f"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: {tag}\n".encode()}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in contents.items():
+            zf.writestr(name, data)
+        zf.writestr(f"{info}/RECORD", "".join(f"{n},,\n" for n in [*contents, f"{info}/RECORD"]))
+    return path
+
+
+@pytest.fixture()
+def fake_wheels(tmp_path):
+    folder = tmp_path / "wheels"
+    folder.mkdir()
+    libs = {f"fbgemm_gpu/{name}": fake_fatbin({80: b"A" * 64, 90: b"B" * 48})
+            for name in ("fbgemm_gpu_py.so", *build_bundle.UNUSED_DEVICE_CODE)}
+    write_wheel(folder, "fbgemm_gpu", "1.6.0", "fbgemm_gpu", "cp312-cp312-manylinux_2_28_x86_64", libs)
+    for pin in (*build_bundle.SMALL_WHEELS, *build_bundle.SOURCE_ONLY):
+        dist, version = pin.split("==")
+        write_wheel(folder, dist, version, gpu_session.WHEEL_MODULES[dist])
+    return folder
+
+
+@pytest.fixture()
+def bundle(tmp_path, fake_wheels):
+    if not SLIM_TOOL.is_file():
+        pytest.skip(f"{SLIM_TOOL} (the shared folder beside the checkout) is not here")
+    out = tmp_path / "bundle"
+    assert build_bundle.main(["--wheels", str(fake_wheels), "--out", str(out), "--slim-tool", str(SLIM_TOOL)]) == 0
+    return out
+
+
+def test_bundle_keeps_one_arch_and_empties_the_unused_libraries(bundle, tmp_path):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["keep_sm"] == 90 and manifest["device_code_dropped_from"] == list(build_bundle.UNUSED_DEVICE_CODE)
+    assert manifest["bundle_bytes"] + manifest["repo_tracked_bytes"] <= build_bundle.JOB_LIMIT_BYTES
+    assert len(list((bundle / "wheels").glob("*.whl"))) == len(build_bundle.SMALL_WHEELS) + len(build_bundle.SOURCE_ONLY)
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(bundle / "fbgemm_gpu.tar.xz") as tar:
+        tar.extractall(unpacked, filter="data")
+    kept = (unpacked / "fbgemm_gpu" / "fbgemm_gpu_py.so").read_bytes()
+    assert fat_size(kept) == 32 + 48 and b"B" * 48 in kept and b"A" * 64 not in kept
+    for name in build_bundle.UNUSED_DEVICE_CODE:
+        emptied = (unpacked / "fbgemm_gpu" / name).read_bytes()
+        assert fat_size(emptied) == 0 and b"A" * 64 not in emptied and b"B" * 48 not in emptied
+    assert (unpacked / "fbgemm_gpu-1.6.0.dist-info" / "METADATA").is_file()
+
+
+def test_bundle_refuses_a_wheel_without_a_library_it_must_empty(fake_wheels, tmp_path):
+    if not SLIM_TOOL.is_file():
+        pytest.skip(f"{SLIM_TOOL} is not here")
+    wheel = next(fake_wheels.glob("fbgemm_gpu-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        files = {n: zf.read(n) for n in zf.namelist() if not n.endswith(build_bundle.UNUSED_DEVICE_CODE[0])}
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with pytest.raises(FileNotFoundError, match=build_bundle.UNUSED_DEVICE_CODE[0]):
+        build_bundle.main(["--wheels", str(fake_wheels), "--out", str(tmp_path / "b"), "--slim-tool", str(SLIM_TOOL)])
+
+
+# --------------------------------------------------------------------------------------- session: runner
+
+
+def make_session(tmp_path, budget_s: float = 60.0, **kw) -> "gpu_session.Session":
+    defaults = dict(out=tmp_path / "out", work=tmp_path / "work", site=None, bundle=tmp_path / "bundle",
+                    python=sys.executable, device="cpu", budget_s=budget_s, train_impressions=1000,
+                    test_impressions=1000)
+    return gpu_session.Session(**{**defaults, **kw})
+
+
+def py(code: str) -> list[list[str]]:
+    return [[sys.executable, "-c", code]]
+
+
+def test_steps_run_in_order_and_record_their_status(tmp_path, capsys):
+    session = make_session(tmp_path)
+    steps = [
+        gpu_session.Step("good", 30, argv=lambda s: py("print('fine')"),
+                         collect=lambda s: {"summary": "a figure"}),
+        gpu_session.Step("bad", 30, argv=lambda s: py("import sys; print('boom'); sys.exit(3)")),
+        gpu_session.Step("after_bad", 30, argv=lambda s: py("pass"), needs=("bad",)),
+        gpu_session.Step("after_good", 30, argv=lambda s: py("pass"), needs=("good",)),
+        gpu_session.Step("raises", 30, call=lambda s, log: 1 / 0),
+    ]
+    report = gpu_session.run_steps(steps, session)
+    status = {name: entry["status"] for name, entry in report["steps"].items()}
+    assert status == {"good": "ok", "bad": "failed", "after_bad": "skipped", "after_good": "ok", "raises": "failed"}
+    assert report["steps"]["good"]["summary"] == "a figure"
+    assert report["steps"]["bad"]["rc"] == 3 and report["steps"]["after_bad"]["why"] == "needs bad"
+    assert "ZeroDivisionError" in report["steps"]["raises"]["error"]
+    assert json.loads((session.out / "session.json").read_text()) == report
+    assert "fine" in (session.out / "logs" / "good.log").read_text()
+    printed = capsys.readouterr().out
+    assert "[bad] failed" in printed and "    boom" in printed  # a failed step's log tail is printed
+
+
+def test_a_step_over_its_time_is_killed_with_its_children(tmp_path):
+    session = make_session(tmp_path)
+    pid_file = tmp_path / "grandchild.pid"
+    # The grandchild stands in for torchrun's workers: the whole process group must go.
+    code = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    start = time.monotonic()
+    report = gpu_session.run_steps([gpu_session.Step("slow", 2, argv=lambda s: py(code))], session)
+    assert report["steps"]["slow"]["status"] == "timeout" and time.monotonic() - start < 20
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+
+
+def test_steps_beyond_the_budget_are_skipped(tmp_path):
+    session = make_session(tmp_path, budget_s=3.0)
+    steps = [gpu_session.Step("first", 30, argv=lambda s: py("import time; time.sleep(1.5)")),
+             gpu_session.Step("second", 30, argv=lambda s: py("pass"))]
+    report = gpu_session.run_steps(steps, session, min_step_s=2.0)
+    assert report["steps"]["first"]["status"] == "ok"
+    assert report["steps"]["second"]["status"] == "skipped" and report["steps"]["second"]["why"].startswith("budget")
+
+
+def test_only_the_wheels_the_machine_lacks_are_installed(tmp_path):
+    wheels = [tmp_path / "torchrec-1.6.1-py312-none-any.whl", tmp_path / "packaging-25.0-py3-none-any.whl"]
+    assert gpu_session.wheels_to_install(wheels, lambda m: m == "packaging") == wheels[:1]
+    with pytest.raises(ValueError, match="not a wheel the bundle"):
+        gpu_session.wheels_to_install([tmp_path / "requests-2.0-py3-none-any.whl"], lambda m: False)
+
+
+def test_bring_up_unpacks_the_bundle_once(bundle, tmp_path):
+    session = make_session(tmp_path, site=tmp_path / "site", bundle=bundle)
+    log = tmp_path / "bringup.log"
+    first = gpu_session.bring_up(session, log, importable=lambda module: module != "pyvers")
+    assert first["installed"] == ["pyvers"]
+    assert (session.site / "fbgemm_gpu" / "fbgemm_gpu_py.so").is_file()
+    assert (session.site / "pyvers" / "__init__.py").is_file() and not (session.site / "torchrec").exists()
+    again = gpu_session.bring_up(session, log, importable=lambda module: False)
+    assert "already holds this bundle" in again["summary"] and not (session.site / "torchrec").exists()
+
+
+# ----------------------------------------------------------------------------------- session: on the CPU
+
+
+def test_session_refuses_the_cpu_unless_asked(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(SystemExit) as e:
+        gpu_session.main(["--out", str(tmp_path / "out"), "--no-bundle"])
+    assert e.value.code == 2
+
+
+def test_env_and_tbe_steps_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    rc = gpu_session.main(["--out", str(out), "--work", str(tmp_path / "work"), "--no-bundle", "--allow-cpu",
+                           "--only", "env,tbe"])
+    report = json.loads((out / "session.json").read_text())
+    assert rc == 0, report
+    assert [e["status"] for e in report["steps"].values()] == ["ok", "ok"]
+    env = json.loads((out / "env.json").read_text())
+    import torch
+    import torchrec
+
+    assert env["torch"] == torch.__version__ and env["torchrec"] == torchrec.__version__
+    tbe = json.loads((out / "tbe.json").read_text())
+    assert tbe["correctness"]["ok"] and tbe["correctness"]["rows_updated"] > 0
+    assert tbe["timing"]["impressions_per_s"] > 0 and os.path.getsize(out / "logs" / "tbe.log") > 0
+
+
+def test_pytest_counts_are_read_from_its_junit_xml(tmp_path):
+    xml = tmp_path / "suite.xml"
+    xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" '
+                   'tests="10" time="1.0"></testsuite></testsuites>')
+    counts = gpu_session._junit(xml)
+    assert (counts["tests"], counts["failures"], counts["errors"], counts["skipped"]) == (10, 2, 1, 3)
+    assert counts["summary"] == "4 passed, 3 skipped, 2 failed, 1 errors"
