@@ -11,8 +11,7 @@ script, on a machine that reaches the registry:
    dependencies of torchrec, tensordict and iopath;
 2. unpacks fbgemm-gpu and keeps only one arch's device code in its fat binaries (``slim_fatbin.py`` of
    ``../shared/gpu``, sm_90 for H100/H200), and drops all device code from the libraries whose kernels a
-   training job with the fused kernel does not launch (inference, variable-batch (VBE) backward, global
-   weight decay and the dense kernel; the grouped batches have equal strides per key, so no VBE);
+   training job does not launch (``UNUSED_DEVICE_CODE``);
 3. writes ``fbgemm_gpu.tar.xz`` (the slimmed package and its dist-info, to be unpacked into a site folder),
    the small wheels and ``manifest.json`` (versions, arch, sizes, what was dropped) to ``--out``.
 
@@ -48,11 +47,15 @@ SMALL_WHEELS = (
 )
 # Pure-Python packages published as source only: built into wheels here (py3-none-any).
 SOURCE_ONLY = ("iopath==0.1.10",)
-# fbgemm_gpu's libraries whose kernels a fused-kernel training job never launches (GPU.md): their device
-# code is dropped entirely, which takes the bundle from ~64 to ~51 MB.
+# fbgemm_gpu's libraries whose kernels a training job never launches: quantized inference, the
+# variable-batch-per-feature (VBE) backward (the grouped batches have one stride per KJT) and global weight
+# decay. Their device code is dropped entirely. GPU.md also drops the dense backward
+# (``..._backward_dense.so``), but that library holds ``split_embedding_backward_codegen_dense_weighted_exact_cuda``,
+# the backward of fbgemm's DenseTableBatchedEmbeddingBagsCodegen, which TorchRec runs for data_parallel
+# tables: the planner replicates the small tables (the CPU plans put 8 of the 23 there), so it stays.
 UNUSED_DEVICE_CODE = (
     "fbgemm_gpu_tbe_inference.so", "fbgemm_gpu_tbe_training_backward_vbe.so",
-    "fbgemm_gpu_tbe_training_backward_gwd.so", "fbgemm_gpu_tbe_training_backward_dense.so",
+    "fbgemm_gpu_tbe_training_backward_gwd.so",
 )
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / ".gpu", help="bundle folder (git-ignored)")
     parser.add_argument("--keep-sm", type=int, default=90, help="the arch whose device code stays (90: H100/H200)")
     parser.add_argument("--keep-all-libraries", action="store_true",
-                        help="keep sm_XX device code in every library (~64 MB instead of ~51 MB)")
+                        help="keep sm_XX device code in every library, UNUSED_DEVICE_CODE's too")
     parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python")
     parser.add_argument("--slim-tool", type=Path, default=REPO.parent / "shared" / "gpu" / "slim_fatbin.py")
     parser.add_argument("--wheels", type=Path, default=None,
