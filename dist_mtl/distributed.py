@@ -201,7 +201,10 @@ def table_constraints(
                     raise ValueError(f"sharding.compute_kernel = {cfg.compute_kernel!r} serves only data_parallel "
                                      f"tables; table {table.name} is not forced to data_parallel")
                 kernels = [EmbeddingComputeKernel.FUSED.value]
-                if types is not None and ShardingType.DATA_PARALLEL.value in types:
+                # data_parallel tables run TorchRec's dense kernel: offer it wherever data_parallel may be
+                # chosen (types None: every type the device has), or the planner can never replicate a
+                # table (for 8 GPUs it replicates the seven Ali-CCP tables of 4-9 rows).
+                if types is None or ShardingType.DATA_PARALLEL.value in types:
                     kernels.append(EmbeddingComputeKernel.DENSE.value)
             load = loads.get(feature) if loads else None
             constraints[table.name] = ParameterConstraints(
@@ -212,17 +215,90 @@ def table_constraints(
 
 
 def build_topology(ctx: DistContext) -> Topology:
-    """The planner's view of the job: local_world_size lets it price intra-node links (NVLink, shared
-    memory) above inter-node ones, so it prefers placements whose traffic stays inside a node.
+    """The planner's view of the job: its world, node size and device, and on CUDA the GPU's real
+    memory (TorchRec assumes 32 GB per GPU when not told; an H100 has 80)."""
+    hbm = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda" else None
+    return topology_for(ctx.world_size, ctx.local_world_size, ctx.device.type, hbm)
+
+
+def topology_for(world_size: int, local_world_size: int, compute_device: str,
+                 hbm_cap_bytes: int | None = None) -> Topology:
+    """A Topology for a job of this shape. local_world_size lets the planner price intra-node links
+    (NVLink, shared memory) above inter-node ones, so it prefers placements whose traffic stays inside a
+    node.
 
     ``Topology(...)`` rather than 1.8's ``TopologyFactory``: the factory is missing from torchrec 1.6,
     which the GPU machine runs.
     """
     return Topology(
-        world_size=ctx.world_size,
-        compute_device=ctx.device.type,
-        local_world_size=ctx.local_world_size,
+        world_size=world_size,
+        compute_device=compute_device,
+        local_world_size=local_world_size,
+        **({"hbm_cap": hbm_cap_bytes} if hbm_cap_bytes else {}),
     )
+
+
+def attach_table_optimizers(model: nn.Module, optimizer: OptimizerConfig, device: torch.device) -> None:
+    """The fused table optimizer, applied in backward; the planner also reads it to size each table's
+    optimizer state."""
+    opt_cls = sparse_optimizer(optimizer.sparse, device)
+    for ebc in sparse_modules(model):
+        # One call per table, so that tables can differ (optimizer.field_sparse_lr / _eps); TorchRec groups
+        # the tables of equal settings into one fused kernel again.
+        for name, table in ebc.embedding_bags.items():
+            apply_optimizer_in_backward(opt_cls, [table.weight], table_optimizer_kwargs(optimizer, name))
+
+
+def sharding_planner(model: nn.Module, sharding: ShardingConfig, batch_size: int, topology: Topology,
+                     loads: Mapping[str, FeatureLoad] | None = None) -> EmbeddingShardingPlanner:
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=table_constraints(model, sharding, torch.device(topology.compute_device), loads),
+    )
+
+
+def plan_for_topology(
+    model: nn.Module,
+    sharding: ShardingConfig,
+    optimizer: OptimizerConfig,
+    batch_size: int,
+    topology: Topology,
+    loads: Mapping[str, FeatureLoad] | None = None,
+) -> ShardingPlan:
+    """The plan a job of this topology would get, computed in this process alone: no process group, no
+    GPU. For a cluster not at hand (``launch/plan.py``); ``shard_model`` plans the same way on the job's
+    ranks, collectively."""
+    attach_table_optimizers(model, optimizer, torch.device(topology.compute_device))
+    return sharding_planner(model, sharding, batch_size, topology, loads).plan(model, get_default_sharders())
+
+
+# Optimizer state per table row, in float32 values: row-wise Adagrad keeps one sum per row, Adagrad one per
+# value, Adam two per value.
+_STATE_VALUES_PER_ROW = {"sgd": lambda dim: 0, "rowwise_adagrad": lambda dim: 1, "adagrad": lambda dim: dim,
+                         "adam": lambda dim: 2 * dim}
+
+
+def table_bytes_per_rank(plan: ShardingPlan, model: nn.Module, sparse_optimizer_name: str,
+                         world_size: int) -> list[int]:
+    """Bytes of table weights and table optimizer state (float32) that ``plan`` puts on each rank: a
+    shard on its rank, a data_parallel table on every rank."""
+    sizes = {t.name: (t.num_embeddings, t.embedding_dim)
+             for ebc in sparse_modules(model) for t in ebc.embedding_bag_configs()}
+    state = _STATE_VALUES_PER_ROW[sparse_optimizer_name]
+    per_rank = [0] * world_size
+    for module_plan in plan.plan.values():
+        for table, sharding in module_plan.items():
+            rows, dim = sizes[table]
+            if sharding.sharding_type == ShardingType.DATA_PARALLEL.value:
+                for r in range(world_size):
+                    per_rank[r] += 4 * rows * (dim + state(dim))
+                continue
+            for shard in sharding.sharding_spec.shards:
+                shard_rows, shard_cols = shard.shard_sizes
+                # a column shard carries its own row-wise state (fbgemm keeps one per shard)
+                per_rank[shard.placement.rank()] += 4 * shard_rows * (shard_cols + state(shard_cols))
+    return per_rank
 
 
 def shard_model(
@@ -235,18 +311,8 @@ def shard_model(
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Fused table optimizer in backward, a planner over the real topology (and, with ``loads``, the
     data's rows and ids per batch of each feature), then DMP."""
-    opt_cls = sparse_optimizer(optimizer.sparse, ctx.device)
-    for ebc in sparse_modules(model):
-        # One call per table, so that tables can differ (optimizer.field_sparse_lr / _eps); TorchRec groups
-        # the tables of equal settings into one fused kernel again.
-        for name, table in ebc.embedding_bags.items():
-            apply_optimizer_in_backward(opt_cls, [table.weight], table_optimizer_kwargs(optimizer, name))
-
-    planner = EmbeddingShardingPlanner(
-        topology=build_topology(ctx),
-        batch_size=batch_size,
-        constraints=table_constraints(model, sharding, ctx.device, loads),
-    )
+    attach_table_optimizers(model, optimizer, ctx.device)
+    planner = sharding_planner(model, sharding, batch_size, build_topology(ctx), loads)
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(

@@ -70,6 +70,16 @@ class TrainStep(nn.Module):
         return loss, (task_losses, output)
 
 
+def build_train_step(cfg: JobConfig, metadata: DatasetMetadata) -> TrainStep:
+    """The job's model and losses, tables on the meta device (DMP materialises each rank's shards), output
+    biases at the train split's label rates when the config asks; what the planner and DMP shard."""
+    model = MultiTaskModel(cfg.model, metadata.vocab_sizes, cfg.tasks, sparse_device="meta")
+    if cfg.model.output_bias_init == "label_rate":
+        train_split = metadata.split(cfg.data.train_split)  # the trainer checked the split exists
+        model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
+    return TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
+
+
 def task_columns(cfg: JobConfig) -> list[str]:
     """Dataset columns the tasks read beyond click and buy."""
     cols = []
@@ -129,11 +139,7 @@ class Trainer:
             t.validate(available)
 
         torch.manual_seed(cfg.train.seed)
-        model = MultiTaskModel(cfg.model, self.metadata.vocab_sizes, cfg.tasks, sparse_device="meta")
-        if cfg.model.output_bias_init == "label_rate":
-            train_split = self.metadata.split(cfg.data.train_split)  # present: checked above
-            model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
-        step = TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
+        step = build_train_step(cfg, self.metadata)
         loads = feature_loads(cfg.data.path, cfg.data.train_split, cfg.data.batch_size, cfg.data.grouped,
                               self.metadata)
         self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size, loads)

@@ -39,7 +39,7 @@ def pipeline_outputs(dmp, cfg, ctx, steps: int = 4) -> list:
             return outputs
 
 
-@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "table_wise"])
+@pytest.mark.parametrize("sharding", ["row_wise", "table_row_wise", "table_wise", "data_parallel"])
 def test_one_rank_pipeline_step_on_cuda(sharding):
     cfg, ctx, dmp = sharded_model("model.tower_dims=[16,8]", f'sharding.sharding_type="{sharding}"')
     flags_seen = []  # shard_model's hook must hand fbgemm's CUDA kernels device flags too

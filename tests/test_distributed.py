@@ -1,4 +1,7 @@
-"""Planner constraints and optimizers in one process (a 1-rank gloo group)."""
+"""Planner constraints and optimizers in one process (a 1-rank gloo group), and launch/plan.py."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,10 +9,15 @@ from model_helpers import VOCAB_SIZES, random_batch
 
 from dist_mtl import distributed
 from dist_mtl.config import ConfigError, load_config
+from dist_mtl.data.schema import DatasetMetadata
 from dist_mtl.distributed import dense_optimizer, init_distributed, init_embedding_tables, shard_model
 from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.trainer import TrainStep
+
+_spec = importlib.util.spec_from_file_location("launch_plan", Path(__file__).resolve().parents[1] / "launch" / "plan.py")
+PLAN_SCRIPT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(PLAN_SCRIPT)
 
 
 def build(*overrides):
@@ -198,3 +206,42 @@ def test_auto_says_why_it_stays_on_the_cpu_and_cuda_says_what_is_missing():
         distributed.resolve_device("cuda", 1, 0)
     with pytest.raises(RuntimeError, match=r"2 processes on this node but 1 GPU.*--nproc_per_node=1"):
         distributed.resolve_device("cuda", 2, 1)
+
+
+def test_cuda_constraints_let_the_planner_replicate_small_tables():
+    """On CUDA the planner chooses among every sharding type, data_parallel included, so the dense kernel
+    that data_parallel tables run must be on offer beside the fused one."""
+    cfg = load_config(None, ["model.embedding_dim=8"])
+    model = MultiTaskModel(cfg.model, VOCAB_SIZES, cfg.tasks, sparse_device="meta")
+    constraints = distributed.table_constraints(model, cfg.sharding, torch.device("cuda"))
+    assert constraints and all(c.sharding_types is None and set(c.compute_kernels) == {"fused", "dense"}
+                               for c in constraints.values())
+    forced = distributed.table_constraints(model, load_config(None, ['sharding.sharding_type="row_wise"']).sharding,
+                                           torch.device("cuda"))
+    assert all(c.sharding_types == ["row_wise"] and c.compute_kernels == ["fused"] for c in forced.values())
+
+
+@pytest.mark.parametrize("device,world", [("cuda", 8), ("cpu", 2)])
+def test_plan_preview_places_every_table_and_counts_its_bytes(tmp_path, device, world):
+    """launch/plan.py: the plan of a cluster not at hand, from this process alone."""
+    from data_helpers import write_random_dataset
+
+    write_random_dataset(tmp_path, splits={"train": 600, "test": 200}, seed=1)
+    result = PLAN_SCRIPT.main(["--world-size", str(world), "--device", device, f'data.path="{tmp_path}"',
+                               "model.embedding_dim=8", "data.batch_size=64"])
+    cfg = load_config(None, ["model.embedding_dim=8"])
+    model = MultiTaskModel(cfg.model, DatasetMetadata.load(tmp_path).vocab_sizes, cfg.tasks, sparse_device="meta")
+    tables = {t.name: t for ebc in distributed.sparse_modules(model) for t in ebc.embedding_bag_configs()}
+    planned = {name: s for module_plan in result["plan"].plan.values() for name, s in module_plan.items()}
+    assert set(planned) == set(tables)
+    if device == "cpu":
+        assert {s.sharding_type for s in planned.values()} <= set(distributed.CPU_SHARDING_TYPES)
+    expected = 0
+    for name, s in planned.items():
+        assert s.compute_kernel == ("dense" if s.sharding_type == "data_parallel" else "fused")
+        rows, dim = tables[name].num_embeddings, tables[name].embedding_dim
+        replicas = world if s.sharding_type == "data_parallel" else 1
+        column_shards = 1 if replicas > 1 else len({sh.shard_offsets[1] for sh in s.sharding_spec.shards})
+        # row-wise Adagrad: the weights, and one state value per row of each column shard
+        expected += 4 * rows * (dim + column_shards) * replicas
+    assert len(result["bytes_per_rank"]) == world and sum(result["bytes_per_rank"]) == expected
