@@ -69,7 +69,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistContext
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else 1
-    use_cuda = resolve_device(device, local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0) == "cuda"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cuda = resolve_device(device, local_world, gpus) == "cuda"
     backend = "nccl" if use_cuda else "gloo"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -15,7 +15,8 @@ from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.trainer import TrainStep
 
-_spec = importlib.util.spec_from_file_location("launch_plan", Path(__file__).resolve().parents[1] / "launch" / "plan.py")
+_PLAN_PATH = Path(__file__).resolve().parents[1] / "launch" / "plan.py"
+_spec = importlib.util.spec_from_file_location("launch_plan", _PLAN_PATH)
 PLAN_SCRIPT = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(PLAN_SCRIPT)
 

@@ -88,7 +88,8 @@ def test_bundle_keeps_one_arch_and_empties_the_unused_libraries(bundle, tmp_path
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["keep_sm"] == 90 and manifest["device_code_dropped_from"] == list(build_bundle.UNUSED_DEVICE_CODE)
     assert manifest["bundle_bytes"] + manifest["repo_tracked_bytes"] <= build_bundle.JOB_LIMIT_BYTES
-    assert len(list((bundle / "wheels").glob("*.whl"))) == len(build_bundle.SMALL_WHEELS) + len(build_bundle.SOURCE_ONLY)
+    small = len(build_bundle.SMALL_WHEELS) + len(build_bundle.SOURCE_ONLY)
+    assert len(list((bundle / "wheels").glob("*.whl"))) == small
     unpacked = tmp_path / "unpacked"
     with tarfile.open(bundle / "fbgemm_gpu.tar.xz") as tar:
         tar.extractall(unpacked, filter="data")
@@ -227,3 +228,9 @@ def test_pytest_counts_are_read_from_its_junit_xml(tmp_path):
     counts = gpu_session._junit(xml)
     assert (counts["tests"], counts["failures"], counts["errors"], counts["skipped"]) == (10, 2, 1, 3)
     assert counts["summary"] == "4 passed, 3 skipped, 2 failed, 1 errors"
+
+
+def test_training_step_reads_in_process_when_shared_memory_is_short(tmp_path):
+    assert gpu_session.train_workers(str(tmp_path), need_bytes=1) == 2
+    assert gpu_session.train_workers(str(tmp_path), need_bytes=1 << 62) == 0
+    assert gpu_session.train_workers(str(tmp_path / "missing")) == 0

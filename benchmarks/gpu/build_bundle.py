@@ -122,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         wheels = args.wheels or tmp / "wheels"
         if args.wheels is None:
             wheels.mkdir()
-            print(f"downloading {FBGEMM} and {len(SMALL_WHEELS) + len(SOURCE_ONLY)} small wheels for cp{args.python_version}", flush=True)
+            print(f"downloading {FBGEMM} and {len(SMALL_WHEELS) + len(SOURCE_ONLY)} small wheels "
+                  f"for cp{args.python_version}", flush=True)
             download([FBGEMM, *SMALL_WHEELS], wheels, args.python_version)
         fbgemm_wheel = next(iter(sorted(wheels.glob("fbgemm_gpu-*.whl"))), None)
         if fbgemm_wheel is None:
             raise FileNotFoundError(f"no fbgemm_gpu wheel in {wheels}")
         small = [w for w in sorted(wheels.glob("*.whl")) if w != fbgemm_wheel]
-        if len(small) != len(SMALL_WHEELS) + len(SOURCE_ONLY):
-            raise RuntimeError(f"expected {len(SMALL_WHEELS) + len(SOURCE_ONLY)} small wheels in {wheels}, found {[w.name for w in small]}")
+        expected = len(SMALL_WHEELS) + len(SOURCE_ONLY)
+        if len(small) != expected:
+            raise RuntimeError(f"expected {expected} small wheels in {wheels}, found {[w.name for w in small]}")
         for wheel in small:
             shutil.copy2(wheel, args.out / "wheels" / wheel.name)
 

@@ -251,7 +251,8 @@ def _collect_train(s: Session) -> dict:
     shutil.copy(s.work / "run_train" / "summary.json", s.out / "train_summary.json")
     summary = _json(s.out / "train_summary.json")
     aucs = {k: v for k, v in summary["metrics"].items() if k.endswith("/auc")}
-    return {"summary": f"{summary['train_samples_per_s']:,.0f} samples/s with the reader; "
+    return {"summary": f"{summary['train_samples_per_s']:,.0f} samples/s with the reader "
+                       f"({summary['config']['data']['num_workers']} workers); "
                        + ", ".join(f"{k} {v:.4f}" for k, v in sorted(aucs.items()))}
 
 
@@ -262,8 +263,9 @@ def _junit(path: Path) -> dict:
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    return {**counts, "summary": f"{counts['tests'] - counts['failures'] - counts['errors'] - counts['skipped']} passed, "
-                                 f"{counts['skipped']} skipped, {counts['failures']} failed, {counts['errors']} errors"}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "summary": f"{passed} passed, {counts['skipped']} skipped, {counts['failures']} failed, "
+                                 f"{counts['errors']} errors"}
 
 
 def _collect_prebuilt(s: Session) -> dict:
@@ -280,6 +282,16 @@ def _collect_reader(s: Session) -> dict:
     return {"summary": "; ".join(f"{r['num_workers']} workers {r['impressions_per_s']:,}/s" for r in runs)}
 
 
+def train_workers(shm: str = "/dev/shm", need_bytes: int = 1 << 30) -> int:
+    """Reader workers for the training step: 2, unless /dev/shm (where their batches travel) has less than
+    a GiB free, as in a container left at Docker's 64 MB; then the reader runs in the training process
+    rather than the step dying of a bus error."""
+    try:
+        return 2 if shutil.disk_usage(shm).free >= need_bytes else 0
+    except OSError:
+        return 0
+
+
 def default_steps(python: str) -> list[Step]:
     run = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
@@ -289,7 +301,7 @@ def default_steps(python: str) -> list[Step]:
     def train(s: Session) -> list[list[str]]:
         return [[*run, "launch/train.py", "--config", "configs/synthetic_cpu.toml", dataset(s),
                  f'run_dir="{s.work / "run_train"}"', f'sharding.device="{s.device}"', "train.epochs=1",
-                 "train.progress_bar=false", "data.batch_size=4096", "data.num_workers=2"]]
+                 "train.progress_bar=false", "data.batch_size=4096", f"data.num_workers={train_workers()}"]]
 
     def prebuilt(s: Session) -> list[list[str]]:
         def command(name: str, *overrides: str) -> list[str]:
