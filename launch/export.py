@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_mtl.config import ConfigError, load_config  # noqa: E402
+from launch.train import config_or_usage_error  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -42,10 +42,7 @@ def main(argv: list[str] | None = None) -> Path:
     config_path = args.config or run_dir / "config.toml"
     if not config_path.is_file():
         parser.error(f"no config at {config_path}; pass --config")
-    try:
-        cfg = load_config(config_path, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    cfg = config_or_usage_error(parser, config_path, args.overrides)
     try:
         out = export_model(args.out, cfg, checkpoint=checkpoint)
     except INPUT_ERRORS as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_mtl.config import ConfigError, load_config  # noqa: E402
+from launch.train import config_or_usage_error, quiet_library_noise  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,16 +33,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hbm-gib", type=float, default=80.0, help="memory per GPU (80: H100)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    cfg = config_or_usage_error(parser, args.config, args.overrides)
     local = args.local_world_size or min(args.world_size, 8)
     if args.world_size < 1 or not 1 <= local <= args.world_size or args.world_size % local:
         parser.error(f"--world-size {args.world_size} must be a positive multiple of --local-world-size {local}")
     device = args.device or ("cpu" if cfg.sharding.device == "cpu" else "cuda")
-
-    from launch.train import quiet_library_noise
 
     quiet_library_noise()
     from dist_mtl.data.reader import feature_loads

@@ -17,7 +17,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_mtl.config import ConfigError, load_config  # noqa: E402
+from dist_mtl.config import ConfigError, JobConfig, load_config  # noqa: E402
 
 
 def quiet_library_noise() -> None:
@@ -34,16 +34,22 @@ def quiet_library_noise() -> None:
     logging.getLogger("torchrec").setLevel(logging.ERROR)
 
 
+def config_or_usage_error(parser: argparse.ArgumentParser, path: str | os.PathLike | None,
+                          overrides: list[str]) -> JobConfig:
+    """The job's config; a bad file, key or value is the script's usage error (exit 2 with its message)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    cfg = config_or_usage_error(parser, args.config, args.overrides)
     if args.print_config:
         print(cfg.to_toml())
         return {}
