@@ -52,7 +52,8 @@ SOURCE_ONLY = ("iopath==0.1.10",)
 # decay. Their device code is dropped entirely. GPU.md also drops the dense backward
 # (``..._backward_dense.so``), but that library holds ``split_embedding_backward_codegen_dense_weighted_exact_cuda``,
 # the backward of fbgemm's DenseTableBatchedEmbeddingBagsCodegen, which TorchRec runs for data_parallel
-# tables: the planner replicates the small tables (the CPU plans put 8 of the 23 there), so it stays.
+# tables (the planner replicates the smallest tables on several GPUs; tests/test_cuda.py forces it), so
+# it stays.
 UNUSED_DEVICE_CODE = (
     "fbgemm_gpu_tbe_inference.so", "fbgemm_gpu_tbe_training_backward_vbe.so",
     "fbgemm_gpu_tbe_training_backward_gwd.so",
