@@ -60,22 +60,44 @@ def timed_samples(batch_sizes: Sequence[int], warmup: int, steps: int) -> int:
     return full_cycles * sum(batch_sizes) + sum(tail)
 
 
-def profile_steps(step, steps: int, top: int = 20) -> dict:
-    """Run ``steps`` more steps under torch.profiler (CPU activities); the ``top`` operators by self CPU
-    time, per step. Kept apart from the timed steps: the profiler's own overhead would slow them."""
+def profile_steps(step, steps: int, top: int = 20, cuda: bool = False) -> dict:
+    """Run ``steps`` more steps under torch.profiler; the ``top`` operators by self CPU time, per step, and
+    with ``cuda`` also the GPU's: its busy time per step and the ``top`` operators by self device time
+    (host time against device time says which side bounds the step). Kept apart from the timed steps:
+    the profiler's own overhead would slow them."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     total_us = sum(e.self_cpu_time_total for e in events)
-    return {
+    result = {
         "steps": steps,
         "self_cpu_ms_per_step": round(total_us / 1e3 / steps, 3),
         "operators": [{"name": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
                        "calls_per_step": round(e.count / steps, 2)} for e in events[:top]],
     }
+    if cuda:
+        device = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)
+        result["self_device_ms_per_step"] = round(sum(e.self_device_time_total for e in device) / 1e3 / steps, 3)
+        result["device_operators"] = [
+            {"name": e.key, "self_device_ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3),
+             "calls_per_step": round(e.count / steps, 2)} for e in device[:top] if e.self_device_time_total > 0]
+    return result
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it measures the work, not its launch."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,17 +167,20 @@ def main(argv: list[str] | None = None) -> dict:
         with trainer.eval_mode() if args.evaluate else contextlib.nullcontext():
             for _ in range(args.warmup):
                 step()
+            _synchronize(ctx.device)
             dist.barrier()
             start = time.perf_counter()
             for _ in range(args.steps):
                 task_losses = step()
+            _synchronize(ctx.device)
             seconds = time.perf_counter() - start
             losses = {k: float(v) for k, v in task_losses.items()}
             bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
             if bad:
                 raise RuntimeError(f"rank {ctx.rank}: non-finite task losses after the timed steps: {bad}")
 
-            profile = profile_steps(step, args.profile_steps) if args.profile_steps else None
+            profile = (profile_steps(step, args.profile_steps, cuda=ctx.device.type == "cuda")
+                       if args.profile_steps else None)
 
         totals = torch.tensor([timed_samples(sizes, args.warmup, args.steps)], dtype=torch.int64)
         slowest = torch.tensor([seconds], dtype=torch.float64)
@@ -191,6 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
                 for op in profile["operators"]:
                     print(f"  {op['self_cpu_ms_per_step']:8.2f}  {op['calls_per_step']:6.1f} calls  {op['name']}",
                           flush=True)
+                if "device_operators" in profile:
+                    print(f"the GPU: {profile['self_device_ms_per_step']:.2f} ms busy per step; operators by self "
+                          f"device time (ms per step):", flush=True)
+                    for op in profile["device_operators"]:
+                        print(f"  {op['self_device_ms_per_step']:8.2f}  {op['calls_per_step']:6.1f} calls  "
+                              f"{op['name']}", flush=True)
         trainer.logger.close()
         return result
     finally:

@@ -550,3 +550,4 @@ def test_profile_steps_reports_each_operator_per_step():
     assert times == sorted(times, reverse=True)
     # Every figure is rounded to 0.001 ms: the total may fall short of its parts' sum by half that each.
     assert profile["self_cpu_ms_per_step"] >= sum(times) - 0.0005 * (len(times) + 1)
+    assert "device_operators" not in profile  # the GPU's side only when asked for

@@ -112,3 +112,17 @@ def test_exact_auc_over_nccl_counts_ties_half():
     p, n = y.sum(), (~y).sum()
     expected = (ranks[y].sum() - p * (p + 1) / 2) / (p * n)
     assert abs(auc.compute() - expected) < 1e-12
+
+
+def test_profiled_steps_report_the_gpu_time_of_each_operator():
+    """benchmarks/prebuilt_steps.py --profile-steps on CUDA: the GPU's busy time per step beside the host's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import prebuilt_steps
+
+    a = torch.randn(256, 256, device="cuda")
+    profile = prebuilt_steps.profile_steps(lambda: {"loss": (a @ a).sum()}, 4, top=5, cuda=True)
+    names = {op["name"] for op in profile["device_operators"]}
+    assert profile["self_device_ms_per_step"] > 0 and any("mm" in n or "gemm" in n.lower() for n in names), names

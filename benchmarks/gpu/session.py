@@ -20,7 +20,8 @@ bring-up checks come first and each later one adds a figure.
   train       launch/train.py, 1 rank, the CPU preset on this device: samples/s with the reader, AUCs
               next to the oracle's (train_summary.json)
   model_step  benchmarks/prebuilt_steps.py: the training step without the reader, preset towers, batch
-              4096 (prebuilt_4096.json), then the paper's towers in bfloat16 at batch 16384 (prebuilt_paper.json)
+              4096, 10 more steps profiled for the host's time against the GPU's busy time
+              (prebuilt_4096.json), then the paper's towers in bfloat16 at batch 16384 (prebuilt_paper.json)
   reader      benchmarks/reader_bench.py --dataset: the reader per worker count (reader.json)
   suite       the whole test suite, with what time is left (suite.xml)
 
@@ -273,7 +274,13 @@ def _collect_prebuilt(s: Session) -> dict:
     for name in ("prebuilt_4096", "prebuilt_paper"):
         path = s.out / f"{name}.json"
         if path.is_file():
-            parts.append(f"{name} {_json(path)['samples_per_s']:,.0f} samples/s")
+            result = _json(path)
+            parts.append(f"{name} {result['samples_per_s']:,.0f} samples/s")
+            profile = result.get("profile") or {}
+            if "self_cpu_ms_per_step" in profile:
+                gpu = (f", GPU busy {profile['self_device_ms_per_step']:.2f}"
+                       if "self_device_ms_per_step" in profile else "")
+                parts[-1] += f" (profiled: host {profile['self_cpu_ms_per_step']:.2f} ms per step{gpu})"
     return {"summary": "; ".join(parts)}
 
 
@@ -304,14 +311,15 @@ def default_steps(python: str) -> list[Step]:
                  "train.progress_bar=false", "data.batch_size=4096", f"data.num_workers={train_workers()}"]]
 
     def prebuilt(s: Session) -> list[list[str]]:
-        def command(name: str, *overrides: str) -> list[str]:
+        def command(name: str, options: tuple[str, ...], *settings: str) -> list[str]:
             # prebuilt_steps.py takes its options first and the config overrides last
             return [*run, "benchmarks/prebuilt_steps.py", "--config", "configs/synthetic_cpu.toml", "--batches", "16",
-                    "--warmup", "10", "--steps", "100", "--out", str(s.out / f"{name}.json"), dataset(s),
-                    f'sharding.device="{s.device}"', *overrides]
+                    "--warmup", "10", "--steps", "100", "--out", str(s.out / f"{name}.json"), *options, dataset(s),
+                    f'sharding.device="{s.device}"', *settings]
 
-        return [command("prebuilt_4096", "data.batch_size=4096"),
-                command("prebuilt_paper", "data.batch_size=16384", "model.tower_dims=[360,200,80]",
+        # The first also profiles 10 steps: the host's time per step against the GPU's busy time.
+        return [command("prebuilt_4096", ("--profile-steps", "10"), "data.batch_size=4096"),
+                command("prebuilt_paper", (), "data.batch_size=16384", "model.tower_dims=[360,200,80]",
                         'model.head_precision="bfloat16"')]
 
     return [
@@ -328,7 +336,7 @@ def default_steps(python: str) -> list[Step]:
                                            "--test-impressions", str(s.test_impressions), *GENERATOR_WORLD]],
              needs=("env",)),
         Step("train", 180, argv=train, collect=_collect_train, needs=("data",)),
-        Step("model_step", 150, argv=prebuilt, collect=_collect_prebuilt, needs=("data",)),
+        Step("model_step", 200, argv=prebuilt, collect=_collect_prebuilt, needs=("data",)),
         Step("reader", 120, argv=lambda s: [[python, "benchmarks/reader_bench.py", "--dataset", str(s.work / "synth"),
                                              "--workers", "0", "1", "2", "4", "--repeats", "1",
                                              "--out", str(s.out / "reader.json")]],
