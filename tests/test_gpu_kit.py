@@ -240,3 +240,11 @@ def test_training_step_reads_in_process_when_shared_memory_is_short(tmp_path):
     assert gpu_session.train_workers(str(tmp_path), need_bytes=1) == 2
     assert gpu_session.train_workers(str(tmp_path), need_bytes=1 << 62) == 0
     assert gpu_session.train_workers(str(tmp_path / "missing")) == 0
+
+
+def test_a_rerun_starts_its_step_from_empty_folders(tmp_path):
+    session = make_session(tmp_path)
+    (session.work / "run_train" / "checkpoints").mkdir(parents=True)
+    step = gpu_session.Step("train", 30, call=lambda s, log: {"left": sorted(p.name for p in s.work.iterdir())},
+                            fresh=("run_train",))
+    assert gpu_session.run_steps([step], session)["steps"]["train"]["left"] == []

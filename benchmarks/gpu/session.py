@@ -120,6 +120,9 @@ class Step:
     call: Callable[[Session, Path], dict] | None = None
     collect: Callable[[Session], dict] | None = None
     needs: tuple[str, ...] = ()
+    fresh: tuple[str, ...] = ()
+    """Folders under the work folder removed before the step: a rerun on a warm machine must not resume
+    the previous run's checkpoints or write over its dataset."""
 
 
 def run_commands(commands: list[list[str]], session: Session, log: Path, timeout_s: float) -> tuple[str, int]:
@@ -162,6 +165,8 @@ def run_steps(steps: list[Step], session: Session, min_step_s: float = 10.0) -> 
             log = logs / f"{step.name}.log"
             start = time.monotonic()
             try:
+                for name in step.fresh:
+                    shutil.rmtree(session.work / name, ignore_errors=True)
                 if step.call is not None:
                     entry = {"status": "ok", **step.call(session, log)}
                 else:
@@ -334,8 +339,8 @@ def default_steps(python: str) -> list[Step]:
         Step("data", 150, argv=lambda s: [[python, "launch/generate.py", "--out", str(s.work / "synth"),
                                            "--format", "parquet", "--train-impressions", str(s.train_impressions),
                                            "--test-impressions", str(s.test_impressions), *GENERATOR_WORLD]],
-             needs=("env",)),
-        Step("train", 180, argv=train, collect=_collect_train, needs=("data",)),
+             needs=("env",), fresh=("synth",)),
+        Step("train", 180, argv=train, collect=_collect_train, needs=("data",), fresh=("run_train",)),
         Step("model_step", 200, argv=prebuilt, collect=_collect_prebuilt, needs=("data",)),
         Step("reader", 120, argv=lambda s: [[python, "benchmarks/reader_bench.py", "--dataset", str(s.work / "synth"),
                                              "--workers", "0", "1", "2", "4", "--repeats", "1",
