@@ -7,7 +7,7 @@ row-wise Adagrad fused into the backward, the tables in device memory) on a few 
 across bags. The pooled output must equal the weighted sums of the table rows, and one backward must move
 every looked-up row exactly as row-wise Adagrad does (per row: G += mean(g^2); w -= lr * g / (sqrt(G) + eps),
 g the row's summed gradient) and leave every other row alone. Then it times forward+backward steps of
-Ali-CCP-sized tables (the full-scale set's rows per table, batch 4096 impressions, ~1 id per item field
+Ali-CCP-sized tables (`schema.ALI_CCP_VOCAB_AFTER_FILTER`, batch 4096 impressions, ~1 id per item field
 and ~500 per user's history row) and writes the figures. Runs on CPU too (``--device cpu``: fbgemm's host
 kernels), which is how it is tested without a GPU.
 """
@@ -22,19 +22,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dist_mtl.data.schema import ALI_CCP_FIELDS, ALI_CCP_VOCAB_AFTER_FILTER  # noqa: E402
+
 LEARNING_RATE = 0.05
 EPS = 1e-3
-# Rows per table of the full-scale set (RESULTS, Full scale) and ids per row a batch brings: the item
-# side one id per impression, the user side (pooled once per user, ~70 users per 4096 impressions) its
-# history lists.
-FULL_SCALE_TABLES = {
-    "205": (467_299, 1.0), "206": (6_930, 1.0), "207": (263_943, 1.0), "210": (37_149, 1.0),
-    "216": (106_400, 1.0), "508": (5_889, 1.0), "509": (104_831, 1.0), "702": (51_879, 1.0),
-    "853": (37_149, 1.0), "301": (5, 1.0), "101": (238_636, 1.0), "121": (99, 1.0), "122": (15, 1.0),
-    "124": (4, 1.0), "125": (9, 1.0), "126": (5, 1.0), "127": (5, 1.0), "128": (4, 1.0), "129": (6, 1.0),
-    "109_14": (6_930, 50.0),
-    "110_14": (263_943, 200.0), "127_14": (106_400, 150.0), "150_14": (37_149, 100.0),
-}
+# Ids per row a batch brings where it is more than one: the history lists of a user row (the item side
+# has one id per field and impression, a combination field a few at most).
+HISTORY_IDS_PER_ROW = {"109_14": 50.0, "110_14": 200.0, "127_14": 150.0, "150_14": 100.0}
 
 
 def _tbe(rows: list[int], dim: int, device: torch.device):
@@ -117,17 +113,14 @@ def check_correctness(device: torch.device) -> dict:
 
 def time_full_scale(device: torch.device, batch: int, steps: int, warmup: int) -> dict:
     gen = torch.Generator().manual_seed(1)
-    rows = [r for r, _ in FULL_SCALE_TABLES.values()]
-    per_bag = [n for _, n in FULL_SCALE_TABLES.values()]
     # The user side is pooled once per user: ~70 user rows per 4096 impressions.
     users = max(1, batch * 70 // 4096)
-    item = [i for i, k in enumerate(FULL_SCALE_TABLES) if not k.startswith("1")]  # Ali-CCP: 1xx = user side
-    user = [i for i, k in enumerate(FULL_SCALE_TABLES) if k.startswith("1")]
     inputs = []
-    for part, n in ((item, batch), (user, users)):
-        v, o, w = _bags([rows[i] for i in part], n, [per_bag[i] for i in part], gen)
-        sub = _tbe([rows[i] for i in part], 16, device)
-        inputs.append((sub, v.to(device), o.to(device), w.to(device)))
+    for side, n in (("item", batch), ("user", users)):
+        fields = [f.name for f in ALI_CCP_FIELDS if f.side == side]
+        rows = [ALI_CCP_VOCAB_AFTER_FILTER[name] + 1 for name in fields]  # + the reserved index 0
+        v, o, w = _bags(rows, n, [HISTORY_IDS_PER_ROW.get(name, 1.0) for name in fields], gen)
+        inputs.append((_tbe(rows, 16, device), v.to(device), o.to(device), w.to(device)))
 
     def step() -> None:
         for sub, v, o, w in inputs:
