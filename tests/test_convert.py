@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from script_helpers import load_script
 
 from dist_mtl.data import convert as convert_module
 from dist_mtl.data import schema
@@ -466,15 +466,8 @@ def test_a_conversion_stopped_mid_split_closes_that_splits_part_files(tmp_path, 
     assert aborted == [("train", None)]
 
 
-def load_launcher():
-    spec = importlib.util.spec_from_file_location("launch_convert", REPO / "launch" / "convert.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    return launcher
-
-
 def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
-    launcher = load_launcher()
+    launcher = load_script("launch/convert.py")
     write_raw(tmp_path / "raw", "train", TRAIN_USERS, TRAIN_IMPRESSIONS)
     meta = launcher.main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
                           "--splits", "train", "--min-count", "2"])
@@ -499,7 +492,7 @@ def test_launcher_raw_prints_progress_and_summary(tmp_path, capsys):
 def test_launcher_refuses_numbers_below_one_as_usage_errors(tmp_path, capsys, option):
     write_raw(tmp_path / "raw", "train", *good_train())
     with pytest.raises(SystemExit) as exit_:
-        load_launcher().main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+        load_script("launch/convert.py").main(["raw", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
                               "--splits", "train", option, "0"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {option}: must be at least 1, got 0" in err

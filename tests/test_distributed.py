@@ -1,11 +1,9 @@
 """Planner constraints and optimizers in one process (a 1-rank gloo group), and launch/plan.py."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from model_helpers import VOCAB_SIZES, random_batch
+from script_helpers import load_script
 
 from dist_mtl import distributed
 from dist_mtl.config import ConfigError, load_config
@@ -15,10 +13,7 @@ from dist_mtl.losses import MultiTaskLoss
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.trainer import TrainStep
 
-_PLAN_PATH = Path(__file__).resolve().parents[1] / "launch" / "plan.py"
-_spec = importlib.util.spec_from_file_location("launch_plan", _PLAN_PATH)
-PLAN_SCRIPT = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(PLAN_SCRIPT)
+PLAN_SCRIPT = load_script("launch/plan.py")
 
 
 def build(*overrides):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
@@ -14,22 +13,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from script_helpers import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 SLIM_TOOL = REPO.parent / "shared" / "gpu" / "slim_fatbin.py"
 FATBIN_MAGIC = 0xBA55ED50
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"gpu_{name}", REPO / "benchmarks" / "gpu" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-build_bundle = _load("build_bundle")
-gpu_session = _load("session")
+build_bundle = load_script("benchmarks/gpu/build_bundle.py")
+gpu_session = load_script("benchmarks/gpu/session.py")
 
 
 # ------------------------------------------------------------------------------------------ build_bundle

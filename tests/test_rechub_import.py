@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from data_helpers import RECHUB_SAMPLE_DIR
+from script_helpers import load_script
 
 from dist_mtl.data import schema
 from dist_mtl.data.raw import RawFormatError
@@ -17,7 +17,6 @@ from dist_mtl.data.rechub import RECHUB_COLUMNS, import_rechub_csv
 
 SAMPLES = RECHUB_SAMPLE_DIR
 FILES = {split: SAMPLES / f"ali_ccp_{split}_sample.csv" for split in ("train", "val", "test")}
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"torch-rechub sample files not present at {SAMPLES}")
 
@@ -130,9 +129,7 @@ def test_header_must_hold_the_expected_columns(tmp_path):
 
 
 def test_launcher_rechub(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("launch_convert", REPO / "launch" / "convert.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = load_script("launch/convert.py")
     meta = launcher.main(["rechub", "--train", str(FILES["train"]), "--val", str(FILES["val"]),
                           "--out", str(tmp_path / "out")])
     assert list(meta.splits) == ["train", "val"]
