@@ -32,12 +32,15 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch.train import quiet_library_noise, run_as_script  # noqa: E402
+
+if TYPE_CHECKING:  # torch is imported where it is used, after the arguments are parsed
+    import torch
 
 RESULT_KEYS = ("samples_per_s", "timed_samples", "timed_seconds", "steps", "warmup_steps", "batches_in_memory",
                "world_size")

@@ -283,7 +283,10 @@ _STATE_VALUES_PER_ROW = {"sgd": lambda dim: 0, "rowwise_adagrad": lambda dim: 1,
 def table_bytes_per_rank(plan: ShardingPlan, model: nn.Module, sparse_optimizer_name: str,
                          world_size: int) -> list[int]:
     """Bytes of table weights and table optimizer state (float32) that ``plan`` puts on each rank: a
-    shard on its rank, a data_parallel table on every rank."""
+    shard on its rank, a data_parallel table on every rank.
+
+    Counted from the plan's shards because the planner's own storage estimates (which also price input
+    and output buffers) stay inside the planner: the returned plan does not carry them."""
     sizes = {t.name: (t.num_embeddings, t.embedding_dim)
              for ebc in sparse_modules(model) for t in ebc.embedding_bag_configs()}
     state = _STATE_VALUES_PER_ROW[sparse_optimizer_name]
