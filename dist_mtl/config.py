@@ -233,6 +233,14 @@ class CheckpointConfig:
     starts from scratch and refuses a run_dir that holds checkpoints (their step numbers would outrank and
     prune the new run's); a job restarted by torchrun --max-restarts needs True, as its restarted attempt
     finds the first attempt's checkpoints."""
+    init_from: str = ""
+    """Start this run from a committed checkpoint of another run (a step-NNNNNNNN folder of its
+    checkpoints/ or best/): its tables, dense layers and the state of both optimizers, at any world size.
+    For training on later data in the same id space (launch/convert.py raw --id-maps-from): row-wise
+    Adagrad with its accumulators reset would take full-sized steps on every row the first run trained.
+    The data cursor, step count, dense learning-rate schedule, early-stopping state and random state start
+    afresh. Used only while run_dir holds no checkpoint of its own: a resumed or restarted job continues
+    from those. Empty: the tables start from their seeded initialisation."""
 
 
 @dataclass

@@ -6,9 +6,11 @@ An export directory holds::
                   ``MultiTaskModel(cfg.model, vocab_sizes, cfg.tasks, sparse_device="cpu")``
     config.toml   the resolved job config the model was built from
     serving.pt    a TorchScript module scoring plain tensors (see ``ServingModule.forward``)
+    id_maps.parquet  the raw feature id -> index maps the tables were trained in (dist_mtl/data/id_maps.py),
+                  when the training data had them: a serving system encodes raw requests with them
     export.json   written last (its presence marks a complete export): format version, head, tasks,
                   vocab sizes, feature keys of each side, the weight transform the reader must apply,
-                  library versions and where the weights came from
+                  the id maps' file and digest, library versions and where the weights came from
 
 Why TorchScript. ``torch.jit.script`` compiles TorchRec's unsharded EmbeddingBagCollection and
 KeyedJaggedTensor as they are, for every batch shape, one user included. ``torch.export`` (non-strict,
@@ -54,7 +56,8 @@ from dist_mtl.checkpoint import (
 )
 from dist_mtl.config import JobConfig, load_config
 from dist_mtl.data.batch import GroupedBatch
-from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, DatasetError
+from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
+from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, DatasetError, DatasetMetadata
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
 
@@ -177,24 +180,34 @@ def export_model(
     *,
     checkpoint: str | os.PathLike | None = None,
     dmp: nn.Module | None = None,
+    id_maps_from: str | os.PathLike | None = None,
+    with_id_maps: bool = True,
 ) -> Path | None:
     """Write an export directory from a committed checkpoint or from a live DMP of a ``TrainStep``.
 
     From a checkpoint: this process alone. From a DMP: collective (every rank gathers its shards to rank
     0, which writes); returns the path on rank 0 and None elsewhere. Vocabulary sizes are the tables'
     row counts; ``cfg`` must describe the same model (``CheckpointMismatchError`` names what differs).
+
+    Id maps: a checkpoint records the digest of the id maps its training data was encoded with; the
+    export copies those maps from ``id_maps_from`` (a dataset directory; default ``cfg.data.path``) and
+    raises ExportError if that dataset has none or other ones. A checkpoint of data without id maps, or
+    ``with_id_maps=False``, exports without them; a live DMP takes them from ``id_maps_from`` only.
     """
     if (checkpoint is None) == (dmp is None):
         raise ValueError("export_model needs exactly one of checkpoint= or dmp=")
     if checkpoint is not None:
-        trained_with = read_side_file(checkpoint)["extra"].get("config")
+        extra = read_side_file(checkpoint)["extra"]
+        trained_with = extra.get("config")
         if trained_with is not None:  # checkpoints written before the job recorded its config have none
             raise_on_mismatch(checkpoint, serving_config_mismatches(trained_with, cfg))
         vocab_sizes = vocab_sizes_from_shapes(read_tensor_shapes(checkpoint), MODEL_PREFIX + TRAIN_STEP_PREFIX)
+        id_maps = (_training_id_maps(cfg, extra.get("id_maps_sha256"), id_maps_from, vocab_sizes)
+                   if with_id_maps else None)
         model = build_unsharded_model(cfg, vocab_sizes)
         load_unsharded(checkpoint, model, TRAIN_STEP_PREFIX)
         source = {"checkpoint": str(Path(checkpoint).resolve())}
-        return _write_export(Path(out_dir), model, cfg, vocab_sizes, source)
+        return _write_export(Path(out_dir), model, cfg, vocab_sizes, source, id_maps)
 
     state = _gather_full_state(dmp)
 
@@ -206,9 +219,37 @@ def export_model(
         current = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         raise_on_mismatch(f"live model ({type(dmp).__name__})", model_mismatches(saved, current))
         model.load_state_dict(own)
-        return _write_export(Path(out_dir), model, cfg, vocab_sizes, {"live_model_world_size": _world_size()})
+        id_maps = (_training_id_maps(cfg, None, id_maps_from, vocab_sizes)
+                   if with_id_maps and id_maps_from is not None else None)
+        return _write_export(Path(out_dir), model, cfg, vocab_sizes, {"live_model_world_size": _world_size()},
+                             id_maps)
 
     return run_on_rank0(write, f"export to {out_dir}")
+
+
+def _training_id_maps(cfg: JobConfig, trained_sha256: str | None, id_maps_from: str | os.PathLike | None,
+                      vocab_sizes: Mapping[str, int]) -> IdMaps | None:
+    """The id maps a model was trained in (its checkpoint's ``trained_sha256``), read from the dataset
+    ``id_maps_from`` (default ``cfg.data.path``); None when the training data had none."""
+    if trained_sha256 is None and id_maps_from is None:
+        return None
+    source = Path(id_maps_from if id_maps_from is not None else cfg.data.path)
+    hint = ("pass the training dataset, or one converted with its id maps, as --id-maps-from, or export "
+            "--without-id-maps")
+    trained = (f"the model was trained on data encoded with the id maps {trained_sha256[:16]}..."
+               if trained_sha256 else "")
+    try:
+        meta = DatasetMetadata.load(source)
+    except DatasetError as e:
+        raise ExportError(f"{trained or f'id maps asked of {source}'}; {e}; {hint}") from e
+    have = meta.id_maps["sha256"] if meta.id_maps else None
+    if trained_sha256 is not None and have != trained_sha256:
+        raise ExportError(f"{trained}, the dataset at {source} has {have[:16] + '...' if have else 'none'}; {hint}")
+    maps = IdMaps.load(source, meta)
+    if maps.vocab_sizes != dict(vocab_sizes):
+        differ = sorted(f for f in vocab_sizes if maps.vocab_sizes.get(f) != vocab_sizes[f])
+        raise ExportError(f"the id maps of {source} do not fit the model's tables: fields {differ} differ in size")
+    return maps
 
 
 # Settings that change what a model computes without changing any tensor's shape (the checkpoint's shapes
@@ -258,9 +299,12 @@ def _gather_full_state(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def _write_export(out_dir: Path, model: MultiTaskModel, cfg: JobConfig, vocab_sizes: Mapping[str, int],
-                  source: dict) -> Path:
+                  source: dict, id_maps: IdMaps | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INFO_FILE).unlink(missing_ok=True)  # an old export here is incomplete until the new info lands
+    maps_entry = id_maps.write(out_dir) if id_maps is not None else None
+    if maps_entry is None:
+        (out_dir / ID_MAPS_FILE).unlink(missing_ok=True)  # an older export's maps would not be this model's
     torch.save(model.state_dict(), out_dir / STATE_FILE)
     (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
     with _jit_without_deprecation_notices():
@@ -273,6 +317,7 @@ def _write_export(out_dir: Path, model: MultiTaskModel, cfg: JobConfig, vocab_si
         "user_keys": list(USER_KEYS),
         "item_keys": list(ITEM_KEYS),
         "weight_transform": cfg.data.weight_transform,
+        "id_maps": maps_entry,
         "source": source,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__},
@@ -334,6 +379,15 @@ class ExportedModel(nn.Module):
         """``ServingModule.forward``'s seven tensors."""
         return dict(self.serving(*inputs))
 
+    def id_maps(self) -> IdMaps | None:
+        """The raw id -> index maps the tables were trained in (None: the training data had none), checked
+        against export.json's digest: ``id_maps().encode("205", raw_item_ids)`` gives the model's indices."""
+        entry = self.info.get("id_maps")
+        if not entry:
+            return None
+        return IdMaps.read(self.path / entry["file"], entry["sha256"], self.info["vocab_sizes"],
+                           self.path / INFO_FILE)
+
 
 def load_exported(path: str | os.PathLike) -> ExportedModel:
     path = Path(path)
@@ -387,6 +441,15 @@ def predict_split(
         raise ExportError(
             f"dataset {data_root} does not fit the exported model {model_dir}: vocab sizes (dataset, model) "
             f"differ for fields {different}; score data converted with the training data's vocabularies"
+        )
+    # Equal sizes do not make one id space; equal digests do. A dataset or export without maps (older, or
+    # not converted from raw files) can only be checked by size.
+    model_maps, data_maps = model.info.get("id_maps"), reader.metadata.id_maps
+    if model_maps and data_maps and model_maps["sha256"] != data_maps["sha256"]:
+        raise ExportError(
+            f"dataset {data_root} was encoded with the id maps {data_maps['sha256'][:16]}..., the exported model "
+            f"{model_dir} was trained in {model_maps['sha256'][:16]}...: its ids would name other rows of the "
+            f"tables; convert the raw files with launch/convert.py raw --id-maps-from <the training dataset>"
         )
     columns = prediction_columns(model.task_names)
     schema = pa.schema([pa.field("index", pa.int64()), pa.field(SAMPLE_ID_COLUMN, pa.int64())]

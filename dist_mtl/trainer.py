@@ -25,7 +25,14 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError, read_side_file
+from dist_mtl.checkpoint import (
+    DCP_METADATA_FILE,
+    SIDE_FILE,
+    CheckpointManager,
+    CheckpointMismatchError,
+    is_committed,
+    read_side_file,
+)
 from dist_mtl.config import ConfigError, JobConfig
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloader
@@ -127,6 +134,9 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         dist.barrier()
 
+        if cfg.checkpoint.init_from and not is_committed(cfg.checkpoint.init_from):
+            raise ConfigError(f"checkpoint.init_from = {cfg.checkpoint.init_from!r} is not a committed checkpoint "
+                              f"(a step-NNNNNNNN folder holding {DCP_METADATA_FILE} and {SIDE_FILE})")
         self.metadata = DatasetMetadata.load(cfg.data.path)
         # Checked here, not when first read: the evaluation split is first opened after a whole epoch.
         for key, split in (("train_split", cfg.data.train_split), ("val_split", cfg.data.val_split),
@@ -180,6 +190,7 @@ class Trainer:
         self.best = (-math.inf, -1, 0)  # best (signed) metric value, its step, evaluations since
         self.stopped_by = ""  # "early_stop" or "max_steps" once training stopped before its epochs ran out
         self.resumed_from: dict | None = None
+        self.initialized_from: dict | None = None
         self.skipped_on_resume = 0
         # RNG states of a mid-epoch checkpoint, restored once the epoch's loader iterator exists: building
         # the iterator draws a seed from the global generator, which the saved state already includes.
@@ -430,6 +441,7 @@ class Trainer:
             "samples_trained": self.samples_trained,
             "samples_trained_this_run": self.samples_trained - samples_at_start,
             "resumed_from": self.resumed_from,
+            "initialized_from": self.initialized_from,
             "impressions_skipped_on_resume": self.skipped_on_resume,
             "stopped_by": self.stopped_by,
             "train_seconds": self.train_seconds,
@@ -513,7 +525,13 @@ class Trainer:
 
     def _save_best(self) -> None:
         self.best_checkpoint.save(self.global_step, self.model, self.optimizer,
-                                  {"step": self.global_step, "config": self.cfg.to_dict()})
+                                  {"step": self.global_step, "config": self.cfg.to_dict(),
+                                   "id_maps_sha256": self._id_maps_sha256()})
+
+    def _id_maps_sha256(self) -> str | None:
+        # Recorded with the weights: an export then carries the id maps the tables were trained in, or
+        # refuses a dataset at data.path that was reconverted into another id space since.
+        return self.metadata.id_maps["sha256"] if self.metadata.id_maps else None
 
     def _load_best(self) -> None:
         # The best step this run's state names, not the newest folder: a crash after a new best was
@@ -558,6 +576,7 @@ class Trainer:
             "stopped_by": self.stopped_by,
             "world_size": self.ctx.world_size,
             "rng": rng,
+            "id_maps_sha256": self._id_maps_sha256(),
             "reader": self.train_reader.state_dict(),
             # What built the model: an export compares it with its own config (see
             # export.serving_config_mismatches), since <run_dir>/config.toml is rewritten by every run.
@@ -577,17 +596,10 @@ class Trainer:
         """
         latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
+            if self.cfg.checkpoint.init_from:
+                self._initialize_from(Path(self.cfg.checkpoint.init_from))
             return 0, 0
-        # The dense optimizer's state is restored as saved; another optimizer's would fail at its first
-        # step (Adagrad looking for Adam's moments). Tables' state under another optimizer.sparse restarts
-        # (with a warning) instead, as CheckpointManager.load does for any plan without a counterpart.
-        saved_dense = read_side_file(latest)["extra"].get("config", {}).get("optimizer", {}).get("dense")
-        if saved_dense is not None and saved_dense != self.cfg.optimizer.dense:
-            raise CheckpointMismatchError(
-                f"{latest} was trained with optimizer.dense = {saved_dense!r}, this run asks for "
-                f"{self.cfg.optimizer.dense!r}: its state cannot carry over; resume with {saved_dense!r} or "
-                f"start in another run_dir"
-            )
+        self._check_carries_over(latest)
         extra = self.checkpoints.load(latest, self.model, self.optimizer)
         self.global_step, self.epoch = int(extra["step"]), int(extra["epoch"])
         self.batches_in_epoch, self.epoch_samples = int(extra["next_batch"]), int(extra["epoch_samples"])
@@ -618,6 +630,42 @@ class Trainer:
             self.epoch, self.batches_in_epoch, self.epoch_samples = epoch, 0, 0
         self._print(f"resumed from {latest}: step {self.global_step}, epoch {epoch}, batch {next_batch}")
         return epoch, next_batch
+
+    def _check_carries_over(self, path: Path) -> None:
+        """Refuse a checkpoint whose state would not mean the same in this run."""
+        saved = read_side_file(path)["extra"]
+        saved_maps, maps = saved.get("id_maps_sha256"), self._id_maps_sha256()
+        if saved_maps is not None and saved_maps != maps:
+            # Same vocabulary sizes can hold another id space (a reconversion on other raw files): the
+            # tables' rows would then mean other ids, and the sizes alone would never tell.
+            raise CheckpointMismatchError(
+                f"{path} was trained on data encoded with the id maps {saved_maps[:16]}..., but the dataset "
+                f"at data.path ({self.cfg.data.path}) has {maps[:16] + '...' if maps else 'none'}: convert new "
+                f"data with launch/convert.py raw --id-maps-from <the training dataset>, or start in another run_dir"
+            )
+        # The dense optimizer's state is restored as saved; another optimizer's would fail at its first
+        # step (Adagrad looking for Adam's moments). Tables' state under another optimizer.sparse restarts
+        # (with a warning) instead, as CheckpointManager.load does for any plan without a counterpart.
+        saved_dense = saved.get("config", {}).get("optimizer", {}).get("dense")
+        if saved_dense is not None and saved_dense != self.cfg.optimizer.dense:
+            raise CheckpointMismatchError(
+                f"{path} was trained with optimizer.dense = {saved_dense!r}, this run asks for "
+                f"{self.cfg.optimizer.dense!r}: its state cannot carry over; continue with {saved_dense!r} or "
+                f"start in another run_dir"
+            )
+
+    def _initialize_from(self, path: Path) -> None:
+        """checkpoint.init_from: another run's model and optimizer state, none of its training position."""
+        self._check_carries_over(path)
+        extra = self.checkpoints.load(path, self.model, self.optimizer)
+        report = self.checkpoints.last_load
+        self.initialized_from = {"checkpoint": str(path), "step": report.step,
+                                 "world_size": report.saved_world_size,
+                                 "optimizer_state_reset": report.optimizer_state_reset}
+        trained = extra.get("samples_trained")
+        self._print(f"initialised from {path} (step {report.step} of its run"
+                    + (f", {int(trained):,} impressions trained" if trained is not None else "")
+                    + "): training starts at step 0 of this run")
 
     # ---------------------------------------------------------------------------------------- printing
 

@@ -1,6 +1,7 @@
 """Build a dist_mtl dataset from the raw Tianchi Ali-CCP files or from torch-rechub's preprocessed CSV.
 
     python launch/convert.py raw --raw-dir D --out O [--min-count N] [--skip-bad-rows] [--splits train,test]
+    python launch/convert.py raw --raw-dir D --out O --id-maps-from DATASET --splits day8   (another dataset's id maps)
     python launch/convert.py rechub --train F --val F --test F --out O [--skip-bad-rows]
 
 Prints progress (rows/s, ETA of the file being read from its size) and a summary with skipped counts.
@@ -109,8 +110,18 @@ def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
             dropped = _counts(notes.get(key) or {})
             if dropped:
                 lines.append(f"    {label}: {dropped}")
+        outside, encoded = notes.get("ids_outside_id_maps") or {}, notes.get("ids_encoded") or {}
+        if outside:
+            # Index 0 stands for every id the maps lack: a large share here (a new day converted with
+            # --id-maps-from, a high --min-count) is signal the tables cannot tell apart.
+            shares = ", ".join(f"{k}={v:,} ({v / max(encoded.get(k, 0), 1):.1%})" for k, v in outside.items())
+            lines.append(f"    ids outside the id maps (index 0): {shares}")
     vocab = ", ".join(f"{k}={v:,}" for k, v in meta.vocab_sizes.items())
     lines.append(f"  vocab sizes (index 0 reserved): {vocab}")
+    if meta.id_maps is not None:
+        taken = meta.notes.get("id_maps_from", {}).get("dataset") if isinstance(meta.notes, dict) else None
+        lines.append(f"  id maps: {meta.id_maps['file']} (sha256 {meta.id_maps['sha256'][:16]}...)"
+                     + (f", taken from {taken}" if taken else ", built on train"))
     return "\n".join(lines)
 
 
@@ -121,9 +132,13 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
     raw.add_argument("--raw-dir", required=True, help="directory holding the raw files")
     raw.add_argument("--out", required=True, help="dataset directory to write")
     raw.add_argument(
-        "--min-count", type=_positive_int, default=1, help="keep raw ids seen at least this often in train"
+        "--min-count", type=_positive_int, help="keep raw ids seen at least this often in train (default 1)"
     )
-    raw.add_argument("--splits", default="train,test", help="comma-separated splits; must include train")
+    raw.add_argument("--splits", default="train,test",
+                     help="comma-separated splits; must include train unless --id-maps-from gives the id maps")
+    raw.add_argument("--id-maps-from", metavar="DATASET",
+                     help="encode with this existing dataset's id maps (and its min count) instead of building "
+                          "them on train: new raw files in the id space a model was trained on")
     raw.add_argument("--work-dir", help="where staged files go (default: inside --out)")
     raw.add_argument("--block-impressions", type=_positive_int, default=65536, help="impressions per Parquet block")
     rechub = commands.add_parser("rechub", help="torch-rechub preprocessed CSV (one file per split)")
@@ -136,8 +151,11 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
     args = parser.parse_args(argv)
 
     splits = [s.strip() for s in getattr(args, "splits", "").split(",") if s.strip()]
-    if args.command == "raw" and "train" not in splits:
-        parser.error(f"--splits {args.splits!r} must include train (the id maps are built on it)")
+    if args.command == "raw" and args.id_maps_from is None and "train" not in splits:
+        parser.error(f"--splits {args.splits!r} must include train (the id maps are built on it), "
+                     f"or take an existing dataset's with --id-maps-from")
+    if args.command == "raw" and args.id_maps_from is not None and args.min_count is not None:
+        parser.error("--min-count comes with the id maps of --id-maps-from; leave it out")
     started = time.monotonic()
     try:
         if args.command == "raw":
@@ -145,16 +163,17 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
                 args.raw_dir,
                 args.out,
                 splits=splits,
-                min_count=args.min_count,
+                min_count=args.min_count or 1,
                 skip_bad_rows=args.skip_bad_rows,
                 block_impressions=args.block_impressions,
                 work_dir=args.work_dir,
                 progress=ProgressPrinter(sys.stdout),
+                id_maps_from=args.id_maps_from,
             )
         else:
             paths = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}
             meta = import_rechub_csv(paths, args.out, skip_bad_rows=args.skip_bad_rows)
-    except RawFormatError as e:
+    except (RawFormatError, ValueError) as e:  # ValueError (DatasetError among them): unusable --id-maps-from
         parser.exit(2, f"error: {e}\n")
     print(summary(meta, args.out, time.monotonic() - started), flush=True)
     return meta

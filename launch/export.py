@@ -3,7 +3,9 @@
 Takes the newest committed checkpoint of a run (``--run-dir``, reading ``<run-dir>/checkpoints``) or a
 given one (``--checkpoint <run-dir>/checkpoints/step-NNNNNNNN``), and the run's resolved config
 (``<run-dir>/config.toml`` unless ``--config`` names another; ``key=value`` overrides apply on top). Writes
-model.pt (whole tables), config.toml, serving.pt (TorchScript) and export.json; see dist_mtl/export.py.
+model.pt (whole tables), config.toml, serving.pt (TorchScript), the id maps the tables were trained in
+(id_maps.parquet, from the training dataset: the config's data.path unless ``--id-maps-from`` names
+another) and export.json; see dist_mtl/export.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def main(argv: list[str] | None = None) -> Path:
     source.add_argument("--checkpoint", type=Path, help="a checkpoint folder (step-NNNNNNNN)")
     parser.add_argument("--out", type=Path, required=True, help="export directory to write")
     parser.add_argument("--config", type=Path, help="job config (default: the run directory's config.toml)")
+    maps = parser.add_mutually_exclusive_group()
+    maps.add_argument("--id-maps-from", type=Path, metavar="DATASET",
+                      help="dataset holding the id maps the model was trained in (default: the config's data.path)")
+    maps.add_argument("--without-id-maps", action="store_true",
+                      help="export without the id maps (the export then scores encoded data only)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     args = parser.parse_args(argv)
 
@@ -44,10 +51,12 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"no config at {config_path}; pass --config")
     cfg = config_or_usage_error(parser, config_path, args.overrides)
     try:
-        out = export_model(args.out, cfg, checkpoint=checkpoint)
+        out = export_model(args.out, cfg, checkpoint=checkpoint, id_maps_from=args.id_maps_from,
+                           with_id_maps=not args.without_id_maps)
     except INPUT_ERRORS as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
-    print(f"exported {checkpoint} ({cfg.model.head}) to {out}", flush=True)
+    maps = "with its id maps" if (out / "id_maps.parquet").is_file() else "without id maps"
+    print(f"exported {checkpoint} ({cfg.model.head}) to {out}, {maps}", flush=True)
     return out
 
 

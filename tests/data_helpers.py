@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from dist_mtl.data import schema
+from dist_mtl.data.id_maps import FieldVocabulary, IdMaps
 
 #: The real torch-rechub sample files, in the shared folder beside the checkout (where CI has it too).
 RECHUB_SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "torch-rechub-sample"
@@ -36,6 +37,7 @@ def write_random_dataset(
     combination_len: tuple[int, int] = (0, 4),
     blocks_per_file: int = 4,
     vocab_sizes: Mapping[str, int] | None = None,
+    id_maps_seed: int | None = None,
 ) -> schema.DatasetMetadata:
     """Write ``splits`` (split name -> number of users; default ``{"train": 200}``) under ``root`` and
     commit metadata.json.
@@ -43,7 +45,9 @@ def write_random_dataset(
     Ranges are inclusive ``(low, high)``: impressions per user, ids per user history field and ids per
     item combination field. ``sample_id`` runs 0..N-1 per split in storage order, so tests can check
     exactly-once coverage. ``extra_columns`` (name -> arrow type alias) get random values: floats in
-    [0, 1), integers in 0..9.
+    [0, 1), integers in 0..9. ``id_maps_seed``: also keep id maps (``dist_mtl.data.id_maps``) of random
+    raw ids drawn from this seed, as a dataset converted from raw files has; other seeds, other maps of the
+    same sizes.
     """
     vocab = dict(vocab_sizes or TEST_VOCAB_SIZES)
     writer = schema.DatasetWriter(
@@ -60,7 +64,14 @@ def write_random_dataset(
         for user_rows, impression_rows in _chunks_of_whole_groups(users, impressions, block_impressions):
             split_writer.add(user_rows, impression_rows)
         infos[name] = split_writer.close()
-    return writer.commit(infos, vocab, source="synthetic-test", notes={"seed": seed})
+    id_maps = None
+    if id_maps_seed is not None:
+        maps_rng = np.random.default_rng(id_maps_seed)
+        id_maps = IdMaps({
+            name: FieldVocabulary(np.sort(maps_rng.choice(10 * size, size=size - 1, replace=False)))
+            for name, size in vocab.items()
+        }).write(root)
+    return writer.commit(infos, vocab, source="synthetic-test", notes={"seed": seed}, id_maps=id_maps)
 
 
 def _random_ids(rng: np.random.Generator, vocab_size: int, n: int) -> np.ndarray:

@@ -18,7 +18,8 @@ from script_helpers import load_script
 
 from dist_mtl.data import convert as convert_module
 from dist_mtl.data import schema
-from dist_mtl.data.convert import FieldVocabulary, IdCounter, KeyIndex, convert_raw
+from dist_mtl.data.convert import IdCounter, KeyIndex, convert_raw
+from dist_mtl.data.id_maps import FieldVocabulary
 from dist_mtl.data.raw import MAX_KEY_BYTES, LineBlocks, RawFormatError
 
 REPO = Path(__file__).resolve().parents[1]

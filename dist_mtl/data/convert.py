@@ -1,17 +1,20 @@
 """Raw Tianchi Ali-CCP files -> the dist_mtl Parquet dataset (layout in schema.py).
 
-The train split goes first: the id maps are built on it and applied to every split.
+The train split goes first: the id maps are built on it and applied to every split, and kept with the
+dataset (id_maps.py). Or the maps are an existing dataset's (``id_maps_from``): then no split is counted,
+and new raw files are encoded in the id space a model was trained on.
 
 Per split:
 
 1. ``common_features_<split>.csv`` is parsed (raw.py) into a staged Arrow IPC file of raw user rows
    (int64 ids, a list per field) under the work directory, and a sorted index of its
-   ``common_feature_index`` keys. Train only: user-side ids are counted per field over these rows,
-   once per common-features row (the same user row serves ~58 impressions but counts once).
+   ``common_feature_index`` keys. Train only (when the maps are built): user-side ids are counted per
+   field over these rows, once per common-features row (the same user row serves ~58 impressions but
+   counts once).
 2. ``sample_skeleton_<split>.csv`` is parsed; each row's key is resolved to its staged user row, rows
-   with click=0 and buy=1 are dropped and counted. Train only: item-side ids are counted over the kept
-   skeleton rows, which are staged (Arrow IPC) because the vocabularies exist only once the whole train
-   skeleton has been counted; other splits are written while they are parsed.
+   with click=0 and buy=1 are dropped and counted. Train only (ditto): item-side ids are counted over
+   the kept skeleton rows, which are staged (Arrow IPC) because the vocabularies exist only once the
+   whole train skeleton has been counted; other splits are written while they are parsed.
 3. Impressions are cut into user groups (runs of consecutive rows with the same key; a key that comes
    back later, non-consecutively, starts a new group whose user row is stored again, and is counted),
    encoded and written through ``DatasetWriter`` in blocks of whole groups, each block's users fetched
@@ -47,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dist_mtl.data.id_maps import FieldVocabulary, IdMaps
 from dist_mtl.data.raw import (
     COMMON,
     DEFAULT_BLOCK_BYTES,
@@ -70,7 +74,7 @@ from dist_mtl.data.schema import (
     SplitWriter,
 )
 
-__all__ = ["ConvertProgress", "FieldVocabulary", "IdCounter", "KeyIndex", "RawFormatError", "convert_raw"]
+__all__ = ["ConvertProgress", "IdCounter", "IdTally", "KeyIndex", "RawFormatError", "build_id_maps", "convert_raw"]
 
 TRAIN_SPLIT = "train"
 CLICK0_BUY1 = "click0_buy1"
@@ -84,7 +88,11 @@ ID_MAP_NOTE = (
     "indices 1..V in ascending raw-id order; rarer ids, ids unseen in train and a missing single-valued "
     "field map to 0. User-side fields are counted over the well-formed common-features rows (each row "
     "once, however many impressions share it; every occurrence inside a row counts), item-side fields "
-    "over the kept skeleton rows."
+    "over the kept skeleton rows. They are kept in id_maps.parquet (dist_mtl/data/id_maps.py)."
+)
+ID_MAPS_FROM_NOTE = (
+    "Id maps taken from another dataset (id_maps_from), not built: every split is encoded in that dataset's "
+    "id space, and its min_count applies."
 )
 STAGING_NOTE = (
     "Common-features rows are staged to an Arrow IPC file of raw ids and fetched through a memory map "
@@ -157,52 +165,12 @@ class IdCounter:
         return self._merged.get(field, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
 
 
-class FieldVocabulary:
-    """One field's kept raw ids -> indices 1..V (ascending raw id); every other id -> 0.
-
-    Encodes through a dense table over the kept ids' range when that range is small next to V (raw
-    Ali-CCP ids are compact per field: a table gather is ~4x faster than a binary search), else through
-    np.searchsorted.
-    """
-
-    def __init__(self, kept_ids: np.ndarray):
-        self.kept_ids = np.asarray(kept_ids, np.int64)
-        self._table: np.ndarray | None = None
-        if len(self.kept_ids):
-            self._low = int(self.kept_ids[0])
-            span = int(self.kept_ids[-1]) - self._low + 1
-            if span <= 4 * len(self.kept_ids) + (1 << 20):
-                self._table = np.zeros(span, np.int32)
-                self._table[self.kept_ids - self._low] = np.arange(1, len(self.kept_ids) + 1, dtype=np.int32)
-
-    @property
-    def size(self) -> int:
-        """Embedding rows needed: V kept ids plus the reserved index 0."""
-        return len(self.kept_ids) + 1
-
-    def encode(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        if not len(self.kept_ids) or not len(ids):
-            return np.zeros(len(ids), np.int32)
-        if self._table is not None:
-            position = ids - self._low
-            outside = (position < 0) | (position >= len(self._table))
-            np.clip(position, 0, len(self._table) - 1, out=position)
-            out = self._table[position]
-            out[outside] = 0
-            return out
-        position = np.searchsorted(self.kept_ids, ids)
-        np.minimum(position, len(self.kept_ids) - 1, out=position)
-        found = self.kept_ids[position] == ids
-        return np.where(found, position + 1, 0).astype(np.int32)
-
-
-def build_vocabularies(counter: IdCounter, min_count: int) -> dict[str, FieldVocabulary]:
+def build_id_maps(counter: IdCounter, min_count: int) -> IdMaps:
     vocab = {}
     for spec in ALI_CCP_FIELDS:
         ids, counts = counter.counts(spec.name)
         vocab[spec.name] = FieldVocabulary(ids[counts >= min_count])
-    return vocab
+    return IdMaps(vocab)
 
 
 # ---------------------------------------------------------------- keys
@@ -377,8 +345,20 @@ class StagedUsers:
 # ---------------------------------------------------------------- encoding and writing
 
 
+class IdTally:
+    """Per field: raw ids encoded, and those of them outside the id maps (index 0: rare or unseen in train)."""
+
+    def __init__(self) -> None:
+        self.encoded: Counter = Counter()
+        self.outside: Counter = Counter()
+
+    def add(self, name: str, codes: np.ndarray) -> None:
+        self.encoded[name] += len(codes)
+        self.outside[name] += len(codes) - int(np.count_nonzero(codes))
+
+
 def _encode_fields(
-    table: pa.Table, fields: Iterable[FieldSpec], vocab: dict[str, FieldVocabulary]
+    table: pa.Table, fields: Iterable[FieldSpec], id_maps: IdMaps, tally: IdTally
 ) -> dict[str, pa.Array]:
     """Staged raw ids -> the dataset's int32 indices (weighted lists, or one id per row with 0 if missing)."""
     out = {}
@@ -386,7 +366,8 @@ def _encode_fields(
         column = table.column(spec.name).combine_chunks()
         if spec.multi_valued:
             offsets = column.offsets.to_numpy()
-            codes = vocab[spec.name].encode(column.flatten().to_numpy())
+            codes = id_maps.encode(spec.name, column.flatten().to_numpy())
+            tally.add(spec.name, codes)
             rebased = pa.array(offsets - offsets[0], pa.int32())
             out[spec.name] = pa.ListArray.from_arrays(rebased, pa.array(codes, pa.int32()))
             weights = table.column(spec.weight_column).combine_chunks().flatten()
@@ -394,7 +375,9 @@ def _encode_fields(
         else:
             present = column.is_valid().to_numpy(zero_copy_only=False)
             single = np.zeros(len(column), np.int32)
-            single[present] = vocab[spec.name].encode(column.drop_null().to_numpy())
+            codes = id_maps.encode(spec.name, column.drop_null().to_numpy())
+            tally.add(spec.name, codes)
+            single[present] = codes
             out[spec.name] = pa.array(single, pa.int32())
     return out
 
@@ -410,12 +393,13 @@ class _GroupWriter:
         self,
         writer: SplitWriter,
         users: StagedUsers,
-        vocab: dict[str, FieldVocabulary],
+        id_maps: IdMaps,
         block_impressions: int,
     ):
         self._writer = writer
         self._users = users
-        self._vocab = vocab
+        self._id_maps = id_maps
+        self.ids = IdTally()
         self._block_impressions = block_impressions
         self._pending = 0  # impressions the SplitWriter holds unflushed (it flushes at >= block_impressions)
         self._carry: pa.Table | None = None
@@ -470,14 +454,14 @@ class _GroupWriter:
         self._used[distinct] = True
         raw_users = self._users.take(group_users)
         users = {USER_KEY_COLUMN: raw_users.column(USER_KEY_COLUMN)}
-        users.update(_encode_fields(raw_users, USER_FIELDS, self._vocab))
+        users.update(_encode_fields(raw_users, USER_FIELDS, self._id_maps, self.ids))
         items = {
             USER_COLUMN: pa.array(np.repeat(np.arange(len(group_sizes), dtype=np.int32), group_sizes)),
             "sample_id": impressions.column("sample_id"),
             "click": impressions.column("click"),
             "buy": impressions.column("buy"),
         }
-        items.update(_encode_fields(impressions, ITEM_FIELDS, self._vocab))
+        items.update(_encode_fields(impressions, ITEM_FIELDS, self._id_maps, self.ids))
         self._writer.add(pa.table(users), pa.table(items))
         self.impressions += impressions.num_rows
 
@@ -679,10 +663,15 @@ def convert_raw(
     work_dir: str | os.PathLike | None = None,
     progress: ProgressCallback | None = None,
     read_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    id_maps_from: str | os.PathLike | None = None,
 ) -> DatasetMetadata:
     """Convert ``<raw_dir>/{sample_skeleton,common_features}_<split>.csv`` into a dataset at ``out_dir``.
 
-    ``splits`` must include "train" (the id maps are built on it); it is converted first. Bad input
+    ``splits`` must include "train" (the id maps are built on it); it is converted first. With
+    ``id_maps_from`` (an existing dataset's directory) the maps are that dataset's instead, and its
+    ``min_count`` with them: any splits, in the given order, encoded in the id space of the tables a
+    model was trained on (a later day's logs, a split added after training). The maps are written to
+    ``out_dir`` in both cases (id_maps.py), and each split's notes count the ids they do not hold. Bad input
     raises RawFormatError naming file, line and field, or with ``skip_bad_rows`` is skipped and counted
     per reason in each split's ``skipped`` (keys starting with "common_features." count user rows, the
     others impressions). Staged files go to a fresh directory under ``work_dir`` (default ``out_dir``)
@@ -690,14 +679,29 @@ def convert_raw(
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     splits = list(dict.fromkeys(splits))
-    if TRAIN_SPLIT not in splits:
-        raise ValueError(f"splits {splits} lack '{TRAIN_SPLIT}': the id maps are built on the train split")
+    if not splits:
+        raise ValueError("no splits to convert")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     if block_impressions < 1 or read_block_bytes < 1:
         raise ValueError("block_impressions and read_block_bytes must be positive")
-    splits.remove(TRAIN_SPLIT)
-    splits.insert(0, TRAIN_SPLIT)
+    given_maps: IdMaps | None = None
+    if id_maps_from is not None:
+        if out_dir.resolve() == Path(id_maps_from).resolve():
+            raise ValueError(f"out_dir {out_dir} is the dataset the id maps come from: write the new splits to "
+                             f"a directory of their own (its metadata.json would lose the existing splits)")
+        source_meta = DatasetMetadata.load(id_maps_from)
+        if min_count not in (1, source_meta.min_count):
+            raise ValueError(f"min_count {min_count} differs from the {source_meta.min_count} the id maps of "
+                             f"{id_maps_from} were built with; it comes with them")
+        min_count = source_meta.min_count
+        given_maps = IdMaps.load(id_maps_from, source_meta)
+    else:
+        if TRAIN_SPLIT not in splits:
+            raise ValueError(f"splits {splits} lack '{TRAIN_SPLIT}': the id maps are built on the train split "
+                             f"(or take an existing dataset's with id_maps_from)")
+        splits.remove(TRAIN_SPLIT)
+        splits.insert(0, TRAIN_SPLIT)
     _check_inputs(raw_dir, splits)
 
     writer = DatasetWriter(out_dir, block_impressions=block_impressions)
@@ -709,21 +713,22 @@ def convert_raw(
         converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress)
         infos: dict[str, SplitInfo] = {}
         split_notes: dict[str, dict] = {}
-        vocab: dict[str, FieldVocabulary] = {}
+        id_maps = given_maps
         distinct_train_ids: dict[str, int] = {}
         for split in splits:
             stats = _SplitStats.empty()
-            counter = IdCounter() if split == TRAIN_SPLIT else None
+            counter = IdCounter() if split == TRAIN_SPLIT and given_maps is None else None
             users = converter.stage_users(split, stats, counter)
             impressions = converter.resolved_impressions(split, users, stats, counter)
             if counter is not None:
                 with closing(impressions):
                     staged_path, staged_rows = converter.staged_impressions(split, impressions)
-                vocab = build_vocabularies(counter, min_count)
+                id_maps = build_id_maps(counter, min_count)
                 distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
                 impressions = converter.read_staged(split, staged_path, staged_rows)
             split_writer = open_split = writer.split(split)
-            groups = _GroupWriter(split_writer, users, vocab, block_impressions)
+            assert id_maps is not None  # built on train, which goes first, or given
+            groups = _GroupWriter(split_writer, users, id_maps, block_impressions)
             # closing: an error here also stops the background reader of the file being parsed.
             with closing(impressions):
                 for batch in impressions:
@@ -742,25 +747,28 @@ def convert_raw(
                 "ignored_other_side_field_features": dict(sorted(stats.misplaced_fields.items())),
                 "repeated_single_valued_features_dropped": dict(sorted(stats.repeated_fields.items())),
                 "single_valued_values_other_than_1_dropped": dict(sorted(stats.single_valued_weights.items())),
+                "ids_encoded": dict(groups.ids.encoded),
+                "ids_outside_id_maps": {k: v for k, v in groups.ids.outside.items() if v},
                 "user_group_reappearances": groups.reappearances,
                 "user_rows_without_impressions": groups.unreferenced_users,
                 "skipped_examples": stats.examples,
             }
             for staged in staging.glob(f"{split}-*"):
                 staged.unlink()
-        notes = {
-            "id_maps": ID_MAP_NOTE,
-            "staging": STAGING_NOTE,
-            "train_distinct_raw_ids": distinct_train_ids,
-            "splits": split_notes,
-        }
+        assert id_maps is not None
+        notes: dict = {"id_maps": ID_MAP_NOTE, "staging": STAGING_NOTE, "splits": split_notes}
+        if given_maps is None:
+            notes["train_distinct_raw_ids"] = distinct_train_ids
+        else:
+            notes["id_maps_from"] = {"dataset": str(Path(id_maps_from).resolve()), "note": ID_MAPS_FROM_NOTE}
         return writer.commit(
             infos,
-            vocab_sizes={name: v.size for name, v in vocab.items()},
+            vocab_sizes=id_maps.vocab_sizes,
             source="tianchi-raw",
             min_count=min_count,
             source_files=converter.source_files,
             notes=notes,
+            id_maps=id_maps.write(out_dir),
         )
     finally:
         if open_split is not None:  # an error mid-split: close its part files now, not at garbage collection

@@ -5,6 +5,7 @@ Layout of a dataset directory::
     <root>/metadata.json                 written last (tmp + rename): its presence marks a complete dataset
     <root>/<split>/users-NNNNN.parquet   one row per user group (a Tianchi common-features row)
     <root>/<split>/impressions-NNNNN.parquet   one row per impression
+    <root>/id_maps.parquet               raw feature id -> index, per field (converted from raw files; id_maps.py)
 
 The two files of a part are aligned by row group: row group ``j`` of ``impressions-N`` refers only to
 users in row group ``j`` of ``users-N`` (a *block*), through the int32 column ``user``, the row of its
@@ -168,6 +169,7 @@ class DatasetMetadata:
     source_files: list[dict] = field(default_factory=list)  # {"path", "bytes", "sha256"}
     notes: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    id_maps: dict | None = None  # {"file", "sha256"} of the raw id -> index maps (id_maps.py); None: none kept
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -211,6 +213,11 @@ class DatasetMetadata:
                 raise bad("vocab_sizes", f"field '{f.name}' is missing")
             count(self.vocab_sizes[f.name], f"vocab_sizes['{f.name}']", 1)
         count(self.min_count, "min_count", 1)
+        if self.id_maps is not None:
+            if (not isinstance(self.id_maps, dict) or not isinstance(self.id_maps.get("file"), str)
+                    or not self.id_maps["file"] or not isinstance(self.id_maps.get("sha256"), str)
+                    or len(self.id_maps["sha256"]) != 64):
+                raise bad("id_maps", f"{self.id_maps!r} is not {{'file': path, 'sha256': 64 hex digits}}")
         if not isinstance(self.extra_columns, dict):
             raise bad("extra_columns", "is not an object")
         for name, alias in self.extra_columns.items():
@@ -404,6 +411,7 @@ class DatasetWriter:
         min_count: int = 1,
         source_files: Sequence[dict] = (),
         notes: dict | None = None,
+        id_maps: dict | None = None,
     ) -> DatasetMetadata:
         missing = [f.name for f in ALI_CCP_FIELDS if f.name not in vocab_sizes]
         if missing:
@@ -416,6 +424,7 @@ class DatasetWriter:
             extra_columns=self.extra_columns,
             source_files=list(source_files),
             notes=dict(notes or {}),
+            id_maps=id_maps,
         )
         write_text_atomic(self.root / METADATA_FILE, meta.to_json())
         return meta

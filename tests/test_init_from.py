@@ -1,0 +1,89 @@
+"""checkpoint.init_from: a new run starts from another run's model and optimizer state (later data in the
+same id space), not from its training position; what would not carry over is refused."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from data_helpers import write_random_dataset
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+
+from checkpoint_worker import local_state  # noqa: E402
+
+from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError  # noqa: E402
+from dist_mtl.config import ConfigError, load_config  # noqa: E402
+from dist_mtl.trainer import Trainer  # noqa: E402
+
+
+def _config(data: Path, run_dir: Path, *extra: str):
+    return load_config(None, [f'data.path="{data}"', f'run_dir="{run_dir}"', "data.batch_size=64",
+                              "data.eval_batch_size=256", "model.embedding_dim=8", "model.tower_dims=[16,8]",
+                              "train.progress_bar=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """Day 1 trained for an epoch; day 2: other impressions in the same id space; and a dataset of the
+    same sizes in another one."""
+    root = tmp_path_factory.mktemp("init_from")
+    write_random_dataset(root / "day1", splits={"train": 60, "test": 20}, seed=3, id_maps_seed=1)
+    write_random_dataset(root / "day2", splits={"train": 50, "test": 20}, seed=4, id_maps_seed=1)
+    write_random_dataset(root / "other", splits={"train": 50, "test": 20}, seed=4, id_maps_seed=2)
+    trainer = Trainer(_config(root / "day1", root / "run1"))
+    summary = trainer.train()
+    assert summary["best_step"] == summary["steps"]  # the model in hand is the one checkpointed last
+    checkpoint = CheckpointManager(root / "run1" / "checkpoints").latest()
+    return {"root": root, "trainer": trainer, "checkpoint": checkpoint}
+
+
+def _assert_same_state(a, b, where: str = "state") -> None:
+    """``local_state``'s nested dicts, lists and tensors, equal to the bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp_path):
+    first, checkpoint = first_run["trainer"], first_run["checkpoint"]
+    cfg = _config(first_run["root"] / "day2", tmp_path / "run2", f'checkpoint.init_from="{checkpoint}"')
+    second = Trainer(cfg)
+    assert second._resume() == (0, 0)  # from the first batch of epoch 0 of its own data
+    _assert_same_state(local_state(second.model, second.optimizer), local_state(first.model, first.optimizer))
+    assert second.initialized_from == {"checkpoint": str(checkpoint), "step": first.global_step,
+                                       "world_size": 1, "optimizer_state_reset": []}
+    assert second.global_step == 0 and second.samples_trained == 0 and second.resumed_from is None
+
+    summary = Trainer(cfg).train()
+    day2 = second.train_reader.num_impressions
+    assert summary["initialized_from"]["checkpoint"] == str(checkpoint) and summary["resumed_from"] is None
+    assert summary["steps"] == second.train_reader.steps_per_epoch() and summary["samples_trained"] == day2
+    # Run again: the run's own checkpoint wins over init_from.
+    again = Trainer(cfg).train()
+    assert again["resumed_from"]["step"] == summary["steps"] and again["initialized_from"] is None
+    assert again["samples_trained_this_run"] == 0
+
+
+def test_what_would_not_carry_over_is_refused(first_run, tmp_path):
+    root, checkpoint = first_run["root"], first_run["checkpoint"]
+    with pytest.raises(ConfigError, match=r"checkpoint.init_from = '.*nothing' is not a committed checkpoint"):
+        Trainer(_config(root / "day2", tmp_path / "a", f'checkpoint.init_from="{tmp_path / "nothing"}"'))
+    with pytest.raises(CheckpointMismatchError, match=r"trained on data encoded with the id maps [0-9a-f]{16}\.\.\., "
+                                                      r"but the dataset at data.path .*other\) has [0-9a-f]{16}"):
+        Trainer(_config(root / "other", tmp_path / "b", f'checkpoint.init_from="{checkpoint}"')).train()
+    shape = r"table t_205 .* of 1000 rows x 12 dims in the model is .* x 8 dims in the checkpoint"
+    with pytest.raises(CheckpointMismatchError, match=shape):
+        Trainer(_config(root / "day2", tmp_path / "c", f'checkpoint.init_from="{checkpoint}"',
+                        "model.embedding_dim=12")).train()
