@@ -551,3 +551,29 @@ def test_profile_steps_reports_each_operator_per_step():
     # Every figure is rounded to 0.001 ms: the total may fall short of its parts' sum by half that each.
     assert profile["self_cpu_ms_per_step"] >= sum(times) - 0.0005 * (len(times) + 1)
     assert "device_operators" not in profile  # the GPU's side only when asked for
+
+
+# ------------------------------------------------------------------------------------- later_day_bench
+
+
+def test_later_day_split_cuts_at_a_user_group_and_keeps_each_days_users(tmp_path):
+    import later_day_bench
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    keys = ["a", "a", "b", "b", "b", "c"]
+    (raw / "sample_skeleton_train.csv").write_text("".join(f"{i},0,0,{k},0,\n" for i, k in enumerate(keys)))
+    (raw / "common_features_train.csv").write_text("".join(f"{k},0,\n" for k in "dcba"))
+    for name in ("sample_skeleton_test.csv", "common_features_test.csv"):
+        (raw / name).write_text(f"{name}\n")
+    days = later_day_bench.split_days(raw, tmp_path / "raw_day1", tmp_path / "raw_day2")
+    # The middle (row 3) is inside b's group: the cut moves to the next group.
+    assert days == {"day1": {"impressions": 5, "user_rows": 2}, "day2": {"impressions": 1, "user_rows": 1}}
+    day1, day2 = tmp_path / "raw_day1", tmp_path / "raw_day2"
+    skeleton = (raw / "sample_skeleton_train.csv").read_text()
+    halves = [(day / "sample_skeleton_train.csv").read_text() for day in (day1, day2)]
+    assert "".join(halves) == skeleton
+    assert (day1 / "common_features_train.csv").read_text() == "b,0,\na,0,\n"  # its users, in the file's order
+    assert (day2 / "common_features_train.csv").read_text() == "c,0,\n"
+    for day in (day1, day2):
+        assert (day / "sample_skeleton_test.csv").read_text() == "sample_skeleton_test.csv\n"
