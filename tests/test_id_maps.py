@@ -24,9 +24,9 @@ from test_convert import (
     read_split,
     write_raw,
 )
+from test_trainer import small_config
 
 from dist_mtl.checkpoint import CheckpointMismatchError, read_side_file
-from dist_mtl.config import load_config
 from dist_mtl.data.convert import convert_raw
 from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
 from dist_mtl.data.schema import ALI_CCP_FIELDS, DatasetError, DatasetMetadata
@@ -178,12 +178,6 @@ def test_launcher_converts_with_given_maps_and_refuses_min_count(converted, tmp_
 # ---------------------------------------------------------------- checkpoints, exports, scoring
 
 
-def _config(data: Path, run_dir: Path, *extra: str):
-    return load_config(None, [f'data.path="{data}"', f'run_dir="{run_dir}"', "data.batch_size=64",
-                              "data.eval_batch_size=256", "model.embedding_dim=8", "model.tower_dims=[16,8]",
-                              "train.progress_bar=false", *extra])
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 1-rank run on a dataset with id maps, and a second dataset: the same impressions and sizes in
@@ -194,7 +188,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("id_maps_run")
     write_random_dataset(root / "data", splits={"train": 60, "test": 20}, seed=3, id_maps_seed=1)
     write_random_dataset(root / "other", splits={"train": 60, "test": 20}, seed=3, id_maps_seed=2)
-    cfg = _config(root / "data", root / "run")
+    cfg = small_config(root / "data", root / "run")
     try:
         Trainer(cfg).train()
     finally:
@@ -257,6 +251,6 @@ def test_a_run_does_not_resume_on_a_dataset_in_another_id_space(trained, tmp_pat
     shutil.copytree(trained["root"] / "run", run_dir)
     try:
         with pytest.raises(CheckpointMismatchError, match="trained on data encoded with the id maps"):
-            Trainer(_config(trained["root"] / "other", run_dir)).train()
+            Trainer(small_config(trained["root"] / "other", run_dir)).train()
     finally:
         shutdown_distributed()

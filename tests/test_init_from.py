@@ -9,20 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from data_helpers import write_random_dataset
+from test_trainer import small_config
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
 from checkpoint_worker import local_state  # noqa: E402
 
 from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError  # noqa: E402
-from dist_mtl.config import ConfigError, load_config  # noqa: E402
+from dist_mtl.config import ConfigError  # noqa: E402
 from dist_mtl.trainer import Trainer  # noqa: E402
-
-
-def _config(data: Path, run_dir: Path, *extra: str):
-    return load_config(None, [f'data.path="{data}"', f'run_dir="{run_dir}"', "data.batch_size=64",
-                              "data.eval_batch_size=256", "model.embedding_dim=8", "model.tower_dims=[16,8]",
-                              "train.progress_bar=false", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def first_run(tmp_path_factory):
     write_random_dataset(root / "day1", splits={"train": 60, "test": 20}, seed=3, id_maps_seed=1)
     write_random_dataset(root / "day2", splits={"train": 50, "test": 20}, seed=4, id_maps_seed=1)
     write_random_dataset(root / "other", splits={"train": 50, "test": 20}, seed=4, id_maps_seed=2)
-    trainer = Trainer(_config(root / "day1", root / "run1"))
+    trainer = Trainer(small_config(root / "day1", root / "run1"))
     summary = trainer.train()
     assert summary["best_step"] == summary["steps"]  # the model in hand is the one checkpointed last
     checkpoint = CheckpointManager(root / "run1" / "checkpoints").latest()
@@ -58,7 +53,7 @@ def _assert_same_state(a, b, where: str = "state") -> None:
 
 def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp_path):
     first, checkpoint = first_run["trainer"], first_run["checkpoint"]
-    cfg = _config(first_run["root"] / "day2", tmp_path / "run2", f'checkpoint.init_from="{checkpoint}"')
+    cfg = small_config(first_run["root"] / "day2", tmp_path / "run2", f'checkpoint.init_from="{checkpoint}"')
     second = Trainer(cfg)
     assert second._resume() == (0, 0)  # from the first batch of epoch 0 of its own data
     _assert_same_state(local_state(second.model, second.optimizer), local_state(first.model, first.optimizer))
@@ -79,11 +74,11 @@ def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp
 def test_what_would_not_carry_over_is_refused(first_run, tmp_path):
     root, checkpoint = first_run["root"], first_run["checkpoint"]
     with pytest.raises(ConfigError, match=r"checkpoint.init_from = '.*nothing' is not a committed checkpoint"):
-        Trainer(_config(root / "day2", tmp_path / "a", f'checkpoint.init_from="{tmp_path / "nothing"}"'))
+        Trainer(small_config(root / "day2", tmp_path / "a", f'checkpoint.init_from="{tmp_path / "nothing"}"'))
     with pytest.raises(CheckpointMismatchError, match=r"trained on data encoded with the id maps [0-9a-f]{16}\.\.\., "
                                                       r"but the dataset at data.path .*other\) has [0-9a-f]{16}"):
-        Trainer(_config(root / "other", tmp_path / "b", f'checkpoint.init_from="{checkpoint}"')).train()
+        Trainer(small_config(root / "other", tmp_path / "b", f'checkpoint.init_from="{checkpoint}"')).train()
     shape = r"table t_205 .* of 1000 rows x 12 dims in the model is .* x 8 dims in the checkpoint"
     with pytest.raises(CheckpointMismatchError, match=shape):
-        Trainer(_config(root / "day2", tmp_path / "c", f'checkpoint.init_from="{checkpoint}"',
+        Trainer(small_config(root / "day2", tmp_path / "c", f'checkpoint.init_from="{checkpoint}"',
                         "model.embedding_dim=12")).train()
