@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(REPO / "launch"))
     from main_job import DEFAULT_DATA  # the main job's shape and label rates
 
+    from dist_mtl.checkpoint import CheckpointManager
     from dist_mtl.data.synthetic import oracle_auc, write_raw
 
     work = Path(args.work_dir)
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
                f'run_dir="{run_dir}"', "train.progress_bar=false", *overrides]
         shutil.rmtree(run_dir, ignore_errors=True)
         run = run_logged(cmd, work / "logs" / f"train_{name}.log", f"training {name}", cwd=REPO)
-        summary = read_json_record(run_dir / "summary.json", ["metrics", "samples_trained"], "summary", name)
+        summary = read_json_record(run_dir / "summary.json", ["metrics", "samples_trained", "train_samples_per_s"],
+                                   "summary", name)
         result = {
             "data": data, "overrides": list(overrides),
             "auc": {t: summary["metrics"][f"{t}/auc"] for t in TASKS},
@@ -136,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     runs = {"day1": train("day1", "day1")}
-    day1_checkpoints = sorted((work / "runs" / "day1" / "checkpoints").glob("step-*"))
-    runs["day2_from_day1"] = train("day2_from_day1", "day2", f'checkpoint.init_from="{day1_checkpoints[-1]}"')
+    day1_checkpoint = CheckpointManager(work / "runs" / "day1" / "checkpoints").latest()
+    runs["day2_from_day1"] = train("day2_from_day1", "day2", f'checkpoint.init_from="{day1_checkpoint}"')
     runs["day2_alone"] = train("day2_alone", "day2")
     runs["both_days"] = train("both_days", "both_days")
 

@@ -13,7 +13,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from dist_mtl.tasks import RANKING_METRICS, TaskConfig, default_esmm_tasks, default_multi_tower_tasks
 
@@ -581,6 +581,36 @@ def _validate(cfg: JobConfig) -> None:
     if m.factor_rank and not any(task.type == "binary" for task in cfg.tasks):
         raise ConfigError("model.factor_rank adds its terms to the binary tasks' logits, and tasks has none "
                           f"(types: {sorted({task.type for task in cfg.tasks})})")
+
+
+# ------------------------------------------------------------------------------------ comparing configs
+
+
+# Settings that change what a model computes without changing any tensor's shape (the checkpoint's shapes
+# catch the rest: dims, towers, experts, factor rank, vocabularies). Compared by name so that settings a
+# head ignores (expert_dims for ESMM) and settings added later (filled with their defaults) never refuse a
+# valid export or warm start.
+_SHAPELESS_MODEL_KEYS = ("head", "activation", "interaction", "weight_features", "mean_pooled_fields",
+                         "factor_only_fields")
+#: Of those, the lists whose order the model does not depend on (weight_features' order is its columns').
+_FIELD_SET_KEYS = ("mean_pooled_fields", "factor_only_fields")
+
+
+def computation_mismatches(trained_with: Mapping, cfg: JobConfig) -> list[str]:
+    """The settings in which ``cfg`` would build a model that computes otherwise than the one trained
+    with the config ``trained_with`` (a ``JobConfig.to_dict()``, possibly of an older version that lacked
+    some keys: those count as their defaults), described for an error."""
+    defaults = JobConfig().to_dict()
+
+    def settings(d: Mapping) -> dict:
+        model = {**defaults["model"], **d.get("model", {})}
+        out = {f"model.{k}": sorted(model[k]) if k in _FIELD_SET_KEYS else model[k] for k in _SHAPELESS_MODEL_KEYS}
+        out["data.weight_transform"] = {**defaults["data"], **d.get("data", {})}["weight_transform"]
+        out["tasks (name, type)"] = [(t["name"], t.get("type", "binary")) for t in d.get("tasks", defaults["tasks"])]
+        return out
+
+    saved, current = settings(trained_with), settings(cfg.to_dict())
+    return [f"{k}: trained with {saved[k]!r}, the config has {current[k]!r}" for k in saved if saved[k] != current[k]]
 
 
 # ----------------------------------------------------------------------------------------------- TOML out

@@ -54,7 +54,7 @@ from dist_mtl.checkpoint import (
     read_tensor_shapes,
     run_on_rank0,
 )
-from dist_mtl.config import JobConfig, load_config
+from dist_mtl.config import JobConfig, computation_mismatches, load_config
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
 from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, DatasetError, DatasetMetadata
@@ -191,8 +191,10 @@ def export_model(
 
     Id maps: a checkpoint records the digest of the id maps its training data was encoded with; the
     export copies those maps from ``id_maps_from`` (a dataset directory; default ``cfg.data.path``) and
-    raises ExportError if that dataset has none or other ones. A checkpoint of data without id maps, or
-    ``with_id_maps=False``, exports without them; a live DMP takes them from ``id_maps_from`` only.
+    raises ExportError if that dataset has none or other ones. Without a recorded digest (data without
+    maps, an older checkpoint, a live DMP) maps are copied only from an explicit ``id_maps_from``, checked
+    against the tables' sizes. ``with_id_maps=False`` copies none, but export.json still records the
+    digest, so that scoring can refuse data of another id space.
     """
     if (checkpoint is None) == (dmp is None):
         raise ValueError("export_model needs exactly one of checkpoint= or dmp=")
@@ -200,14 +202,14 @@ def export_model(
         extra = read_side_file(checkpoint)["extra"]
         trained_with = extra.get("config")
         if trained_with is not None:  # checkpoints written before the job recorded its config have none
-            raise_on_mismatch(checkpoint, serving_config_mismatches(trained_with, cfg))
+            raise_on_mismatch(checkpoint, computation_mismatches(trained_with, cfg))
         vocab_sizes = vocab_sizes_from_shapes(read_tensor_shapes(checkpoint), MODEL_PREFIX + TRAIN_STEP_PREFIX)
-        id_maps = (_training_id_maps(cfg, extra.get("id_maps_sha256"), id_maps_from, vocab_sizes)
-                   if with_id_maps else None)
+        trained_sha256 = extra.get("id_maps_sha256")
+        id_maps = _training_id_maps(cfg, trained_sha256, id_maps_from, vocab_sizes) if with_id_maps else None
         model = build_unsharded_model(cfg, vocab_sizes)
         load_unsharded(checkpoint, model, TRAIN_STEP_PREFIX)
         source = {"checkpoint": str(Path(checkpoint).resolve())}
-        return _write_export(Path(out_dir), model, cfg, vocab_sizes, source, id_maps)
+        return _write_export(Path(out_dir), model, cfg, vocab_sizes, source, id_maps, trained_sha256)
 
     state = _gather_full_state(dmp)
 
@@ -222,7 +224,7 @@ def export_model(
         id_maps = (_training_id_maps(cfg, None, id_maps_from, vocab_sizes)
                    if with_id_maps and id_maps_from is not None else None)
         return _write_export(Path(out_dir), model, cfg, vocab_sizes, {"live_model_world_size": _world_size()},
-                             id_maps)
+                             id_maps, None)
 
     return run_on_rank0(write, f"export to {out_dir}")
 
@@ -234,8 +236,8 @@ def _training_id_maps(cfg: JobConfig, trained_sha256: str | None, id_maps_from: 
     if trained_sha256 is None and id_maps_from is None:
         return None
     source = Path(id_maps_from if id_maps_from is not None else cfg.data.path)
-    hint = ("pass the training dataset, or one converted with its id maps, as --id-maps-from, or export "
-            "--without-id-maps")
+    hint = ("name the training dataset, or one converted with its id maps (id_maps_from, --id-maps-from), or "
+            "export without them (with_id_maps=False, --without-id-maps)")
     trained = (f"the model was trained on data encoded with the id maps {trained_sha256[:16]}..."
                if trained_sha256 else "")
     try:
@@ -250,33 +252,6 @@ def _training_id_maps(cfg: JobConfig, trained_sha256: str | None, id_maps_from: 
         differ = sorted(f for f in vocab_sizes if maps.vocab_sizes.get(f) != vocab_sizes[f])
         raise ExportError(f"the id maps of {source} do not fit the model's tables: fields {differ} differ in size")
     return maps
-
-
-# Settings that change what a model computes without changing any tensor's shape (the checkpoint's shapes
-# catch the rest: dims, towers, experts, factor rank, vocabularies). Compared by name so that settings a
-# head ignores (expert_dims for ESMM) and settings added later (filled with their defaults) never refuse a
-# valid export.
-_SHAPELESS_MODEL_KEYS = ("head", "activation", "interaction", "weight_features", "mean_pooled_fields",
-                         "factor_only_fields")
-#: Of those, the lists whose order the model does not depend on (weight_features' order is its columns').
-_FIELD_SET_KEYS = ("mean_pooled_fields", "factor_only_fields")
-
-
-def serving_config_mismatches(trained_with: Mapping, cfg: JobConfig) -> list[str]:
-    """The settings in which ``cfg`` would build a model that computes otherwise than the one trained
-    with the config ``trained_with`` (a ``JobConfig.to_dict()``, possibly of an older version that lacked
-    some keys: those count as their defaults), described for an error."""
-    defaults = JobConfig().to_dict()
-
-    def settings(d: Mapping) -> dict:
-        model = {**defaults["model"], **d.get("model", {})}
-        out = {f"model.{k}": sorted(model[k]) if k in _FIELD_SET_KEYS else model[k] for k in _SHAPELESS_MODEL_KEYS}
-        out["data.weight_transform"] = {**defaults["data"], **d.get("data", {})}["weight_transform"]
-        out["tasks (name, type)"] = [(t["name"], t.get("type", "binary")) for t in d.get("tasks", defaults["tasks"])]
-        return out
-
-    saved, current = settings(trained_with), settings(cfg.to_dict())
-    return [f"{k}: trained with {saved[k]!r}, the config has {current[k]!r}" for k in saved if saved[k] != current[k]]
 
 
 def _world_size() -> int:
@@ -299,12 +274,14 @@ def _gather_full_state(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def _write_export(out_dir: Path, model: MultiTaskModel, cfg: JobConfig, vocab_sizes: Mapping[str, int],
-                  source: dict, id_maps: IdMaps | None) -> Path:
+                  source: dict, id_maps: IdMaps | None, trained_sha256: str | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INFO_FILE).unlink(missing_ok=True)  # an old export here is incomplete until the new info lands
-    maps_entry = id_maps.write(out_dir) if id_maps is not None else None
-    if maps_entry is None:
+    if id_maps is not None:
+        maps_entry = id_maps.write(out_dir)
+    else:
         (out_dir / ID_MAPS_FILE).unlink(missing_ok=True)  # an older export's maps would not be this model's
+        maps_entry = {"file": None, "sha256": trained_sha256} if trained_sha256 else None
     torch.save(model.state_dict(), out_dir / STATE_FILE)
     (out_dir / CONFIG_FILE).write_text(cfg.to_toml())
     with _jit_without_deprecation_notices():
@@ -383,7 +360,7 @@ class ExportedModel(nn.Module):
         """The raw id -> index maps the tables were trained in (None: the training data had none), checked
         against export.json's digest: ``id_maps().encode("205", raw_item_ids)`` gives the model's indices."""
         entry = self.info.get("id_maps")
-        if not entry:
+        if not entry or entry["file"] is None:
             return None
         return IdMaps.read(self.path / entry["file"], entry["sha256"], self.info["vocab_sizes"],
                            self.path / INFO_FILE)

@@ -33,7 +33,7 @@ from dist_mtl.checkpoint import (
     is_committed,
     read_side_file,
 )
-from dist_mtl.config import ConfigError, JobConfig
+from dist_mtl.config import ConfigError, JobConfig, computation_mismatches
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloader
 from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata
@@ -134,7 +134,10 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         dist.barrier()
 
-        if cfg.checkpoint.init_from and not is_committed(cfg.checkpoint.init_from):
+        # Checked before anything starts, but only where it will be read: a run resuming from its own
+        # checkpoints no longer needs the one it started from (which may have been pruned since).
+        own = CheckpointManager(self.run_dir / "checkpoints", keep=None).latest() if cfg.checkpoint.resume else None
+        if cfg.checkpoint.init_from and own is None and not is_committed(cfg.checkpoint.init_from):
             raise ConfigError(f"checkpoint.init_from = {cfg.checkpoint.init_from!r} is not a committed checkpoint "
                               f"(a step-NNNNNNNN folder holding {DCP_METADATA_FILE} and {SIDE_FILE})")
         self.metadata = DatasetMetadata.load(cfg.data.path)
@@ -577,9 +580,10 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "rng": rng,
             "id_maps_sha256": self._id_maps_sha256(),
+            "initialized_from": self.initialized_from,
             "reader": self.train_reader.state_dict(),
             # What built the model: an export compares it with its own config (see
-            # export.serving_config_mismatches), since <run_dir>/config.toml is rewritten by every run.
+            # config.computation_mismatches), since <run_dir>/config.toml is rewritten by every run.
             "config": self.cfg.to_dict(),
         }
         self.checkpoints.save(self.global_step, self.model, self.optimizer, extra)
@@ -599,8 +603,9 @@ class Trainer:
             if self.cfg.checkpoint.init_from:
                 self._initialize_from(Path(self.cfg.checkpoint.init_from))
             return 0, 0
-        self._check_carries_over(latest)
+        self._check_carries_over(latest, "resume")
         extra = self.checkpoints.load(latest, self.model, self.optimizer)
+        self.initialized_from = extra.get("initialized_from")
         self.global_step, self.epoch = int(extra["step"]), int(extra["epoch"])
         self.batches_in_epoch, self.epoch_samples = int(extra["next_batch"]), int(extra["epoch_samples"])
         self.samples_trained = int(extra["samples_trained"])
@@ -631,9 +636,12 @@ class Trainer:
         self._print(f"resumed from {latest}: step {self.global_step}, epoch {epoch}, batch {next_batch}")
         return epoch, next_batch
 
-    def _check_carries_over(self, path: Path) -> None:
-        """Refuse a checkpoint whose state would not mean the same in this run."""
+    def _check_carries_over(self, path: Path, use: str) -> None:
+        """Refuse a checkpoint whose state would not mean the same in this run; ``use``: "resume" (this
+        run's own) or "init_from" (another run's, whose config may differ in more than shapes)."""
         saved = read_side_file(path)["extra"]
+        remedy = ("start in another run_dir" if use == "resume"
+                  else "start from another checkpoint, or without checkpoint.init_from")
         saved_maps, maps = saved.get("id_maps_sha256"), self._id_maps_sha256()
         if saved_maps is not None and saved_maps != maps:
             # Same vocabulary sizes can hold another id space (a reconversion on other raw files): the
@@ -641,7 +649,7 @@ class Trainer:
             raise CheckpointMismatchError(
                 f"{path} was trained on data encoded with the id maps {saved_maps[:16]}..., but the dataset "
                 f"at data.path ({self.cfg.data.path}) has {maps[:16] + '...' if maps else 'none'}: convert new "
-                f"data with launch/convert.py raw --id-maps-from <the training dataset>, or start in another run_dir"
+                f"data with launch/convert.py raw --id-maps-from <the training dataset>, or {remedy}"
             )
         # The dense optimizer's state is restored as saved; another optimizer's would fail at its first
         # step (Adagrad looking for Adam's moments). Tables' state under another optimizer.sparse restarts
@@ -650,13 +658,20 @@ class Trainer:
         if saved_dense is not None and saved_dense != self.cfg.optimizer.dense:
             raise CheckpointMismatchError(
                 f"{path} was trained with optimizer.dense = {saved_dense!r}, this run asks for "
-                f"{self.cfg.optimizer.dense!r}: its state cannot carry over; continue with {saved_dense!r} or "
-                f"start in another run_dir"
+                f"{self.cfg.optimizer.dense!r}: its state cannot carry over; set optimizer.dense = "
+                f"{saved_dense!r}, or {remedy}"
             )
+        if use == "init_from" and saved.get("config") is not None:
+            # Settings that change what the weights compute without changing a shape (an activation,
+            # mean pooling, the weight transform): the checkpoint's shapes alone would load silently.
+            differ = computation_mismatches(saved["config"], self.cfg)
+            if differ:
+                raise CheckpointMismatchError(f"{path} computes otherwise under this run's config: "
+                                              + "; ".join(differ) + f"; {remedy}")
 
     def _initialize_from(self, path: Path) -> None:
         """checkpoint.init_from: another run's model and optimizer state, none of its training position."""
-        self._check_carries_over(path)
+        self._check_carries_over(path, "init_from")
         extra = self.checkpoints.load(path, self.model, self.optimizer)
         report = self.checkpoints.last_load
         self.initialized_from = {"checkpoint": str(path), "step": report.step,

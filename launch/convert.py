@@ -17,10 +17,10 @@ from typing import TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_mtl.data.convert import ConvertProgress, convert_raw  # noqa: E402
+from dist_mtl.data.convert import ConvertError, ConvertProgress, convert_raw  # noqa: E402
 from dist_mtl.data.raw import RawFormatError  # noqa: E402
 from dist_mtl.data.rechub import import_rechub_csv  # noqa: E402
-from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
+from dist_mtl.data.schema import DatasetError, DatasetMetadata  # noqa: E402
 
 
 def _positive_int(text: str) -> int:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
                 args.raw_dir,
                 args.out,
                 splits=splits,
-                min_count=args.min_count or 1,
+                min_count=args.min_count,
                 skip_bad_rows=args.skip_bad_rows,
                 block_impressions=args.block_impressions,
                 work_dir=args.work_dir,
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
         else:
             paths = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}
             meta = import_rechub_csv(paths, args.out, skip_bad_rows=args.skip_bad_rows)
-    except (RawFormatError, ValueError) as e:  # ValueError (DatasetError among them): unusable --id-maps-from
+    except (RawFormatError, ConvertError, DatasetError) as e:  # DatasetError: an unusable --id-maps-from
         parser.exit(2, f"error: {e}\n")
     print(summary(meta, args.out, time.monotonic() - started), flush=True)
     return meta

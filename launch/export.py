@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
 
     from dist_mtl.checkpoint import CheckpointManager
-    from dist_mtl.export import INPUT_ERRORS, export_model
+    from dist_mtl.export import INPUT_ERRORS, export_model, read_export_info
 
     if args.run_dir is not None:
         run_dir = args.run_dir
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> Path:
                            with_id_maps=not args.without_id_maps)
     except INPUT_ERRORS as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
-    maps = "with its id maps" if (out / "id_maps.parquet").is_file() else "without id maps"
+    carried = (read_export_info(out).get("id_maps") or {}).get("file")
+    maps = "with its id maps" if carried else "without id maps"
     print(f"exported {checkpoint} ({cfg.model.head}) to {out}, {maps}", flush=True)
     return out
 

@@ -21,7 +21,7 @@ from model_helpers import VOCAB_SIZES  # noqa: E402
 import export as export_cli  # noqa: E402  (launch/export.py)
 import predict as predict_cli  # noqa: E402  (launch/predict.py)
 from dist_mtl.checkpoint import CheckpointMismatchError  # noqa: E402
-from dist_mtl.config import load_config  # noqa: E402
+from dist_mtl.config import computation_mismatches, load_config  # noqa: E402
 from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
 from dist_mtl.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from dist_mtl.export import (  # noqa: E402
@@ -31,7 +31,6 @@ from dist_mtl.export import (  # noqa: E402
     export_model,
     load_exported,
     load_exported_eager,
-    serving_config_mismatches,
 )
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
@@ -252,9 +251,9 @@ def test_a_recorded_config_of_an_older_version_compares_its_missing_keys_as_defa
     current = load_config(None, ['model.activation="tanh"'])
     older = current.to_dict()
     del older["model"]["factor_only_fields"], older["data"]["weight_transform"], older["tasks"][0]["type"]
-    assert serving_config_mismatches(older, current) == []
+    assert computation_mismatches(older, current) == []
     older["model"]["activation"] = "relu"
-    assert serving_config_mismatches(older, current) == ["model.activation: trained with 'relu', the config has 'tanh'"]
+    assert computation_mismatches(older, current) == ["model.activation: trained with 'relu', the config has 'tanh'"]
 
 
 def test_field_sets_compare_as_sets_and_weight_features_in_order():
@@ -262,7 +261,7 @@ def test_field_sets_compare_as_sets_and_weight_features_in_order():
                                  'model.mean_pooled_fields=["109_14", "110_14"]', 'model.weight_features=["sum", "last"]'])
     reordered = load_config(None, ["model.factor_rank=4", 'model.factor_only_fields=["110_14", "109_14"]',
                                    'model.mean_pooled_fields=["110_14", "109_14"]', 'model.weight_features=["sum", "last"]'])
-    assert serving_config_mismatches(trained.to_dict(), reordered) == []
+    assert computation_mismatches(trained.to_dict(), reordered) == []
     reordered.model.weight_features = ["last", "sum"]  # the columns' order: another model
-    assert serving_config_mismatches(trained.to_dict(), reordered) == [
+    assert computation_mismatches(trained.to_dict(), reordered) == [
         "model.weight_features: trained with ['sum', 'last'], the config has ['last', 'sum']"]

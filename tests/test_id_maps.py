@@ -121,6 +121,8 @@ def _damage(root: Path, how: str) -> None:
         fields[-1], ids[-1] = fields[k], ids[k]
     elif how == "length":
         ids[k] = ids[k][:-1]
+    elif how == "null id":
+        ids[k] = [ids[k][0], None]
     if how == "not parquet":
         path.write_text("field,raw_ids\n")
     elif how == "no file":
@@ -135,6 +137,7 @@ def _damage(root: Path, how: str) -> None:
     ("missing field", r"fields \['301'\] are missing"),
     ("twice", r"row 22, field '205': the field is listed twice"),
     ("length", r"row 13, field '205': 1 raw ids, but .*metadata.json gives the field 3 embedding rows"),
+    ("null id", r"row 13, field '205': raw_ids holds nulls"),
     ("not parquet", r"id_maps.parquet: not a Parquet file of id maps"),
     ("no file", r"id_maps.parquet: no such file; .*metadata.json names it as the id maps"),
 ])
@@ -145,6 +148,17 @@ def test_damaged_id_maps_are_refused_naming_file_and_field(converted, tmp_path, 
         IdMaps.load(root)
     with pytest.raises(DatasetError, match=message):  # before a row is converted
         convert_raw(converted["raw"], tmp_path / "o", splits=["test"], id_maps_from=root)
+
+
+def test_maps_written_by_another_parquet_writer_are_read(converted):
+    """Another list item name, non-null items and large types, as Spark or polars may write them."""
+    root = converted["root"]
+    table = pq.read_table(root / ID_MAPS_FILE)
+    item = pa.field("element", pa.int64(), nullable=False)
+    other = pa.table({"field": table.column("field").cast(pa.large_string()),
+                      "raw_ids": table.column("raw_ids").cast(pa.large_list(item))})
+    pq.write_table(other, root / ID_MAPS_FILE)
+    assert IdMaps.load(root).digest == converted["meta"].id_maps["sha256"]
 
 
 def test_a_malformed_metadata_entry_is_refused(converted):
@@ -216,6 +230,8 @@ def test_checkpoints_record_the_id_maps_and_exports_carry_them(trained, tmp_path
 
     bare = export_cli.main(["--checkpoint", str(trained["checkpoint"]), "--out", str(out), "--without-id-maps"])
     assert load_exported(bare).id_maps() is None and not (bare / ID_MAPS_FILE).exists()
+    # The digest stays in export.json: scoring still tells another id space apart (next test).
+    assert load_exported(bare).info["id_maps"] == {"file": None, "sha256": maps.digest}
 
 
 def test_an_export_refuses_a_dataset_in_another_id_space(trained, tmp_path, capsys):
@@ -234,13 +250,16 @@ def test_an_export_refuses_a_dataset_in_another_id_space(trained, tmp_path, caps
     err = capsys.readouterr().err
     assert "trained on data encoded with the id maps" in err and "--id-maps-from" in err and "Traceback" not in err
 
-    out = export_model(tmp_path / "export", trained["cfg"], checkpoint=trained["checkpoint"])
-    predict_cli.main(["--model", str(out), "--data", str(root / "data"), "--out", str(tmp_path / "ok.parquet")])
-    with pytest.raises(SystemExit):
-        predict_cli.main(["--model", str(out), "--data", str(root / "other"), "--out", str(tmp_path / "p.parquet")])
-    err = capsys.readouterr().err
-    assert f"was encoded with the id maps {other.digest[:16]}" in err and "--id-maps-from" in err
-    assert not (tmp_path / "p.parquet").exists()
+    for with_id_maps in (True, False):
+        out = export_model(tmp_path / f"export_{with_id_maps}", trained["cfg"], checkpoint=trained["checkpoint"],
+                           with_id_maps=with_id_maps)
+        predict_cli.main(["--model", str(out), "--data", str(root / "data"), "--out", str(tmp_path / "ok.parquet")])
+        with pytest.raises(SystemExit):
+            predict_cli.main(["--model", str(out), "--data", str(root / "other"), "--out",
+                              str(tmp_path / "p.parquet")])
+        err = capsys.readouterr().err
+        assert f"was encoded with the id maps {other.digest[:16]}" in err and "--id-maps-from" in err
+        assert not (tmp_path / "p.parquet").exists()
 
 
 def test_a_run_does_not_resume_on_a_dataset_in_another_id_space(trained, tmp_path):

@@ -3,6 +3,7 @@ same id space), not from its training position; what would not carry over is ref
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def _assert_same_state(a, b, where: str = "state") -> None:
 
 
 def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp_path):
-    first, checkpoint = first_run["trainer"], first_run["checkpoint"]
+    first = first_run["trainer"]
+    checkpoint = tmp_path / "source" / first_run["checkpoint"].name  # a copy: pruned below
+    shutil.copytree(first_run["checkpoint"], checkpoint)
     cfg = small_config(first_run["root"] / "day2", tmp_path / "run2", f'checkpoint.init_from="{checkpoint}"')
     second = Trainer(cfg)
     assert second._resume() == (0, 0)  # from the first batch of epoch 0 of its own data
@@ -65,10 +68,12 @@ def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp
     day2 = second.train_reader.num_impressions
     assert summary["initialized_from"]["checkpoint"] == str(checkpoint) and summary["resumed_from"] is None
     assert summary["steps"] == second.train_reader.steps_per_epoch() and summary["samples_trained"] == day2
-    # Run again: the run's own checkpoint wins over init_from.
+    # Run again (the first run's checkpoint pruned meanwhile): the run's own checkpoint wins over
+    # init_from, and its record of where it started travels with it.
+    shutil.rmtree(checkpoint)
     again = Trainer(cfg).train()
-    assert again["resumed_from"]["step"] == summary["steps"] and again["initialized_from"] is None
-    assert again["samples_trained_this_run"] == 0
+    assert again["resumed_from"]["step"] == summary["steps"] and again["samples_trained_this_run"] == 0
+    assert again["initialized_from"] == summary["initialized_from"]
 
 
 def test_what_would_not_carry_over_is_refused(first_run, tmp_path):
@@ -78,6 +83,15 @@ def test_what_would_not_carry_over_is_refused(first_run, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"trained on data encoded with the id maps [0-9a-f]{16}\.\.\., "
                                                       r"but the dataset at data.path .*other\) has [0-9a-f]{16}"):
         Trainer(small_config(root / "other", tmp_path / "b", f'checkpoint.init_from="{checkpoint}"')).train()
+    with pytest.raises(CheckpointMismatchError, match=r"trained with optimizer.dense = 'adam', this run asks for "
+                                                      r"'sgd'.*start from another checkpoint, or without"):
+        Trainer(small_config(root / "day2", tmp_path / "d", f'checkpoint.init_from="{checkpoint}"',
+                             'optimizer.dense="sgd"')).train()
+    # Same shapes, other computation: refused by name, where a resume of the run's own checkpoint never meets it.
+    with pytest.raises(CheckpointMismatchError, match=r"computes otherwise under this run's config: model.activation: "
+                                                      r"trained with 'relu', the config has 'tanh'"):
+        Trainer(small_config(root / "day2", tmp_path / "e", f'checkpoint.init_from="{checkpoint}"',
+                             'model.activation="tanh"')).train()
     shape = r"table t_205 .* of 1000 rows x 12 dims in the model is .* x 8 dims in the checkpoint"
     with pytest.raises(CheckpointMismatchError, match=shape):
         Trainer(small_config(root / "day2", tmp_path / "c", f'checkpoint.init_from="{checkpoint}"',

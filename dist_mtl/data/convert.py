@@ -74,7 +74,13 @@ from dist_mtl.data.schema import (
     SplitWriter,
 )
 
-__all__ = ["ConvertProgress", "IdCounter", "IdTally", "KeyIndex", "RawFormatError", "build_id_maps", "convert_raw"]
+__all__ = ["ConvertError", "ConvertProgress", "IdCounter", "IdTally", "KeyIndex", "RawFormatError", "build_id_maps",
+           "convert_raw"]
+
+class ConvertError(ValueError):
+    """convert_raw's arguments cannot work (an id maps source that is the output, a min_count that
+    contradicts the given maps, no train split to build maps on, ...)."""
+
 
 TRAIN_SPLIT = "train"
 CLICK0_BUY1 = "click0_buy1"
@@ -657,7 +663,7 @@ def convert_raw(
     out_dir: str | os.PathLike,
     *,
     splits: Sequence[str] = ("train", "test"),
-    min_count: int = 1,
+    min_count: int | None = None,
     skip_bad_rows: bool = False,
     block_impressions: int = 65536,
     work_dir: str | os.PathLike | None = None,
@@ -667,38 +673,40 @@ def convert_raw(
 ) -> DatasetMetadata:
     """Convert ``<raw_dir>/{sample_skeleton,common_features}_<split>.csv`` into a dataset at ``out_dir``.
 
-    ``splits`` must include "train" (the id maps are built on it); it is converted first. With
-    ``id_maps_from`` (an existing dataset's directory) the maps are that dataset's instead, and its
-    ``min_count`` with them: any splits, in the given order, encoded in the id space of the tables a
+    ``splits`` must include "train" (the id maps are built on it, of the raw ids seen at least
+    ``min_count`` times there; default 1); it is converted first. With ``id_maps_from`` (an existing
+    dataset's directory) the maps are that dataset's instead, and its min_count with them (a different
+    ``min_count`` is refused): any splits, in the given order, encoded in the id space of the tables a
     model was trained on (a later day's logs, a split added after training). The maps are written to
     ``out_dir`` in both cases (id_maps.py), and each split's notes count the ids they do not hold. Bad input
     raises RawFormatError naming file, line and field, or with ``skip_bad_rows`` is skipped and counted
     per reason in each split's ``skipped`` (keys starting with "common_features." count user rows, the
     others impressions). Staged files go to a fresh directory under ``work_dir`` (default ``out_dir``)
     that is removed at the end. ``read_block_bytes`` is the size of the text blocks parsed at a time.
+    Arguments that cannot work raise ConvertError.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     splits = list(dict.fromkeys(splits))
     if not splits:
-        raise ValueError("no splits to convert")
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
+        raise ConvertError("no splits to convert")
+    if min_count is not None and min_count < 1:
+        raise ConvertError(f"min_count must be >= 1, got {min_count}")
     if block_impressions < 1 or read_block_bytes < 1:
-        raise ValueError("block_impressions and read_block_bytes must be positive")
+        raise ConvertError("block_impressions and read_block_bytes must be positive")
     given_maps: IdMaps | None = None
     if id_maps_from is not None:
         if out_dir.resolve() == Path(id_maps_from).resolve():
-            raise ValueError(f"out_dir {out_dir} is the dataset the id maps come from: write the new splits to "
+            raise ConvertError(f"out_dir {out_dir} is the dataset the id maps come from: write the new splits to "
                              f"a directory of their own (its metadata.json would lose the existing splits)")
         source_meta = DatasetMetadata.load(id_maps_from)
-        if min_count not in (1, source_meta.min_count):
-            raise ValueError(f"min_count {min_count} differs from the {source_meta.min_count} the id maps of "
+        if min_count not in (None, source_meta.min_count):
+            raise ConvertError(f"min_count {min_count} differs from the {source_meta.min_count} the id maps of "
                              f"{id_maps_from} were built with; it comes with them")
         min_count = source_meta.min_count
         given_maps = IdMaps.load(id_maps_from, source_meta)
     else:
         if TRAIN_SPLIT not in splits:
-            raise ValueError(f"splits {splits} lack '{TRAIN_SPLIT}': the id maps are built on the train split "
+            raise ConvertError(f"splits {splits} lack '{TRAIN_SPLIT}': the id maps are built on the train split "
                              f"(or take an existing dataset's with id_maps_from)")
         splits.remove(TRAIN_SPLIT)
         splits.insert(0, TRAIN_SPLIT)
@@ -723,7 +731,7 @@ def convert_raw(
             if counter is not None:
                 with closing(impressions):
                     staged_path, staged_rows = converter.staged_impressions(split, impressions)
-                id_maps = build_id_maps(counter, min_count)
+                id_maps = build_id_maps(counter, min_count or 1)
                 distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
                 impressions = converter.read_staged(split, staged_path, staged_rows)
             split_writer = open_split = writer.split(split)
@@ -765,7 +773,7 @@ def convert_raw(
             infos,
             vocab_sizes=id_maps.vocab_sizes,
             source="tianchi-raw",
-            min_count=min_count,
+            min_count=min_count or 1,
             source_files=converter.source_files,
             notes=notes,
             id_maps=id_maps.write(out_dir),

@@ -35,6 +35,17 @@ ID_MAPS_FILE = "id_maps.parquet"
 _SCHEMA = pa.schema([pa.field("field", pa.string()), pa.field("raw_ids", pa.list_(pa.int64()))])
 
 
+def _maps_schema(schema: pa.Schema) -> bool:
+    """The written schema up to what other writers vary (a list's item name and nullability, large types),
+    as the reader's own column check allows."""
+    if schema.names != _SCHEMA.names:
+        return False
+    field, raw_ids = schema.field("field").type, schema.field("raw_ids").type
+    return ((pa.types.is_string(field) or pa.types.is_large_string(field))
+            and (pa.types.is_list(raw_ids) or pa.types.is_large_list(raw_ids))
+            and raw_ids.value_type == pa.int64())
+
+
 class FieldVocabulary:
     """One field's kept raw ids -> indices 1..V (ascending raw id); every other id -> 0.
 
@@ -127,8 +138,9 @@ class IdMaps:
         meta = metadata if metadata is not None else DatasetMetadata.load(root)
         if meta.id_maps is None:
             raise DatasetError(
-                f"{root} keeps no id maps (source '{meta.source}': only datasets converted from raw Tianchi "
-                f"files by this version or later have them; reconvert it with launch/convert.py raw)"
+                f"{root} keeps no id maps (source '{meta.source}'): datasets converted from raw Tianchi files "
+                f"by this version or later have them; torch-rechub imports and the synthetic generator's direct "
+                f"Parquet never saw raw ids"
             )
         return cls.read(Path(root) / meta.id_maps["file"], meta.id_maps["sha256"], meta.vocab_sizes,
                         Path(root) / "metadata.json")
@@ -146,8 +158,9 @@ class IdMaps:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
             raise DatasetError(f"{path}: not a Parquet file of id maps ({e})") from e
-        if not table.schema.equals(_SCHEMA):
-            raise DatasetError(f"{path}: columns {table.schema} are not the id maps' {_SCHEMA}")
+        if not _maps_schema(table.schema):
+            raise DatasetError(f"{path}: columns {table.schema} are not the id maps' (field: string, "
+                               f"raw_ids: list of int64)")
         vocabularies: dict[str, FieldVocabulary] = {}
         raw_ids = table.column("raw_ids").combine_chunks()
         for row, name in enumerate(table.column("field").to_pylist()):
@@ -158,6 +171,8 @@ class IdMaps:
                 raise DatasetError(f"{where}: the field is listed twice")
             if not raw_ids[row].is_valid:
                 raise DatasetError(f"{where}: raw_ids is null")
+            if raw_ids[row].values.null_count:
+                raise DatasetError(f"{where}: raw_ids holds nulls")
             ids = raw_ids[row].values.to_numpy(zero_copy_only=False)
             unsorted = np.flatnonzero(ids[1:] <= ids[:-1])
             if len(unsorted):

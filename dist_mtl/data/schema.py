@@ -172,7 +172,10 @@ class DatasetMetadata:
     id_maps: dict | None = None  # {"file", "sha256"} of the raw id -> index maps (id_maps.py); None: none kept
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        record = asdict(self)
+        if record["id_maps"] is None:
+            del record["id_maps"]  # the file of a dataset without maps stays readable by older versions
+        return json.dumps(record, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "metadata.json") -> "DatasetMetadata":
