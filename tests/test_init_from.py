@@ -4,6 +4,7 @@ same id space), not from its training position; what would not carry over is ref
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from checkpoint_worker import local_state  # noqa: E402
 
 from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError  # noqa: E402
 from dist_mtl.config import ConfigError  # noqa: E402
+from dist_mtl.export import STATE_FILE, export_model  # noqa: E402
 from dist_mtl.trainer import Trainer  # noqa: E402
 
 
@@ -96,3 +98,22 @@ def test_what_would_not_carry_over_is_refused(first_run, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=shape):
         Trainer(small_config(root / "day2", tmp_path / "c", f'checkpoint.init_from="{checkpoint}"',
                         "model.embedding_dim=12")).train()
+
+
+def test_a_run_on_two_ranks_starts_from_a_one_rank_checkpoint_value_for_value(first_run, tmp_path):
+    root, checkpoint = first_run["root"], first_run["checkpoint"]
+    overrides = [f'data.path="{root / "day2"}"', f'run_dir="{tmp_path / "run"}"', "data.batch_size=32",
+                 "data.eval_batch_size=256", "model.embedding_dim=8", "model.tower_dims=[16,8]",
+                 "train.progress_bar=false", 'sharding.sharding_type="column_wise"',
+                 f'checkpoint.init_from="{checkpoint}"']
+    worker = Path(__file__).parent / "workers" / "init_from_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path / "loaded"), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = export_model(tmp_path / "saved", first_run["trainer"].cfg, checkpoint=checkpoint)
+    loaded = torch.load(tmp_path / "loaded" / STATE_FILE, weights_only=True)
+    expected = torch.load(saved / STATE_FILE, weights_only=True)
+    assert sorted(loaded) == sorted(expected)
+    for key in expected:
+        assert torch.equal(loaded[key], expected[key]), key
