@@ -53,11 +53,12 @@ from common import (  # noqa: E402
     library_versions,
     machine_info,
     run_logged,
+    torchrun_command,
     write_result,
 )
 from grouping_bench import ensure_dataset  # noqa: E402
 from plots import AccuracyPoint, plot_accuracy  # noqa: E402
-from sweep_bench import HEAD_OVERRIDES, MODELS, threads_per_rank, torchrun_command  # noqa: E402
+from sweep_bench import HEAD_OVERRIDES, MODELS, threads_per_rank  # noqa: E402
 from train_cpu_bench import TASKS, read_summary  # noqa: E402
 
 from dist_mtl.data.synthetic import REAL_TRAIN_IMPRESSIONS, TRUTH_COLUMNS, SyntheticConfig, oracle_auc  # noqa: E402

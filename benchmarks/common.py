@@ -97,6 +97,12 @@ def _repo_relative(path: str | os.PathLike) -> str:
         return str(p)
 
 
+def torchrun_command(script: str | os.PathLike, world_size: int, args: Sequence[str]) -> list[str]:
+    """A single-node torchrun of ``script`` on ``world_size`` processes with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+            str(script), *args]
+
+
 def write_result(path: str | os.PathLike, name: str, command: str, payload: Mapping,
                  versions: Mapping[str, str | None]) -> dict:
     """Write a result record (tmp + rename, so a reader never sees half a file) and return it.

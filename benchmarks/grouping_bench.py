@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, command_line, library_versions, run_logged, write_result  # noqa: E402
+from common import REPO, command_line, library_versions, run_logged, torchrun_command, write_result  # noqa: E402
 from dist_mtl.data.batch import GroupedBatch  # noqa: E402
 from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
 from dist_mtl.data.schema import METADATA_FILE  # noqa: E402
@@ -79,12 +79,12 @@ def train(data: Path, run_dir: Path, nproc: int, towers: list[int], grouped: boo
     # A fresh run directory: the job resumes from checkpoints it finds, which would fold an earlier
     # (interrupted) run's time and samples into this measurement.
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "synthetic_cpu.toml"),
-           f'data.path="{data}"', f'run_dir="{run_dir}"', f"data.batch_size={args.batch_size}",
-           f"data.grouped={'true' if grouped else 'false'}", "model.embedding_dim=16",
-           f"model.tower_dims={towers}", f'model.head_precision="{args.head_precision}"', "train.epochs=1",
-           f"train.max_steps={args.steps}", "train.progress_bar=false", f"train.log_every_steps={max(args.steps // 4, 1)}"]
+    cmd = torchrun_command(REPO / "launch" / "train.py", nproc, [
+        "--config", str(REPO / "configs" / "synthetic_cpu.toml"), f'data.path="{data}"', f'run_dir="{run_dir}"',
+        f"data.batch_size={args.batch_size}", f"data.grouped={'true' if grouped else 'false'}",
+        "model.embedding_dim=16", f"model.tower_dims={towers}", f'model.head_precision="{args.head_precision}"',
+        "train.epochs=1", f"train.max_steps={args.steps}", "train.progress_bar=false",
+        f"train.log_every_steps={max(args.steps // 4, 1)}"])
     measured = run_logged(cmd, run_dir / "log.txt", f"training {run_dir.name}", cwd=REPO)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"samples_per_s": summary["train_samples_per_s"], "steps": summary["steps"],

@@ -34,13 +34,13 @@ from common import (  # noqa: E402
     BenchmarkError,
     command_line,
     library_versions,
-    read_json_record,
     run_logged,
+    torchrun_command,
     write_result,
 )
+from train_cpu_bench import TASKS, read_summary  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "later_day.json"
-TASKS = ("ctr", "cvr", "ctcvr")
 
 
 def _key(line: bytes) -> bytes:
@@ -118,13 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train(name: str, data: str, *overrides: str) -> dict:
         run_dir = work / "runs" / name
-        cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               str(REPO / "launch" / "train.py"), "--config", args.config, f'data.path="{work / data}"',
-               f'run_dir="{run_dir}"', "train.progress_bar=false", *overrides]
+        cmd = torchrun_command(REPO / "launch" / "train.py", args.nproc, [
+            "--config", args.config, f'data.path="{work / data}"', f'run_dir="{run_dir}"', "train.progress_bar=false",
+            *overrides])
         shutil.rmtree(run_dir, ignore_errors=True)
         run = run_logged(cmd, work / "logs" / f"train_{name}.log", f"training {name}", cwd=REPO)
-        summary = read_json_record(run_dir / "summary.json", ["metrics", "samples_trained", "train_samples_per_s"],
-                                   "summary", name)
+        summary = read_summary(run_dir / "summary.json")
         result = {
             "data": data, "overrides": list(overrides),
             "auc": {t: summary["metrics"][f"{t}/auc"] for t in TASKS},

@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     machine_info,
     read_json_record,
     run_logged,
+    torchrun_command,
     write_result,
 )
 from grouping_bench import TOWERS, ensure_dataset  # noqa: E402
@@ -116,11 +117,6 @@ def sweep_runs(models: Sequence[str], settings: SweepSettings, readers: Sequence
 def threads_per_rank(usable_cores: int, world_size: int) -> int:
     """Every core busy and none shared: each rank gets its share (torchrun alone would give 1 thread)."""
     return max(1, usable_cores // world_size)
-
-
-def torchrun_command(script: Path, world_size: int, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-            str(script), *args]
 
 
 def job_overrides(model: str, data: Path, run_dir: Path, batch_size: int, towers: Sequence[int],

@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     machine_info,
     read_json_record,
     run_logged,
+    torchrun_command,
     write_result,
 )
 
@@ -192,8 +193,7 @@ def dist_mtl_command(model: str, config: Path, data_dir: Path, run_dir: Path, ba
         "train.epochs=1", "train.early_stop_patience=1000000", "train.progress_bar=false",
         "sharding.device=cpu", *MODEL_OVERRIDES[model],
     ]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(REPO / "launch" / "train.py"), "--config", str(config), *overrides]
+    return torchrun_command(REPO / "launch" / "train.py", nproc, ["--config", str(config), *overrides])
 
 
 SUMMARY_KEYS = ("train_samples_per_s", "samples_trained", "train_seconds", "wall_seconds", "world_size", "metrics")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,10 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"sharding plan:\n{plan}")
     print("tables and table optimizer state per rank (float32): "
           + ", ".join(f"{r}: {b / 2**20:,.1f} MiB" for r, b in enumerate(per_rank)))
-    types: dict[str, int] = {}
-    for module_plan in plan.plan.values():
-        for sharding in module_plan.values():
-            types[sharding.sharding_type] = types.get(sharding.sharding_type, 0) + 1
+    types = dict(Counter(sharding.sharding_type for module_plan in plan.plan.values()
+                         for sharding in module_plan.values()))
     print("tables per sharding type: " + ", ".join(f"{k} {v}" for k, v in sorted(types.items())))
     return {"plan": plan, "bytes_per_rank": per_rank, "sharding_types": types}
 

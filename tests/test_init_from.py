@@ -16,6 +16,7 @@ from test_trainer import small_config
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
 from checkpoint_worker import local_state  # noqa: E402
+from test_checkpoint import assemble, assert_equal_tensors  # noqa: E402
 
 from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError  # noqa: E402
 from dist_mtl.config import ConfigError  # noqa: E402
@@ -38,20 +39,10 @@ def first_run(tmp_path_factory):
     return {"root": root, "trainer": trainer, "checkpoint": checkpoint}
 
 
-def _assert_same_state(a, b, where: str = "state") -> None:
-    """``local_state``'s nested dicts, lists and tensors, equal to the bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a) == sorted(b), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+def _full_state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """Every table, dense parameter and optimizer state of a 1-rank trainer, as whole tensors."""
+    dump = {"state": local_state(trainer.model, trainer.optimizer)}
+    return {section: assemble([dump], section) for section in dump["state"]}
 
 
 def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp_path):
@@ -61,7 +52,10 @@ def test_a_run_starts_from_another_runs_model_and_optimizer_state(first_run, tmp
     cfg = small_config(first_run["root"] / "day2", tmp_path / "run2", f'checkpoint.init_from="{checkpoint}"')
     second = Trainer(cfg)
     assert second._resume() == (0, 0)  # from the first batch of epoch 0 of its own data
-    _assert_same_state(local_state(second.model, second.optimizer), local_state(first.model, first.optimizer))
+    loaded, trained = _full_state(second), _full_state(first)
+    assert sorted(loaded) == sorted(trained)
+    for section in trained:
+        assert_equal_tensors(loaded[section], trained[section], section)
     assert second.initialized_from == {"checkpoint": str(checkpoint), "step": first.global_step,
                                        "world_size": 1, "optimizer_state_reset": []}
     assert second.global_step == 0 and second.samples_trained == 0 and second.resumed_from is None
@@ -114,6 +108,4 @@ def test_a_run_on_two_ranks_starts_from_a_one_rank_checkpoint_value_for_value(fi
     saved = export_model(tmp_path / "saved", first_run["trainer"].cfg, checkpoint=checkpoint)
     loaded = torch.load(tmp_path / "loaded" / STATE_FILE, weights_only=True)
     expected = torch.load(saved / STATE_FILE, weights_only=True)
-    assert sorted(loaded) == sorted(expected)
-    for key in expected:
-        assert torch.equal(loaded[key], expected[key]), key
+    assert_equal_tensors(loaded, expected, "model")
