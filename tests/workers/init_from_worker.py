@@ -13,6 +13,7 @@ from dist_mtl.config import load_config  # noqa: E402
 from dist_mtl.distributed import shutdown_distributed  # noqa: E402
 from dist_mtl.export import export_model  # noqa: E402
 from dist_mtl.trainer import Trainer  # noqa: E402
+from launch.train import run_as_script  # noqa: E402
 
 
 def main() -> None:
@@ -26,4 +27,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Leaves like launch/train.py, past the gloo teardown abort its exit_without_teardown describes.
+    run_as_script(main)
