@@ -58,8 +58,10 @@ from dist_mtl.config import JobConfig, computation_mismatches, load_config
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
 from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, DatasetError, DatasetMetadata
+from dist_mtl.metrics import TaskMetrics
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
+from dist_mtl.tasks import check_task_columns, task_columns
 
 EXPORT_FORMAT_VERSION = 1
 STATE_FILE = "model.pt"
@@ -394,12 +396,16 @@ def predict_split(
     split: str,
     out_path: str | os.PathLike,
     batch_size: int = 16384,
+    metrics: bool = True,
 ) -> dict:
-    """Score one split in storage order into a Parquet file.
+    """Score one split in storage order into a Parquet file, and (``metrics``) evaluate the scores against
+    the split's labels.
 
     Columns: ``index`` (int64, the impression's position in the split's storage order), ``sample_id``
     (int64, from the dataset) and ``p_<task>`` (float32) per task. Written to a temporary name and renamed,
-    so a file at ``out_path`` is always complete. Returns row count, seconds and impressions per second.
+    so a file at ``out_path`` is always complete. Returns row count, seconds, impressions per second and,
+    with ``metrics``, ``metrics``: every task's metrics on its rows as the trainer computes them (CTR and
+    CTCVR AUC over all impressions, CVR AUC over clicked ones for ESMM), from the export's task config.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -407,10 +413,20 @@ def predict_split(
     from dist_mtl.data.reader import ParquetGroupReader
 
     model = load_exported(model_dir)
+    # The export's config.toml holds the tasks whole (label, rows); export.json names them only.
+    tasks = load_config(Path(model_dir) / CONFIG_FILE).tasks if metrics else []
+    if metrics:
+        try:
+            check_task_columns(tasks, DatasetMetadata.load(data_root), weights=False)
+        except ValueError as e:
+            raise ExportError(f"dataset {data_root} cannot evaluate the exported model {model_dir}: {e}; "
+                              f"--no-metrics scores it without evaluating") from None
     reader = ParquetGroupReader(
         data_root, split, batch_size, rank=0, world_size=1, shuffle=False,
-        extra_columns=[SAMPLE_ID_COLUMN], weight_transform=model.info["weight_transform"],
+        extra_columns=[SAMPLE_ID_COLUMN, *task_columns(tasks, weights=False)],
+        weight_transform=model.info["weight_transform"],
     )
+    evaluation = TaskMetrics(tasks) if metrics else None
     expected = model.info["vocab_sizes"]
     different = {f: (reader.metadata.vocab_sizes.get(f), expected[f]) for f in expected
                  if reader.metadata.vocab_sizes.get(f) != expected[f]}
@@ -444,11 +460,15 @@ def predict_split(
                           pa.array(batch.labels[SAMPLE_ID_COLUMN].numpy())]
                 arrays += [pa.array(predictions[t].float().numpy()) for t in model.task_names]
                 writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                if evaluation is not None:
+                    evaluation.update(predictions, batch.labels, source=batch.source)
                 rows += n
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    summary = {"path": str(out_path), "rows": rows, "columns": ["index", SAMPLE_ID_COLUMN] + columns}
+    if evaluation is not None:
+        summary["metrics"] = evaluation.compute()
     seconds = time.perf_counter() - start
-    return {"path": str(out_path), "rows": rows, "columns": ["index", SAMPLE_ID_COLUMN] + columns,
-            "seconds": seconds, "impressions_per_s": rows / max(seconds, 1e-9)}
+    return {**summary, "seconds": seconds, "impressions_per_s": rows / max(seconds, 1e-9)}

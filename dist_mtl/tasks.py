@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
-from dist_mtl.data.schema import SplitInfo
+from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata, SplitInfo
 
 TASK_TYPES = ("binary", "regression")
 #: The metrics that can rank models of a task type (early stopping, the best model), each with whether a
@@ -45,7 +46,7 @@ class TaskConfig:
         if not (self.loss_weight >= 0.0):
             raise ValueError(f"task '{self.name}': loss_weight must be >= 0, got {self.loss_weight}")
         if available_columns is not None:
-            for what, col in (("label", self.label), ("weight_column", self.weight_column),
+            for what, col in (("label", self.label), ("weight", self.weight_column),
                               ("rows", "" if self.rows == "all" else self.rows)):
                 if col and col not in available_columns:
                     raise ValueError(
@@ -73,6 +74,24 @@ def default_multi_tower_tasks() -> list[TaskConfig]:
         TaskConfig(name="ctr", label="click"),
         TaskConfig(name="ctcvr", label="buy"),
     ]
+
+
+def task_columns(tasks: Sequence[TaskConfig], weights: bool = True) -> list[str]:
+    """Dataset columns the tasks read beyond click and buy (``weights=False``: without the per-sample weight
+    columns, which only the losses read)."""
+    cols = []
+    for t in tasks:
+        for c in (t.label, t.weight_column if weights else "", "" if t.rows == "all" else t.rows):
+            if c and c not in LABEL_COLUMNS and c not in cols:
+                cols.append(c)
+    return cols
+
+
+def check_task_columns(tasks: Sequence[TaskConfig], metadata: DatasetMetadata, weights: bool = True) -> None:
+    """Raise ValueError naming the task and column when a dataset lacks a column the tasks read."""
+    available = set(LABEL_COLUMNS) | set(metadata.extra_columns)
+    for t in tasks:
+        (t if weights else replace(t, weight_column="")).validate(available)
 
 
 def label_rate(task: TaskConfig, split: SplitInfo) -> float | None:

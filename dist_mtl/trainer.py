@@ -36,7 +36,7 @@ from dist_mtl.checkpoint import (
 from dist_mtl.config import ConfigError, JobConfig, computation_mismatches
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloader
-from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata
+from dist_mtl.data.schema import DatasetMetadata
 from dist_mtl.distributed import (
     DistContext,
     dense_optimizer,
@@ -48,7 +48,7 @@ from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.tasks import RANKING_METRICS, label_rate
+from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
 
 
 class TrainingError(RuntimeError):
@@ -85,16 +85,6 @@ def build_train_step(cfg: JobConfig, metadata: DatasetMetadata) -> TrainStep:
         train_split = metadata.split(cfg.data.train_split)  # the trainer checked the split exists
         model.init_output_bias({t.name: label_rate(t, train_split) for t in cfg.tasks})
     return TrainStep(model, MultiTaskLoss(cfg.tasks), expand_users=not cfg.data.grouped)
-
-
-def task_columns(cfg: JobConfig) -> list[str]:
-    """Dataset columns the tasks read beyond click and buy."""
-    cols = []
-    for t in cfg.tasks:
-        for c in (t.label, t.weight_column, "" if t.rows == "all" else t.rows):
-            if c and c not in LABEL_COLUMNS and c not in cols:
-                cols.append(c)
-    return cols
 
 
 def check_run_dir(path: Path) -> None:
@@ -147,9 +137,7 @@ class Trainer:
             if split and split not in self.metadata.splits:
                 raise ConfigError(f"data.{key} = {split!r}: {cfg.data.path} has no such split (it has "
                                   f"{sorted(self.metadata.splits)})")
-        available = set(LABEL_COLUMNS) | set(self.metadata.extra_columns)
-        for t in cfg.tasks:
-            t.validate(available)
+        check_task_columns(cfg.tasks, self.metadata)
 
         torch.manual_seed(cfg.train.seed)
         step = build_train_step(cfg, self.metadata)
@@ -211,7 +199,7 @@ class Trainer:
             shuffle=shuffle,
             seed=self.cfg.train.seed,
             window_blocks=self.cfg.data.window_blocks,
-            extra_columns=task_columns(self.cfg),
+            extra_columns=task_columns(self.cfg.tasks),
             weight_transform=self.cfg.data.weight_transform,
         )
 

@@ -2,7 +2,10 @@
 ``python launch/predict.py --model exports/x --data data_out/ali_ccp --split test --out preds.parquet``.
 
 Reads the split in storage order (one process) and writes ``index`` (position in the split),
-``sample_id`` and one ``p_<task>`` column per task (ESMM: p_ctr, p_cvr, p_ctcvr).
+``sample_id`` and one ``p_<task>`` column per task (ESMM: p_ctr, p_cvr, p_ctcvr). Prints a JSON summary
+whose ``metrics`` are the scores' metrics against the split's labels, task by task on the task's rows as
+training evaluates them (ESMM: CTR and CTCVR AUC over all impressions, CVR AUC over clicked ones);
+``--no-metrics`` leaves them out (a split without the tasks' label columns).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     parser.add_argument("--batch-size", type=int, default=16384, help="impressions per scoring batch")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_false",
+                        help="score only; do not evaluate the scores against the split's labels")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -29,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dist_mtl.export import INPUT_ERRORS, predict_split
 
     try:
-        summary = predict_split(args.model, args.data, args.split, args.out, args.batch_size)
+        summary = predict_split(args.model, args.data, args.split, args.out, args.batch_size, metrics=args.metrics)
     except INPUT_ERRORS as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
     print(json.dumps(summary), flush=True)

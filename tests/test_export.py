@@ -107,6 +107,33 @@ def test_predict_writes_every_impression_in_storage_order(trained, tmp_path):
         got = torch.from_numpy(table.column(f"p_{task}").to_numpy())
         torch.testing.assert_close(got, expected[task], rtol=0, atol=1e-6)
 
+    # The summary's metrics, against an all-pairs AUC of the written scores: CVR over clicked rows only.
+    labels = {c: torch.cat([b.labels[c] for b in ParquetGroupReader(data, "test", 48, shuffle=False)]) == 1
+              for c in ("click", "buy")}
+    score = {t: torch.from_numpy(table.column(f"p_{t}").to_numpy()).double() for t in ("ctr", "cvr", "ctcvr")}
+    clicked = labels["click"]
+    expected_auc = {"ctr": pairwise_auc(score["ctr"], labels["click"]),
+                    "cvr": pairwise_auc(score["cvr"][clicked], labels["buy"][clicked]),
+                    "ctcvr": pairwise_auc(score["ctcvr"], labels["buy"])}
+    assert 0 < int(labels["buy"][clicked].sum()) < int(clicked.sum())  # CVR's AUC is defined on these rows
+    m = summary["metrics"]
+    for task, auc in expected_auc.items():
+        assert m[f"{task}/auc"] == pytest.approx(auc, abs=1e-12), task
+    assert (m["ctr/count"], m["cvr/count"], m["ctcvr/count"]) == (n, int(clicked.sum()), n)
+    assert m["cvr/positives"] == int(labels["buy"].sum())
+
+    bare = predict_cli.main(["--model", str(export_dir), "--data", str(data), "--split", "test",
+                             "--out", str(tmp_path / "q.parquet"), "--batch-size", "48", "--no-metrics"])
+    assert "metrics" not in bare and bare["rows"] == n
+    assert pq.read_table(tmp_path / "q.parquet").equals(table)
+
+
+def pairwise_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """AUC as the share of (positive, negative) pairs ranked right, ties counting half."""
+    pos, neg = scores[positive], scores[~positive]
+    right = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+    return float(right / (pos.numel() * neg.numel()))
+
 
 def cli_error(capsys, main, args: list[str]) -> str:
     """The one-line error a launch script ends with (exit status 1, no traceback)."""
@@ -245,6 +272,29 @@ def test_a_checkpoint_is_exported_only_with_the_config_that_trained_it(tmp_path,
     export_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "ok"), 'model.output_bias_init="default"',
                      'model.head_precision="bfloat16"', "model.expert_dims=[64,32]", "model.num_experts=8"])
     assert (tmp_path / "ok" / INFO_FILE).exists()
+
+
+def test_predict_evaluates_an_export_as_the_trainer_evaluated_its_model(tmp_path):
+    # MMOE with CVR as a task of its own on clicked rows: the task's rows come from the export's config.
+    from dist_mtl.trainer import Trainer
+
+    write_random_dataset(tmp_path / "data", splits={"train": 60, "test": 40}, seed=3)
+    run_dir = tmp_path / "run"
+    summary = Trainer(load_config(None, [
+        f'data.path="{tmp_path / "data"}"', f'run_dir="{run_dir}"', "data.batch_size=64", "model.embedding_dim=8",
+        'model.head="mmoe"', "model.tower_dims=[16,8]", "model.expert_dims=[16]", "model.num_experts=2",
+        "train.progress_bar=false", "train.epochs=2", 'train.early_stop_metric="cvr/auc"',
+        'tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, {name="ctcvr", label="buy"}]',
+    ])).train()
+    best = next((run_dir / "best").iterdir())
+    export_dir = export_cli.main(["--checkpoint", str(best), "--out", str(tmp_path / "export")])
+    got = predict_cli.main(["--model", str(export_dir), "--data", str(tmp_path / "data"), "--split", "test",
+                            "--out", str(tmp_path / "p.parquet"), "--batch-size", "100"])["metrics"]
+    trained = summary["metrics"]  # the best model on the test split, as the job reported it
+    assert trained["cvr/count"] == got["cvr/count"] < got["ctr/count"]
+    for task in ("ctr", "cvr", "ctcvr"):
+        for metric in ("auc", "logloss", "calibration", "count", "positives"):
+            assert got[f"{task}/{metric}"] == pytest.approx(trained[f"{task}/{metric}"], rel=1e-9), (task, metric)
 
 
 def test_a_recorded_config_of_an_older_version_compares_its_missing_keys_as_defaults():

@@ -7,6 +7,7 @@ import pytest
 from dist_mtl.config import load_config
 from dist_mtl.data.schema import DatasetMetadata
 from dist_mtl.data.synthetic import SyntheticConfig, write_parquet_direct
+from dist_mtl.tasks import TaskConfig, check_task_columns, task_columns
 from dist_mtl.trainer import Trainer
 
 
@@ -47,3 +48,16 @@ def test_task_columns_missing_from_the_dataset_are_refused_before_training(datas
                              'tasks=[{name = "ctr", label = "click"}, {name = "gmv", label = "gmv", type = "regression"}]'])
     with pytest.raises(ValueError, match="task 'gmv': label column 'gmv' is not in the dataset"):
         Trainer(cfg)
+
+
+def test_evaluating_needs_the_label_and_rows_columns_but_not_the_weight_column(dataset):
+    meta = DatasetMetadata.load(dataset)
+    weighted = TaskConfig(name="price", label="price", type="regression", weight_column="exposure")
+    with pytest.raises(ValueError, match="task 'price': weight column 'exposure' is not in the dataset"):
+        check_task_columns([weighted], meta)
+    check_task_columns([weighted], meta, weights=False)  # metrics never read a weight column
+    viewed = TaskConfig(name="ctr", label="click", rows="viewed")
+    with pytest.raises(ValueError, match="task 'ctr': rows column 'viewed' is not in the dataset"):
+        check_task_columns([viewed], meta, weights=False)
+    assert task_columns([weighted, viewed]) == ["price", "exposure", "viewed"]
+    assert task_columns([weighted, viewed], weights=False) == ["price", "viewed"]
