@@ -32,7 +32,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping
+from typing import Callable, Dict, Iterator, List, Mapping
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,7 @@ from dist_mtl.checkpoint import (
 from dist_mtl.config import JobConfig, computation_mismatches, load_config
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
-from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, DatasetError, DatasetMetadata
+from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, USER_ROW_COLUMN, DatasetError, DatasetMetadata
 from dist_mtl.metrics import TaskMetrics
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
@@ -397,6 +397,8 @@ def predict_split(
     out_path: str | os.PathLike,
     batch_size: int = 16384,
     metrics: bool = True,
+    group_auc: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Score one split in storage order into a Parquet file, and (``metrics``) evaluate the scores against
     the split's labels.
@@ -405,7 +407,10 @@ def predict_split(
     (int64, from the dataset) and ``p_<task>`` (float32) per task. Written to a temporary name and renamed,
     so a file at ``out_path`` is always complete. Returns row count, seconds, impressions per second and,
     with ``metrics``, ``metrics``: every task's metrics on its rows as the trainer computes them (CTR and
-    CTCVR AUC over all impressions, CVR AUC over clicked ones for ESMM), from the export's task config.
+    CTCVR AUC over all impressions, CVR AUC over clicked ones for ESMM), from the export's task config;
+    ``group_auc`` adds each binary task's group AUC over user rows (None: as the export's training did,
+    ``train.group_auc``). ``progress(impressions scored, impressions in the split)`` is called after each
+    batch.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -414,7 +419,10 @@ def predict_split(
 
     model = load_exported(model_dir)
     # The export's config.toml holds the tasks whole (label, rows); export.json names them only.
-    tasks = load_config(Path(model_dir) / CONFIG_FILE).tasks if metrics else []
+    trained_cfg = load_config(Path(model_dir) / CONFIG_FILE)
+    tasks = trained_cfg.tasks if metrics else []
+    group_column = USER_ROW_COLUMN if metrics and (trained_cfg.train.group_auc if group_auc is None
+                                                   else group_auc) else None
     if metrics:
         try:
             check_task_columns(tasks, DatasetMetadata.load(data_root), weights=False)
@@ -423,10 +431,10 @@ def predict_split(
                               f"--no-metrics scores it without evaluating") from None
     reader = ParquetGroupReader(
         data_root, split, batch_size, rank=0, world_size=1, shuffle=False,
-        extra_columns=[SAMPLE_ID_COLUMN, *task_columns(tasks, weights=False)],
+        extra_columns=[SAMPLE_ID_COLUMN, *task_columns(tasks, weights=False), *([group_column] if group_column else [])],
         weight_transform=model.info["weight_transform"],
     )
-    evaluation = TaskMetrics(tasks) if metrics else None
+    evaluation = TaskMetrics(tasks, group_column=group_column) if metrics else None
     expected = model.info["vocab_sizes"]
     different = {f: (reader.metadata.vocab_sizes.get(f), expected[f]) for f in expected
                  if reader.metadata.vocab_sizes.get(f) != expected[f]}
@@ -463,6 +471,8 @@ def predict_split(
                 if evaluation is not None:
                     evaluation.update(predictions, batch.labels, source=batch.source)
                 rows += n
+                if progress is not None:
+                    progress(rows, reader.num_impressions)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():

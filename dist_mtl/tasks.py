@@ -11,7 +11,7 @@ TASK_TYPES = ("binary", "regression")
 #: The metrics that can rank models of a task type (early stopping, the best model), each with whether a
 #: higher value is better; config validation and the trainer's ranking read this one table.
 RANKING_METRICS: dict[str, dict[str, bool]] = {
-    "binary": {"auc": True, "logloss": False},
+    "binary": {"auc": True, "gauc": True, "logloss": False},
     "regression": {"mse": False, "mae": False},
 }
 

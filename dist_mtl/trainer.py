@@ -36,7 +36,7 @@ from dist_mtl.checkpoint import (
 from dist_mtl.config import ConfigError, JobConfig, computation_mismatches
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloader
-from dist_mtl.data.schema import DatasetMetadata
+from dist_mtl.data.schema import USER_ROW_COLUMN, DatasetMetadata
 from dist_mtl.distributed import (
     DistContext,
     dense_optimizer,
@@ -154,10 +154,13 @@ class Trainer:
         # The evaluation readers are built here, once, and every evaluation reuses its split's: their checks
         # (the split's size against the world size and eval_batch_size, its files) then run before the
         # first epoch rather than after it.
-        self.eval_readers = {split: self._reader(split, cfg.data.eval_batch_size, shuffle=False)
+        # Only the evaluation reads user_row (the group AUC's groups); training batches stay as they were.
+        group_column = USER_ROW_COLUMN if cfg.train.group_auc else None
+        self.eval_readers = {split: self._reader(split, cfg.data.eval_batch_size, shuffle=False,
+                                                 group_column=group_column)
                              for split in dict.fromkeys((cfg.data.val_split or cfg.data.eval_split,
                                                          cfg.data.eval_split))}
-        self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device)
+        self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device, group_column=group_column)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         # Every best saved since the last checkpoint is kept until the next one commits (then only the
@@ -189,7 +192,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ data
 
-    def _reader(self, split: str, batch_size: int, shuffle: bool) -> ParquetGroupReader:
+    def _reader(self, split: str, batch_size: int, shuffle: bool, group_column: str | None = None
+                ) -> ParquetGroupReader:
         return ParquetGroupReader(
             self.cfg.data.path,
             split,
@@ -199,7 +203,7 @@ class Trainer:
             shuffle=shuffle,
             seed=self.cfg.train.seed,
             window_blocks=self.cfg.data.window_blocks,
-            extra_columns=task_columns(self.cfg.tasks),
+            extra_columns=task_columns(self.cfg.tasks) + ([group_column] if group_column else []),
             weight_transform=self.cfg.data.weight_transform,
         )
 
@@ -692,7 +696,7 @@ class Trainer:
 
     @staticmethod
     def _fmt(metrics: dict[str, float]) -> str:
-        keys = [k for k in metrics if k.endswith(("/auc", "/logloss", "/mse"))]
+        keys = [k for k in metrics if k.endswith(("/auc", "/gauc", "/logloss", "/mse"))]
         return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys)
 
 

@@ -73,7 +73,8 @@ def test_tasks_from_toml(tmp_path):
         ("optimizer.sparse_eps=0", "optimizer.sparse_eps must be > 0"),
         ("train.early_stop_metric=\"nope/auc\"", "names no task"),
         # A name the evaluation does not produce would read NaN: no best model, an early stop.
-        ("train.early_stop_metric=\"ctcvr/AUC\"", "a binary task is ranked by ['ctcvr/auc', 'ctcvr/logloss']"),
+        ("train.early_stop_metric=\"ctcvr/AUC\"", "a binary task is ranked by ['ctcvr/auc', 'ctcvr/gauc', 'ctcvr/logloss']"),
+        ("train.early_stop_metric=\"ctr/gauc\"", "train.early_stop_metric 'ctr/gauc' needs train.group_auc = true"),
         ("train.early_stop_metric=\"ctcvr/calibration\"", "a binary task is ranked by"),
         ("train.early_stop_patience=0", "train.early_stop_patience must be > 0"),
         ("model.field_dims={nosuchfield = 32}", "model.field_dims names no field: ['nosuchfield']"),

@@ -283,7 +283,7 @@ def test_predict_evaluates_an_export_as_the_trainer_evaluated_its_model(tmp_path
     summary = Trainer(load_config(None, [
         f'data.path="{tmp_path / "data"}"', f'run_dir="{run_dir}"', "data.batch_size=64", "model.embedding_dim=8",
         'model.head="mmoe"', "model.tower_dims=[16,8]", "model.expert_dims=[16]", "model.num_experts=2",
-        "train.progress_bar=false", "train.epochs=2", 'train.early_stop_metric="cvr/auc"',
+        "train.progress_bar=false", "train.epochs=2", 'train.early_stop_metric="cvr/gauc"', "train.group_auc=true",
         'tasks=[{name="ctr", label="click"}, {name="cvr", label="buy", rows="click"}, {name="ctcvr", label="buy"}]',
     ])).train()
     best = next((run_dir / "best").iterdir())
@@ -293,8 +293,13 @@ def test_predict_evaluates_an_export_as_the_trainer_evaluated_its_model(tmp_path
     trained = summary["metrics"]  # the best model on the test split, as the job reported it
     assert trained["cvr/count"] == got["cvr/count"] < got["ctr/count"]
     for task in ("ctr", "cvr", "ctcvr"):
-        for metric in ("auc", "logloss", "calibration", "count", "positives"):
+        for metric in ("auc", "gauc", "gauc_groups", "logloss", "calibration", "count", "positives"):
             assert got[f"{task}/{metric}"] == pytest.approx(trained[f"{task}/{metric}"], rel=1e-9), (task, metric)
+    assert got["ctr/gauc_groups"] > 0 and got["ctr/gauc"] != got["ctr/auc"]
+    # --no-group-auc overrides the training run's setting.
+    plain = predict_cli.main(["--model", str(export_dir), "--data", str(tmp_path / "data"), "--split", "test",
+                              "--out", str(tmp_path / "q.parquet"), "--batch-size", "100", "--no-group-auc"])
+    assert not any("gauc" in k for k in plain["metrics"]) and plain["metrics"]["cvr/auc"] == got["cvr/auc"]
 
 
 def test_a_recorded_config_of_an_older_version_compares_its_missing_keys_as_defaults():

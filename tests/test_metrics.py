@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_mtl.losses import PROBABILITY_EPS
-from dist_mtl.metrics import METRICS_JSONL, DistributedExactAUC, MetricsLogger, TaskMetrics
+from dist_mtl.metrics import METRICS_JSONL, DistributedExactAUC, DistributedGroupAUC, MetricsLogger, TaskMetrics
 from dist_mtl.tasks import TaskConfig, default_esmm_tasks
 
 # The reference AUC. CI installs scikit-learn; the GPU test machine has none, and there these tests skip
@@ -261,6 +261,99 @@ def test_exact_auc_over_two_ranks_when_one_rank_lacks_the_gathered_class(tmp_pat
     expected = roc_auc_score(positive, scores.astype(np.float64))
     for rank in range(2):
         assert json.loads((tmp_path / f"auc{rank}.json").read_text()) == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ group AUC
+
+def _expected_gauc(scores: np.ndarray, positive: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
+    """sklearn's AUC per group holding both classes, averaged weighted by the group's rows."""
+    weighted = rows = counted = 0
+    for g in np.unique(groups):
+        m = groups == g
+        if 0 < positive[m].sum() < m.sum():
+            weighted += m.sum() * roc_auc_score(positive[m], scores[m].astype(np.float64))
+            rows += m.sum()
+            counted += 1
+    return (weighted / rows if rows else math.nan), counted
+
+
+def _grouped_data(n: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    predictions, labels = _data(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    # Users of 1-30 impressions, stored one after another as the evaluation reads them.
+    sizes = rng.integers(1, 31, n)
+    labels["user_row"] = np.repeat(np.arange(n), sizes)[:n].astype(np.int64)
+    return predictions, labels
+
+
+def test_group_auc_matches_sklearn_per_group_with_ties_masks_and_groups_cut_by_batches():
+    predictions, labels = _grouped_data(900, seed=5)
+    metrics = TaskMetrics(TASKS, group_column="user_row")
+    _update_in_batches(metrics, predictions, labels, [250, 0, 333, 317])  # cuts users at 250 and 583
+    result = metrics.compute()
+    groups, clicked = labels["user_row"], labels["click"] == 1
+    for task, rows in (("ctr", np.ones_like(clicked)), ("cvr", clicked), ("ctcvr", np.ones_like(clicked))):
+        label = labels["click" if task == "ctr" else "buy"] == 1
+        gauc, counted = _expected_gauc(predictions[task][rows], label[rows], groups[rows])
+        assert result[f"{task}/gauc"] == pytest.approx(gauc, abs=1e-12), task
+        assert result[f"{task}/gauc_groups"] == counted > 5, task
+    assert "dwell/gauc" not in result  # regression tasks have no AUC
+    # Without the group column the metrics are those of before, and no gauc appears.
+    plain = TaskMetrics(TASKS)
+    _update_in_batches(plain, predictions, labels, [250, 0, 333, 317])
+    assert {k: v for k, v in result.items() if "gauc" not in k} == plain.compute()
+
+
+def test_group_auc_is_nan_without_a_group_holding_both_classes_and_needs_the_column():
+    metrics = DistributedGroupAUC(torch.device("cpu"))
+    gauc, counted = metrics.compute()
+    assert math.isnan(gauc) and counted == 0
+    metrics.update(torch.tensor([0, 0, 1, 1]), torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([True, True, False, False]))
+    gauc, counted = metrics.compute()
+    assert math.isnan(gauc) and counted == 0
+    predictions, labels = _grouped_data(20, seed=6)
+    del labels["user_row"]
+    with pytest.raises(ValueError, match="group column 'user_row' is missing from the batch labels"):
+        TaskMetrics(TASKS, group_column="user_row").update(_torch(predictions), _torch(labels))
+
+
+def _group_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        predictions, labels = _rank_slices(*_two_rank_groups(), rank)
+        metrics = TaskMetrics(TASKS, group_column="user_row")
+        _update_in_batches(metrics, predictions, labels, [128, 128, 44] if rank == 0 else [100, 70])
+        everything = metrics.compute()
+        metrics.reset()  # a second round in which rank 1 sees no batch
+        if rank == 0:
+            _update_in_batches(metrics, predictions, labels, [300])
+        rank0_only = metrics.compute()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"all": everything, "rank0": rank0_only}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_rank_groups():
+    predictions, labels = _grouped_data(sum(RANK_ROWS), seed=7)
+    # The user at the rank boundary has impressions on both ranks, and so has a user whose rows a
+    # shuffled stream put at both ends.
+    assert labels["user_row"][RANK_ROWS[0] - 1] == labels["user_row"][RANK_ROWS[0]]
+    labels["user_row"][-3:] = labels["user_row"][0]
+    return predictions, labels
+
+
+def test_group_auc_over_two_ranks_merges_users_seen_on_both(tmp_path):
+    mp.spawn(_group_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert json.dumps(results[0]) == json.dumps(results[1])
+    for key, (predictions, labels) in (("all", _two_rank_groups()), ("rank0", _rank_slices(*_two_rank_groups(), 0))):
+        clicked = labels["click"] == 1
+        for task, rows in (("ctr", np.ones_like(clicked)), ("cvr", clicked)):
+            label = labels["click" if task == "ctr" else "buy"] == 1
+            gauc, counted = _expected_gauc(predictions[task][rows], label[rows], labels["user_row"][rows])
+            assert results[0][key][f"{task}/gauc"] == pytest.approx(gauc, abs=1e-12), (key, task)
+            assert results[0][key][f"{task}/gauc_groups"] == counted, (key, task)
 
 
 # -------------------------------------------------------------------------------------------- logger

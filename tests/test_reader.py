@@ -685,3 +685,40 @@ def test_feature_loads_are_what_the_readers_batches_hold(tmp_path):
     assert loads["109_14"].ids_per_row > 5 and loads["508"].ids_per_row < 3
     # Users copied onto impressions: the user side has the batch's rows.
     assert feature_loads(tmp_path, "train", batch_size, grouped=False)["101"].rows_per_batch == batch_size
+
+
+def _stored_user_rows(root) -> dict[int, int]:
+    """sample_id -> position of its user row among the split's user rows, from the files."""
+    meta = schema.DatasetMetadata.load(root)
+    out, first = {}, 0
+    for part in meta.split("train").parts:
+        upf, ipf = pq.ParquetFile(root / part.users), pq.ParquetFile(root / part.impressions)
+        for rg in range(upf.num_row_groups):
+            table = ipf.read_row_group(rg, columns=[schema.SAMPLE_ID_COLUMN, schema.USER_COLUMN]).to_pydict()
+            for sample_id, user in zip(table[schema.SAMPLE_ID_COLUMN], table[schema.USER_COLUMN]):
+                out[sample_id] = first + user
+            first += upf.metadata.row_group(rg).num_rows
+    return out
+
+
+@pytest.mark.parametrize("shuffle,num_workers", [(False, 0), (True, 0), (True, 2)])
+def test_user_row_names_each_impressions_user_row_in_storage_order(dataset, shuffle, num_workers):
+    want = _stored_user_rows(dataset)
+    got, streams = {}, []
+    for rank in range(2):
+        reader = _reader(dataset, rank=rank, world_size=2, shuffle=shuffle, seed=4,
+                         extra_columns=("sample_id", schema.USER_ROW_COLUMN))
+        stream = []
+        for batch in make_dataloader(reader, num_workers=num_workers):
+            rows = batch.labels[schema.USER_ROW_COLUMN]
+            assert rows.dtype == torch.int64
+            # One user row per batch user: impressions of a batch share a user_row exactly when they share
+            # a user_index.
+            pairs = set(zip(batch.user_index.tolist(), rows.tolist()))
+            assert len(pairs) == batch.num_users == len({r for _, r in pairs})
+            got.update(zip(batch.labels["sample_id"].tolist(), rows.tolist()))
+            stream += rows.tolist()
+        streams.append(stream)
+    assert got == want and len(want) > 700
+    whole = streams[0] + streams[1]
+    assert (whole == sorted(whole)) == (not shuffle)  # storage order unless shuffled

@@ -91,6 +91,7 @@ class _Block:
     row_group: int
     num_users: int
     num_impressions: int
+    first_user_row: int  # the split's user rows stored before this block's
 
 
 @dataclass
@@ -335,7 +336,8 @@ class _WindowLoader:
         user_columns = [self._field(user_tables, f, "users", where, user_unit) for f in schema.USER_FIELDS]
         item_columns = [self._field(impression_tables, f, "impressions", where, item_unit)
                         for f in schema.ITEM_FIELDS]
-        labels = {name: self._label(impression_tables, name, where) for name in spec.label_columns}
+        labels = {name: self._user_rows(user_of_impression, blocks, user_starts) if name == schema.USER_ROW_COLUMN
+                  else self._label(impression_tables, name, where) for name in spec.label_columns}
 
         user_order = self._user_order(window, num_users)
         impression_order = self._impression_order(user_of_impression, counts, user_order)
@@ -349,6 +351,13 @@ class _WindowLoader:
         parts = ", ".join(f"{b.impressions_path} rg {b.row_group}" for b in blocks)
         return _Window(user_columns, item_columns, user_index, labels,
                        source=f"epoch {self._epoch} window {window} [{parts}]")
+
+    @staticmethod
+    def _user_rows(user_of_impression: np.ndarray, blocks: list[_Block], user_starts: np.ndarray) -> np.ndarray:
+        """Each impression's user row in the split's storage order (``user_of_impression`` counts the
+        window's blocks' users in window order)."""
+        shift = np.array([b.first_user_row for b in blocks], dtype=np.int64) - user_starts[:-1]
+        return user_of_impression + np.repeat(shift, [b.num_impressions for b in blocks])
 
     def _user_order(self, window: int, num_users: int) -> np.ndarray | None:
         if not self._spec.shuffle:
@@ -564,7 +573,8 @@ class ParquetGroupReader(IterableDataset):
     """Yields this rank's ``GroupedBatch``es of one split, exactly once per epoch (see module docstring).
 
     ``extra_columns`` are impression columns listed in metadata.json's ``extra_columns`` (float32 in
-    ``batch.labels``), or ``"sample_id"`` (int64, exact) for prediction output and coverage checks.
+    ``batch.labels``), ``"sample_id"`` (int64, exact) for prediction output and coverage checks, or
+    ``"user_row"`` (int64; ``schema.USER_ROW_COLUMN``), made by the reader, for per-user metrics.
     ``weight_transform`` applies to multi-valued weights: "log1p" (count weights) or "none".
     """
 
@@ -606,16 +616,18 @@ class ParquetGroupReader(IterableDataset):
         self.weight_transform = weight_transform
         self.validate = validate
         self.label_columns = tuple(schema.LABEL_COLUMNS) + tuple(self._checked_extra_columns(extra_columns))
-        # sample_id stays exact (int64); labels and extra columns become float32.
+        # sample_id and user_row stay exact (int64); labels and extra columns become float32.
         self._label_dtypes = {
-            name: np.dtype(np.int64) if name == schema.SAMPLE_ID_COLUMN else np.dtype(np.float32)
+            name: np.dtype(np.int64) if name in schema.ID_LABEL_COLUMNS else np.dtype(np.float32)
             for name in self.label_columns
         }
 
         info = self.metadata.split(split)
+        table = info.block_table()
+        first_user_rows = np.cumsum([0] + [users for _, _, users, _ in table[:-1]]).tolist()
         self._blocks = [
-            _Block(info.parts[p].users, info.parts[p].impressions, rg, users, impressions)
-            for p, rg, users, impressions in info.block_table()
+            _Block(info.parts[p].users, info.parts[p].impressions, rg, users, impressions, first)
+            for (p, rg, users, impressions), first in zip(table, first_user_rows)
         ]
         row_groups_per_file: dict[str, int] = {}
         for part in info.parts:
@@ -625,7 +637,8 @@ class ParquetGroupReader(IterableDataset):
                 row_groups_per_file[rel] = len(part.blocks)
         users_types = schema.users_schema()
         impressions_types = schema.impressions_schema(self.metadata.extra_columns)
-        impression_columns = [schema.USER_COLUMN, *_field_columns(schema.ITEM_FIELDS), *self.label_columns]
+        stored_labels = [c for c in self.label_columns if c != schema.USER_ROW_COLUMN]
+        impression_columns = [schema.USER_COLUMN, *_field_columns(schema.ITEM_FIELDS), *stored_labels]
         self._spec = _ReadSpec(
             root=self.root,
             blocks=self._blocks,
@@ -656,13 +669,13 @@ class ParquetGroupReader(IterableDataset):
         for name in extra_columns:
             if name in out or name in schema.LABEL_COLUMNS:
                 raise ValueError(f"extra column '{name}' is requested twice (click and buy are always read)")
-            if name == schema.SAMPLE_ID_COLUMN:
+            if name in schema.ID_LABEL_COLUMNS:
                 out.append(name)
                 continue
             if name not in available:
                 raise DatasetError(
                     f"extra column '{name}' is not in the dataset at {self.root} (it has {sorted(available)} "
-                    f"and '{schema.SAMPLE_ID_COLUMN}')"
+                    f"and {list(schema.ID_LABEL_COLUMNS)})"
                 )
             arrow_type = pa.type_for_alias(available[name])
             if not (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)

@@ -35,6 +35,11 @@ METADATA_FILE = "metadata.json"
 USER_COLUMN = "user"
 USER_KEY_COLUMN = "common_feature_index"
 SAMPLE_ID_COLUMN = "sample_id"
+#: Not stored: the reader makes it on request, the position of an impression's user row among its split's
+#: user rows in storage order (one per common_feature_index in raw Ali-CCP). Per-user metrics group by it.
+USER_ROW_COLUMN = "user_row"
+#: Label columns the reader gives as exact int64 rather than float32.
+ID_LABEL_COLUMNS = (SAMPLE_ID_COLUMN, USER_ROW_COLUMN)
 LABEL_COLUMNS = ("click", "buy")
 RESERVED_INDEX = 0
 
