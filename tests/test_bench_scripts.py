@@ -577,3 +577,39 @@ def test_later_day_split_cuts_at_a_user_group_and_keeps_each_days_users(tmp_path
     assert (day2 / "common_features_train.csv").read_text() == "c,0,\n"
     for day in (day1, day2):
         assert (day / "sample_skeleton_test.csv").read_text() == "sample_skeleton_test.csv\n"
+
+
+# ----------------------------------------------------------------------------------------- group_auc_bench
+
+def test_group_auc_bench_scores_the_oracle_as_a_model_and_refuses_missing_rows(planted_set, tmp_path):
+    import group_auc_bench
+
+    root, _ = planted_set
+    truth = pq.read_table(root / "truth_test.parquet")
+    sample_id = truth.column("sample_id").to_numpy()
+    z = {c: np.log(truth.column(c).to_numpy().astype(np.float64)) - np.log1p(-truth.column(c).to_numpy())
+         for c in ("p_ctr", "p_cvr")}
+    write_predictions(tmp_path / "oracle.parquet", sample_id, z["p_ctr"], z["p_cvr"])
+    result = group_auc_bench.main(["--data", str(root), "--truth", str(root / "truth_test.parquet"),
+                                   "--predictions", str(tmp_path / "oracle.parquet"), "--out", str(tmp_path / "r.json")])
+    for task, r in result["tasks"].items():
+        # float32 probabilities through a logit and back: equal ranks, up to ties the rounding makes.
+        assert r["auc"] == pytest.approx(r["oracle_auc"], abs=2e-4), task
+        assert r["gauc"] == pytest.approx(r["oracle_gauc"], abs=2e-4), task
+        assert r["gauc_groups"] > 20 and r["gauc"] != pytest.approx(r["auc"], abs=1e-3), task
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["tasks"]["ctr"]["rows"] == result["impressions"] and record["name"] == "group_auc"
+    assert record["command"].split()[1] == "benchmarks/group_auc_bench.py"
+
+    rng = np.random.default_rng(0)
+    write_predictions(tmp_path / "noisy.parquet", sample_id, z["p_ctr"] + rng.normal(0, 2, len(sample_id)), z["p_cvr"])
+    noisy = group_auc_bench.main(["--data", str(root), "--truth", str(root / "truth_test.parquet"),
+                                  "--predictions", str(tmp_path / "noisy.parquet"),
+                                  "--out", str(tmp_path / "n.json")])["tasks"]["ctr"]
+    assert noisy["gauc"] < noisy["oracle_gauc"] - 0.02 and noisy["auc"] < noisy["oracle_auc"] - 0.02
+
+    write_predictions(tmp_path / "short.parquet", sample_id[1:], z["p_ctr"][1:], z["p_cvr"][1:])
+    with pytest.raises(ValueError, match=rf"short.parquet: no row for sample id {sample_id[0]}"):
+        group_auc_bench.main(["--data", str(root), "--truth", str(root / "truth_test.parquet"),
+                              "--predictions", str(tmp_path / "short.parquet"), "--out", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.json").exists()
