@@ -190,12 +190,12 @@ def _two_rank_data():
     return predictions, labels
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, grouped: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
     try:
-        predictions, labels = _rank_slices(*_two_rank_data(), rank)
-        metrics = TaskMetrics(TASKS)
+        predictions, labels = _rank_slices(*(_two_rank_groups() if grouped else _two_rank_data()), rank)
+        metrics = TaskMetrics(TASKS, group_column="user_row" if grouped else None)
         sizes = [128, 128, 44] if rank == 0 else [100, 70]
         _update_in_batches(metrics, predictions, labels, sizes)
         everything = metrics.compute()
@@ -317,23 +317,6 @@ def test_group_auc_is_nan_without_a_group_holding_both_classes_and_needs_the_col
         TaskMetrics(TASKS, group_column="user_row").update(_torch(predictions), _torch(labels))
 
 
-def _group_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
-    try:
-        predictions, labels = _rank_slices(*_two_rank_groups(), rank)
-        metrics = TaskMetrics(TASKS, group_column="user_row")
-        _update_in_batches(metrics, predictions, labels, [128, 128, 44] if rank == 0 else [100, 70])
-        everything = metrics.compute()
-        metrics.reset()  # a second round in which rank 1 sees no batch
-        if rank == 0:
-            _update_in_batches(metrics, predictions, labels, [300])
-        rank0_only = metrics.compute()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"all": everything, "rank0": rank0_only}))
-    finally:
-        dist.destroy_process_group()
-
-
 def _two_rank_groups():
     predictions, labels = _grouped_data(sum(RANK_ROWS), seed=7)
     # The user at the rank boundary has impressions on both ranks, and so has a user whose rows a
@@ -344,7 +327,7 @@ def _two_rank_groups():
 
 
 def test_group_auc_over_two_ranks_merges_users_seen_on_both(tmp_path):
-    mp.spawn(_group_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert json.dumps(results[0]) == json.dumps(results[1])
     for key, (predictions, labels) in (("all", _two_rank_groups()), ("rank0", _rank_slices(*_two_rank_groups(), 0))):
