@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.group_auc and not args.metrics:
+        parser.error("--group-auc is a metric: it cannot go with --no-metrics")
 
     from tqdm import tqdm
 

@@ -300,6 +300,10 @@ def test_predict_evaluates_an_export_as_the_trainer_evaluated_its_model(tmp_path
     plain = predict_cli.main(["--model", str(export_dir), "--data", str(tmp_path / "data"), "--split", "test",
                               "--out", str(tmp_path / "q.parquet"), "--batch-size", "100", "--no-group-auc"])
     assert not any("gauc" in k for k in plain["metrics"]) and plain["metrics"]["cvr/auc"] == got["cvr/auc"]
+    with pytest.raises(SystemExit) as usage:
+        predict_cli.main(["--model", str(export_dir), "--data", str(tmp_path / "data"), "--out",
+                          str(tmp_path / "r.parquet"), "--no-metrics", "--group-auc"])
+    assert usage.value.code == 2 and not (tmp_path / "r.parquet").exists()
 
 
 def test_a_recorded_config_of_an_older_version_compares_its_missing_keys_as_defaults():
