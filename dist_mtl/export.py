@@ -223,8 +223,7 @@ def export_model(
         current = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         raise_on_mismatch(f"live model ({type(dmp).__name__})", model_mismatches(saved, current))
         model.load_state_dict(own)
-        id_maps = (_training_id_maps(cfg, None, id_maps_from, vocab_sizes)
-                   if with_id_maps and id_maps_from is not None else None)
+        id_maps = _training_id_maps(cfg, None, id_maps_from, vocab_sizes) if with_id_maps else None
         return _write_export(Path(out_dir), model, cfg, vocab_sizes, {"live_model_world_size": _world_size()},
                              id_maps, None)
 
@@ -421,8 +420,9 @@ def predict_split(
     # The export's config.toml holds the tasks whole (label, rows); export.json names them only.
     trained_cfg = load_config(Path(model_dir) / CONFIG_FILE)
     tasks = trained_cfg.tasks if metrics else []
-    group_column = USER_ROW_COLUMN if metrics and (trained_cfg.train.group_auc if group_auc is None
-                                                   else group_auc) else None
+    if group_auc is None:
+        group_auc = trained_cfg.train.group_auc
+    group_column = USER_ROW_COLUMN if metrics and group_auc else None
     if metrics:
         try:
             check_task_columns(tasks, DatasetMetadata.load(data_root), weights=False)

@@ -124,10 +124,11 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
         dist.barrier()
 
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         # Checked before anything starts, but only where it will be read: a run resuming from its own
         # checkpoints no longer needs the one it started from (which may have been pruned since).
-        own = CheckpointManager(self.run_dir / "checkpoints", keep=None).latest() if cfg.checkpoint.resume else None
-        if cfg.checkpoint.init_from and own is None and not is_committed(cfg.checkpoint.init_from):
+        if (cfg.checkpoint.init_from and not is_committed(cfg.checkpoint.init_from)
+                and self._own_checkpoint() is None):
             raise ConfigError(f"checkpoint.init_from = {cfg.checkpoint.init_from!r} is not a committed checkpoint "
                               f"(a step-NNNNNNNN folder holding {DCP_METADATA_FILE} and {SIDE_FILE})")
         self.metadata = DatasetMetadata.load(cfg.data.path)
@@ -162,7 +163,6 @@ class Trainer:
                                                          cfg.data.eval_split))}
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device, group_column=group_column)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         # Every best saved since the last checkpoint is kept until the next one commits (then only the
         # best of that checkpoint's state stays): a job resumed after a crash finds the best of the state
         # it resumes, not only a newer best of the trajectory it abandoned.
@@ -590,7 +590,7 @@ class Trainer:
         continues exactly, but a mid-epoch data position cannot be mapped onto other batches; the rest of
         that epoch is skipped, counted and reported, and training continues with the next epoch.
         """
-        latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
+        latest = self._own_checkpoint()
         if latest is None:
             if self.cfg.checkpoint.init_from:
                 self._initialize_from(Path(self.cfg.checkpoint.init_from))
@@ -627,6 +627,11 @@ class Trainer:
             self.epoch, self.batches_in_epoch, self.epoch_samples = epoch, 0, 0
         self._print(f"resumed from {latest}: step {self.global_step}, epoch {epoch}, batch {next_batch}")
         return epoch, next_batch
+
+    def _own_checkpoint(self) -> Path | None:
+        """The newest committed checkpoint of this run_dir that a start resumes from (None: none, or
+        checkpoint.resume is off)."""
+        return self.checkpoints.latest() if self.cfg.checkpoint.resume else None
 
     def _check_carries_over(self, path: Path, use: str) -> None:
         """Refuse a checkpoint whose state would not mean the same in this run; ``use``: "resume" (this

@@ -710,6 +710,7 @@ def convert_raw(
                              f"(or take an existing dataset's with id_maps_from)")
         splits.remove(TRAIN_SPLIT)
         splits.insert(0, TRAIN_SPLIT)
+        min_count = 1 if min_count is None else min_count
     _check_inputs(raw_dir, splits)
 
     writer = DatasetWriter(out_dir, block_impressions=block_impressions)
@@ -731,7 +732,7 @@ def convert_raw(
             if counter is not None:
                 with closing(impressions):
                     staged_path, staged_rows = converter.staged_impressions(split, impressions)
-                id_maps = build_id_maps(counter, min_count or 1)
+                id_maps = build_id_maps(counter, min_count)
                 distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
                 impressions = converter.read_staged(split, staged_path, staged_rows)
             split_writer = open_split = writer.split(split)
@@ -773,7 +774,7 @@ def convert_raw(
             infos,
             vocab_sizes=id_maps.vocab_sizes,
             source="tianchi-raw",
-            min_count=min_count or 1,
+            min_count=min_count,
             source_files=converter.source_files,
             notes=notes,
             id_maps=id_maps.write(out_dir),
