@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -101,6 +103,16 @@ def torchrun_command(script: str | os.PathLike, world_size: int, args: Sequence[
     """A single-node torchrun of ``script`` on ``world_size`` processes with this interpreter."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
             str(script), *args]
+
+
+def rows_of_ids(ids: np.ndarray, wanted: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``wanted``, its row in ``ids`` (distinct, in any order; ``order`` is ``np.argsort(ids)``
+    where the caller keeps it), and whether it is there at all (an absent id's row is any row)."""
+    if order is None:
+        order = np.argsort(ids)
+    at = np.searchsorted(ids, wanted, sorter=order)
+    rows = order[np.minimum(at, len(order) - 1)]
+    return rows, ids[rows] == wanted
 
 
 def write_result(path: str | os.PathLike, name: str, command: str, payload: Mapping,

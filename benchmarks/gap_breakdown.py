@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, command_line, library_versions, write_result  # noqa: E402
+from common import REPO, command_line, library_versions, rows_of_ids, write_result  # noqa: E402
 
 from dist_mtl.data import synthetic as S  # noqa: E402
 from dist_mtl.data.schema import DatasetMetadata  # noqa: E402
@@ -152,11 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Sample ids run in generation order within a split: the first users' rows are those up to
         # the last id generated.
         predictions = predictions.filter(pc.less_equal(predictions["sample_id"], int(terms["sample_id"].max())))
-    pred_ids = predictions["sample_id"].to_numpy()
-    order = np.argsort(terms["sample_id"])
-    at = np.searchsorted(terms["sample_id"], pred_ids, sorter=order)
-    found = order[np.minimum(at, len(order) - 1)]
-    if not np.array_equal(terms["sample_id"][found], pred_ids):
+    found, present = rows_of_ids(terms["sample_id"], predictions["sample_id"].to_numpy())
+    if not present.all():
         raise ValueError(f"{args.predictions}: sample ids that the test split of {args.data} does not hold")
     terms = {k: v[found] for k, v in terms.items()}
 

@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import REPO, command_line, library_versions, write_result  # noqa: E402
+from common import REPO, command_line, library_versions, rows_of_ids, write_result  # noqa: E402
 from dist_mtl.data.reader import ParquetGroupReader  # noqa: E402
 from dist_mtl.data.schema import SAMPLE_ID_COLUMN, USER_ROW_COLUMN  # noqa: E402
 from dist_mtl.data.synthetic import oracle_auc  # noqa: E402
 from dist_mtl.metrics import TaskMetrics  # noqa: E402
 from dist_mtl.tasks import default_esmm_tasks  # noqa: E402
 
-TASKS = ("ctr", "cvr", "ctcvr")
+TASKS = tuple(t.name for t in default_esmm_tasks())
 BATCH = 65536
 
 
@@ -41,18 +41,15 @@ class ScoresBySampleId:
 
     def __init__(self, path: Path, columns: list[str]):
         table = pq.read_table(path, columns=[SAMPLE_ID_COLUMN, *columns])
-        ids = table.column(SAMPLE_ID_COLUMN).to_numpy()
-        self.order = np.argsort(ids, kind="stable")
-        self.sorted_ids = ids[self.order]
+        self.ids = table.column(SAMPLE_ID_COLUMN).to_numpy()
+        self.order = np.argsort(self.ids)  # sorted once, searched for every batch
         self.columns = {c: table.column(c).to_numpy().astype(np.float32) for c in columns}
         self.path = path
 
     def take(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
-        at = np.searchsorted(self.sorted_ids, sample_ids)
-        found = (at < len(self.sorted_ids)) & (self.sorted_ids[np.minimum(at, len(self.sorted_ids) - 1)] == sample_ids)
-        if not found.all():
-            raise ValueError(f"{self.path}: no row for sample id {int(sample_ids[~found][0])}")
-        rows = self.order[at]
+        rows, present = rows_of_ids(self.ids, sample_ids, self.order)
+        if not present.all():
+            raise ValueError(f"{self.path}: no row for sample id {int(sample_ids[~present][0])}")
         return {c: v[rows] for c, v in self.columns.items()}
 
 
