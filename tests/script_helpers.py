@@ -1,11 +1,15 @@
-"""Entry-point scripts (``launch/``, ``benchmarks/``) loaded as modules, for tests that call their functions."""
+"""Entry-point scripts (``launch/``, ``benchmarks/``) loaded as modules, for tests that call their functions,
+and worker scripts run under torchrun."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,3 +23,13 @@ def load_script(relative_path: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up while a class is built
     spec.loader.exec_module(module)
     return module
+
+
+def run_under_torchrun(script: str | os.PathLike, nproc: int, args: Sequence[str | os.PathLike],
+                       timeout: int = 240) -> None:
+    """Run ``script`` on ``nproc`` local processes (torchrun --standalone); fail the test with the tail of
+    its standard error unless every process exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -2,7 +2,6 @@
 value (1 rank in this process, 2 ranks through torchrun; see tests/workers/checkpoint_worker.py)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
 import checkpoint_worker as worker  # noqa: E402
 from model_helpers import VOCAB_SIZES  # noqa: E402
+from script_helpers import run_under_torchrun  # noqa: E402
 
 from dist_mtl import checkpoint as ckpt  # noqa: E402
 from dist_mtl.checkpoint import CheckpointManager, CheckpointMismatchError  # noqa: E402
@@ -33,10 +33,7 @@ def one_rank():
 def torchrun(spec: dict, nproc: int) -> None:
     spec_path = Path(spec["out_dir"]) / f"{spec['tag']}-spec.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(spec_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_torchrun(WORKER, nproc, [spec_path])
 
 
 def load_dumps(out_dir: Path, name: str, world_size: int) -> list[dict]:

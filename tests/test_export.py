@@ -3,7 +3,6 @@ in this one process; launch/export.py, launch/predict.py; an MMOE head exported 
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
 import checkpoint_worker as worker  # noqa: E402
 from data_helpers import write_random_dataset  # noqa: E402
 from model_helpers import VOCAB_SIZES  # noqa: E402
+from script_helpers import run_under_torchrun  # noqa: E402
 
 import export as export_cli  # noqa: E402  (launch/export.py)
 import predict as predict_cli  # noqa: E402  (launch/predict.py)
@@ -47,10 +47,7 @@ def trained(tmp_path_factory):
     spec = {"out_dir": str(root), "tag": "trained", "sharding_type": "table_wise", "train_until": 3,
             "save_at": [3], "ckpt_root": str(run_dir / "checkpoints"), "export_dir": str(root / "live_export")}
     (root / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), str(root / "spec.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_torchrun(WORKER, 2, [root / "spec.json"])
     sharded = torch.load(root / "trained-save3-rank0.pt", weights_only=False)["predictions"]
     return {"root": root, "run_dir": run_dir, "cfg": cfg, "sharded_predictions": sharded}
 

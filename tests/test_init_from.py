@@ -4,13 +4,13 @@ same id space), not from its training position; what would not carry over is ref
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from data_helpers import write_random_dataset
+from script_helpers import run_under_torchrun
 from test_trainer import small_config
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
@@ -101,10 +101,7 @@ def test_a_run_on_two_ranks_starts_from_a_one_rank_checkpoint_value_for_value(fi
                  "train.progress_bar=false", 'sharding.sharding_type="column_wise"',
                  f'checkpoint.init_from="{checkpoint}"']
     worker = Path(__file__).parent / "workers" / "init_from_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path / "loaded"), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_torchrun(worker, 2, [tmp_path / "loaded", *overrides])
     saved = export_model(tmp_path / "saved", first_run["trainer"].cfg, checkpoint=checkpoint)
     loaded = torch.load(tmp_path / "loaded" / STATE_FILE, weights_only=True)
     expected = torch.load(saved / STATE_FILE, weights_only=True)

@@ -1,11 +1,10 @@
 """2 gloo ranks with unequal user counts vs 1 rank; grouped vs expanded users (see the worker's docstring)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import run_under_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "sharded_equivalence.py"
 STEPS = 6
@@ -14,10 +13,7 @@ STEPS = 6
 def run(tmp_path: Path, nproc: int, sharding: str, path: str, sparse: str = "rowwise_adagrad",
         *extra: str) -> dict:
     out = tmp_path / f"{nproc}-{sharding}-{path}-{sparse}{''.join('-' + e for e in extra)}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(out), sharding, path, str(STEPS), sparse, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_under_torchrun(WORKER, nproc, [out, sharding, path, str(STEPS), sparse, *extra])
     return json.loads(out.read_text())
 
 
