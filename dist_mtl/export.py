@@ -7,7 +7,8 @@ An export directory holds::
     config.toml   the resolved job config the model was built from
     serving.pt    a TorchScript module scoring plain tensors (see ``ServingModule.forward``)
     id_maps.parquet  the raw feature id -> index maps the tables were trained in (dist_mtl/data/id_maps.py),
-                  when the training data had them: a serving system encodes raw requests with them
+                  when the training data had them: ``ExportedModel.score_raw`` scores raw Tianchi feature
+                  lists with them (dist_mtl/data/raw_request.py), and a serving system encodes with them
     export.json   written last (its presence marks a complete export): format version, head, tasks,
                   vocab sizes, feature keys of each side, the weight transform the reader must apply,
                   the id maps' file and digest, library versions and where the weights came from
@@ -32,8 +33,9 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torchrec
@@ -57,6 +59,7 @@ from dist_mtl.checkpoint import (
 from dist_mtl.config import JobConfig, computation_mismatches, load_config
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
+from dist_mtl.data.raw_request import RawRequestEncoder
 from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, USER_ROW_COLUMN, DatasetError, DatasetMetadata
 from dist_mtl.metrics import TaskMetrics
 from dist_mtl.models import MultiTaskModel
@@ -348,6 +351,7 @@ class ExportedModel(nn.Module):
         self.task_names: list[str] = [t["name"] for t in info["tasks"]]
         self.user_keys: List[str] = list(info["user_keys"])
         self.item_keys: List[str] = list(info["item_keys"])
+        self._raw_encoder: RawRequestEncoder | None = None
 
     def forward(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
         return self.score(*serving_inputs(batch, self.user_keys, self.item_keys))
@@ -356,6 +360,26 @@ class ExportedModel(nn.Module):
     def score(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ServingModule.forward``'s seven tensors."""
         return dict(self.serving(*inputs))
+
+    def score_raw(self, user_features: Sequence[str | bytes], item_features: Sequence[str | bytes],
+                  user_index: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Score a raw request in one call: raw Tianchi feature lists of its users and candidate impressions,
+        encoded with the export's id maps and weight transform (``RawRequestEncoder.encode``, strict), gives
+        ``{task: [impressions] predictions}``."""
+        if self._raw_encoder is None:
+            self._raw_encoder = self.request_encoder()
+        return self(self._raw_encoder.encode(user_features, item_features, user_index))
+
+    def request_encoder(self, strict: bool = True) -> RawRequestEncoder:
+        """A ``RawRequestEncoder`` in this model's id space (``strict``: see dist_mtl/data/raw_request.py)."""
+        maps = self.id_maps()
+        if maps is None:
+            entry = self.info.get("id_maps")
+            why = ("it was exported without them (--without-id-maps); export it again with them"
+                   if entry and entry.get("sha256") else
+                   "its training data had none (only data converted from raw Tianchi files has id maps)")
+            raise ExportError(f"{self.path} carries no id maps, so raw requests cannot be encoded: {why}")
+        return RawRequestEncoder(maps, self.info["weight_transform"], strict=strict)
 
     def id_maps(self) -> IdMaps | None:
         """The raw id -> index maps the tables were trained in (None: the training data had none), checked

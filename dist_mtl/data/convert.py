@@ -75,7 +75,7 @@ from dist_mtl.data.schema import (
 )
 
 __all__ = ["ConvertError", "ConvertProgress", "IdCounter", "IdTally", "KeyIndex", "RawFormatError", "build_id_maps",
-           "convert_raw"]
+           "convert_raw", "encode_parsed"]
 
 class ConvertError(ValueError):
     """convert_raw's arguments cannot work (an id maps source that is the output, a min_count that
@@ -386,6 +386,14 @@ def _encode_fields(
             single[present] = codes
             out[spec.name] = pa.array(single, pa.int32())
     return out
+
+
+def encode_parsed(block: ParsedBlock, fields: Sequence[FieldSpec], id_maps: IdMaps, tally: IdTally) -> dict[str, pa.Array]:
+    """A parsed block's features as the dataset stores them, by the converter's own two steps (staged raw
+    ids, then encoded): the raw request encoder (dist_mtl/data/raw_request.py) serves through this, so a
+    request's ids and weights are those its rows would have had in a converted dataset."""
+    staged = pa.Table.from_arrays(_staged_columns(block, fields), schema=pa.schema(_raw_fields(fields)))
+    return _encode_fields(staged, fields, id_maps, tally)
 
 
 class _GroupWriter:

@@ -81,6 +81,17 @@ from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.schema import DatasetError, DatasetMetadata, FieldSpec
 
 WEIGHT_TRANSFORMS = ("log1p", "none")
+
+
+def transform_weights(weights: np.ndarray, transform: str) -> np.ndarray:
+    """Multi-valued features' stored weights as the model reads them (a new array): "log1p" for count
+    weights, or "none". The reader and the raw request encoder both apply it, so that a served request
+    is weighted as training was."""
+    if transform == "log1p":
+        return np.log1p(weights)
+    if transform == "none":
+        return weights.copy()
+    raise ValueError(f"weight_transform {transform!r} is not one of {WEIGHT_TRANSFORMS}")
 _STATE_CONFIG_KEYS = ("split", "world_size", "batch_size", "seed", "shuffle", "window_blocks")
 
 
@@ -445,10 +456,7 @@ class _WindowLoader:
             )
         offsets = _offsets(lengths)
         weights = weights.astype(np.float32, copy=False)
-        if self._spec.weight_transform == "log1p":
-            transformed = np.log1p(weights)
-        else:
-            transformed = weights.copy()
+        transformed = transform_weights(weights, self._spec.weight_transform)
         if self._spec.validate:
             self._check_ids(feature.name, values, offsets, kind, where)
             finite = np.isfinite(transformed)
