@@ -89,8 +89,8 @@ def test_a_whole_split_of_raw_lines_scores_as_its_converted_rows(served):
 
     # The ids outside the maps are those the converter counted in the test split.
     outside = {f: n for f, n in model._raw_encoder.ids.outside.items() if n}
-    assert outside and outside == {f: n for f, n in served["meta"].notes["splits"]["test"]["ids_outside_id_maps"].items()
-                                   if n}
+    converted = served["meta"].notes["splits"]["test"]["ids_outside_id_maps"]
+    assert outside and outside == {f: n for f, n in converted.items() if n}
 
 
 def test_one_user_per_request_and_the_readers_batch(served):

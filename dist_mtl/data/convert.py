@@ -388,7 +388,8 @@ def _encode_fields(
     return out
 
 
-def encode_parsed(block: ParsedBlock, fields: Sequence[FieldSpec], id_maps: IdMaps, tally: IdTally) -> dict[str, pa.Array]:
+def encode_parsed(block: ParsedBlock, fields: Sequence[FieldSpec], id_maps: IdMaps,
+                  tally: IdTally) -> dict[str, pa.Array]:
     """A parsed block's features as the dataset stores them, by the converter's own two steps (staged raw
     ids, then encoded): the raw request encoder (dist_mtl/data/raw_request.py) serves through this, so a
     request's ids and weights are those its rows would have had in a converted dataset."""
