@@ -189,3 +189,13 @@ def test_serving_bench_compares_raw_scores_with_predictions_and_times_requests(s
     assert set(record["latency_one_user"]) == {"1", "7"}
     assert record["latency_one_user"]["7"]["requests"] == 100
     assert 0 < record["latency_one_user"]["1"]["total_ms"]["p50"] <= record["latency_one_user"]["1"]["total_ms"]["p99"]
+
+
+@pytest.mark.parametrize("transform, weights", [("log1p", np.log1p([3.0, 1.0])), ("none", [3.0, 1.0])])
+def test_history_weights_reach_the_model_through_the_exports_transform(served, transform, weights):
+    maps = load_exported(served["export"]).id_maps()
+    batch = RawRequestEncoder(maps, transform).encode([USER], [ITEM.format(id=7)])
+    history = batch.user_features["109_14"]
+    assert history.lengths().tolist() == [2]
+    np.testing.assert_allclose(history.weights().numpy(), np.asarray(weights, np.float32), rtol=0, atol=0)
+    assert batch.user_features["101"].weights().tolist() == [1.0]  # single-valued: unit weight
