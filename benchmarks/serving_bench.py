@@ -14,9 +14,9 @@ common-features lines, are the requests.
   sample id, and the largest difference is recorded: 0 means that raw text and the converter's Parquet
   reach the model as the same batch.
 - Latency: one user per request with C candidate impressions (drawn in turn from the sampled impressions),
-  each request encoded (``RawRequestEncoder.encode``) and scored (the TorchScript module) and timed apart;
-  percentiles over the requests after a warm-up, on ``--threads`` intra-op threads (a serving worker's
-  share of a machine). Plus the sampled groups in one request, for throughput.
+  each request encoded (``RawRequestEncoder.encode``) and scored (the TorchScript module) and timed apart,
+  the candidate counts taking turns; percentiles over the requests after a warm-up, on ``--threads``
+  intra-op threads (a serving worker's share of a machine). Plus the sampled groups in one request, for throughput.
 """
 
 from __future__ import annotations
@@ -103,12 +103,13 @@ def measure(model_dir: Path, raw_dir: Path, split: str, users: int, candidates: 
         print(f"scores against {predictions}: largest difference {worst}", file=sys.stderr)
 
     pool = [features for _, items, _ in groups for features in items]
-    latency = {}
-    for c in candidates:
-        encode_s, score_s = [], []
-        timed = max(len(groups), MIN_TIMED)
-        for r in range(WARMUP + timed):
-            user = groups[r % len(groups)][0]
+    # The candidate counts take turns request by request, so that a slow stretch of a shared VM falls on
+    # every count alike rather than on whichever ran then.
+    timings = {c: ([], []) for c in candidates}  # count -> (encode seconds, score seconds)
+    timed = max(len(groups), MIN_TIMED)
+    for r in range(WARMUP + timed):
+        user = groups[r % len(groups)][0]
+        for c in candidates:
             start = (r * c) % len(pool)
             items = (pool[start:] + pool[:start])[:c] if c <= len(pool) else (pool * (c // len(pool) + 1))[:c]
             t0 = time.perf_counter()
@@ -117,8 +118,10 @@ def measure(model_dir: Path, raw_dir: Path, split: str, users: int, candidates: 
             model(batch)
             t2 = time.perf_counter()
             if r >= WARMUP:
-                encode_s.append(t1 - t0)
-                score_s.append(t2 - t1)
+                timings[c][0].append(t1 - t0)
+                timings[c][1].append(t2 - t1)
+    latency = {}
+    for c, (encode_s, score_s) in timings.items():
         total = [a + b for a, b in zip(encode_s, score_s)]
         latency[str(c)] = {"requests": len(total), "encode_ms": percentiles(encode_s),
                            "score_ms": percentiles(score_s), "total_ms": percentiles(total),
