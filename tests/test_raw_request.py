@@ -160,8 +160,14 @@ def test_not_strict_encodes_as_the_converter_and_counts_what_it_resolved(served)
     # The item id given twice: the converter keeps the last, so a first, other id changes nothing.
     noisy_items = [b"205\x021\x031.0\x01" + features for features in items]
     assert_scores(model(encoder.encode([noisy_user], noisy_items)), expected_scores(served, ids))
-    assert encoder.ignored == {("user", "unknown_fields", "999"): 1, ("user", "misplaced_fields", "205"): 1,
-                               ("item", "repeated_fields", "205"): len(items)}
+    counted = {("user", "unknown_fields", "999"): 1, ("user", "misplaced_fields", "205"): 1,
+               ("item", "repeated_fields", "205"): len(items)}
+    assert encoder.ignored == counted
+    # A request refused on its item side counts nothing, its user side included.
+    encoded_ids = dict(encoder.ids.encoded)
+    with pytest.raises(RawRequestError, match=r"request item 1, field 'feature_list'"):
+        encoder.encode([noisy_user], [items[0], b"205\x0212"])
+    assert encoder.ignored == counted and dict(encoder.ids.encoded) == encoded_ids
     # An empty feature list is an impression whose fields are all missing (index 0), as in conversion.
     assert set(model.score_raw([user], [b""])) == set(model.task_names)
 

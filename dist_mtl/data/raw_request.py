@@ -104,8 +104,12 @@ class RawRequestEncoder:
             raise RawRequestError(f"a request needs at least one user and one impression, got {len(users)} users "
                                   f"and {len(items)} impressions")
         index = _user_index(user_index, len(users), len(items))
-        user_kjt = self._encode_side(users, _USER_SIDE)
-        item_kjt = self._encode_side(items, _ITEM_SIDE)
+        # Counted apart and added once both sides encode, so that a refused request counts nothing.
+        ids, ignored = IdTally(), Counter()
+        user_kjt = self._encode_side(users, _USER_SIDE, ids, ignored)
+        item_kjt = self._encode_side(items, _ITEM_SIDE, ids, ignored)
+        for total, part in ((self.ids.encoded, ids.encoded), (self.ids.outside, ids.outside), (self.ignored, ignored)):
+            total.update(part)
         return GroupedBatch(user_features=user_kjt, item_features=item_kjt, user_index=torch.from_numpy(index),
                             labels={}, source=f"raw request of {len(users)} users and {len(items)} impressions")
 
@@ -137,15 +141,15 @@ class RawRequestEncoder:
             row = first_row + (e.line - 1 if e.line is not None else 0)
             raise RawRequestError(f"request {side.name} {row}, field '{e.field}': {e.detail}") from None
 
-    def _encode_side(self, lists: list[bytes], side: _Side) -> KeyedJaggedTensor:
+    def _encode_side(self, lists: list[bytes], side: _Side, ids: IdTally, ignored: Counter) -> KeyedJaggedTensor:
         block = self._parse(lists, side)
         resolved = {what: getattr(block, what) for what in _RESOLVED if getattr(block, what)}
         if resolved and self.strict:
             self._raise_first_resolved(lists, side)
         for what, counts in resolved.items():
             for field_name, n in counts.items():
-                self.ignored[(side.name, what, field_name)] += n
-        encoded = encode_parsed(block, side.fields, self.id_maps, self.ids)
+                ignored[(side.name, what, field_name)] += n
+        encoded = encode_parsed(block, side.fields, self.id_maps, ids)
         values, weights, lengths = [], [], []
         rows = len(lists)
         for spec in side.fields:
