@@ -40,7 +40,7 @@ from dist_mtl.data.convert import IdTally, encode_parsed
 from dist_mtl.data.id_maps import IdMaps
 from dist_mtl.data.raw import COMMON, SKELETON, ParsedBlock, RawFileKind, RawFormatError, parse_block
 from dist_mtl.data.reader import WEIGHT_TRANSFORMS, transform_weights
-from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
+from dist_mtl.data.schema import ITEM_FIELDS, ITEM_KEYS, USER_FIELDS, USER_KEYS, FieldSpec
 
 __all__ = ["RawRequestEncoder", "RawRequestError"]
 
@@ -60,11 +60,11 @@ class RawRequestError(ValueError):
 
 
 class _Side:
-    def __init__(self, name: str, kind: RawFileKind, fields: tuple[FieldSpec, ...]):
+    def __init__(self, name: str, kind: RawFileKind, fields: tuple[FieldSpec, ...], keys: list[str]):
         self.name = name  # "user" or "item"
         self.kind = kind
         self.fields = fields
-        self.keys = [f.name for f in fields]
+        self.keys = keys
 
     def line(self, row: int, features: bytes) -> bytes:
         """One raw line around a feature list; its count is the list's own, so only the list is checked."""
@@ -74,8 +74,8 @@ class _Side:
         return b"%d,0,0,r,%d,%s\n" % (row, count, features)
 
 
-_USER_SIDE = _Side("user", COMMON, USER_FIELDS)
-_ITEM_SIDE = _Side("item", SKELETON, ITEM_FIELDS)
+_USER_SIDE = _Side("user", COMMON, USER_FIELDS, USER_KEYS)
+_ITEM_SIDE = _Side("item", SKELETON, ITEM_FIELDS, ITEM_KEYS)
 
 
 class RawRequestEncoder:

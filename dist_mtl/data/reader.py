@@ -92,6 +92,8 @@ def transform_weights(weights: np.ndarray, transform: str) -> np.ndarray:
     if transform == "none":
         return weights.copy()
     raise ValueError(f"weight_transform {transform!r} is not one of {WEIGHT_TRANSFORMS}")
+
+
 _STATE_CONFIG_KEYS = ("split", "world_size", "batch_size", "seed", "shuffle", "window_blocks")
 
 
@@ -564,10 +566,6 @@ def _jagged_parts(num_keys: int, pieces: list[tuple[list[_Jagged], int, int]]) -
     return [(_VALUES_DTYPE, values), (_WEIGHTS_DTYPE, weights), (_LENGTHS_DTYPE, lengths)]
 
 
-_USER_KEYS = [f.name for f in schema.USER_FIELDS]
-_ITEM_KEYS = [f.name for f in schema.ITEM_FIELDS]
-
-
 def _field_columns(fields: Sequence[FieldSpec]) -> list[str]:
     columns = []
     for f in fields:
@@ -899,7 +897,8 @@ class ParquetGroupReader(IterableDataset):
                 item_pieces.append((window.item_columns, lo, hi))
                 user_index.append(window.user_index[lo:hi] - (first_user - users_so_far))
                 users_so_far += end_user - first_user
-            groups += _jagged_parts(len(_USER_KEYS), user_pieces) + _jagged_parts(len(_ITEM_KEYS), item_pieces)
+            groups += (_jagged_parts(len(schema.USER_KEYS), user_pieces)
+                       + _jagged_parts(len(schema.ITEM_KEYS), item_pieces))
             groups.append((_VALUES_DTYPE, user_index))
             groups += [(self._label_dtypes[name], [w.labels[name][lo:hi] for w, lo, hi in pieces])
                        for name in self.label_columns]
@@ -911,9 +910,9 @@ class ParquetGroupReader(IterableDataset):
                 tensors[i * per_batch:(i + 1) * per_batch])
             source = "; ".join(f"{w.source} rows {lo + w.row_offset}-{hi + w.row_offset}" for w, lo, hi in pieces)
             out.append(GroupedBatch(
-                user_features=KeyedJaggedTensor(keys=_USER_KEYS, values=user_values, weights=user_weights,
+                user_features=KeyedJaggedTensor(keys=schema.USER_KEYS, values=user_values, weights=user_weights,
                                                 lengths=user_lengths),
-                item_features=KeyedJaggedTensor(keys=_ITEM_KEYS, values=item_values, weights=item_weights,
+                item_features=KeyedJaggedTensor(keys=schema.ITEM_KEYS, values=item_values, weights=item_weights,
                                                 lengths=item_lengths),
                 user_index=index,
                 labels=dict(zip(self.label_columns, labels)),

@@ -91,6 +91,9 @@ ALI_CCP_FIELDS: tuple[FieldSpec, ...] = (
 FIELDS_BY_NAME: dict[str, FieldSpec] = {f.name: f for f in ALI_CCP_FIELDS}
 USER_FIELDS: tuple[FieldSpec, ...] = tuple(f for f in ALI_CCP_FIELDS if f.side == "user")
 ITEM_FIELDS: tuple[FieldSpec, ...] = tuple(f for f in ALI_CCP_FIELDS if f.side == "item")
+#: Each side's feature keys in schema order: the keys of its KeyedJaggedTensor and of its pooled embeddings.
+USER_KEYS: list[str] = [f.name for f in USER_FIELDS]
+ITEM_KEYS: list[str] = [f.name for f in ITEM_FIELDS]
 
 #: Publicly reported distinct-id counts after a count>10 filter (AITM), used to size synthetic data.
 #: Not reported, so assumed: 210 (AITM drops the field) takes 853's count, since 853 crosses 150_14 with

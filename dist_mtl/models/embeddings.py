@@ -16,7 +16,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from dist_mtl.data.schema import ITEM_FIELDS, USER_FIELDS, FieldSpec
+from dist_mtl.data.schema import ITEM_KEYS, USER_KEYS, FieldSpec
 
 
 def table_name(feature: str) -> str:
@@ -66,6 +66,3 @@ def pooled_by_name(user_pooled: KeyedTensor, item_pooled: KeyedTensor) -> tuple[
     return user, item
 
 
-
-USER_KEYS = [f.name for f in USER_FIELDS]
-ITEM_KEYS = [f.name for f in ITEM_FIELDS]
