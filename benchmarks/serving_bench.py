@@ -66,7 +66,7 @@ def read_groups(raw_dir: Path, split: str, users: int) -> list[tuple[bytes, list
     missing = [k for k in groups if k not in found]
     if missing:
         raise BenchmarkError(f"{raw_dir}: no common-features line for user {missing[0].decode()}")
-    return [(found[key], items, ids) for key, (items, ids) in groups.items() if items]
+    return [(found[key], items, ids) for key, (items, ids) in groups.items()]
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -110,8 +110,8 @@ def measure(model_dir: Path, raw_dir: Path, split: str, users: int, candidates: 
     for r in range(WARMUP + timed):
         user = groups[r % len(groups)][0]
         for c in candidates:
-            start = (r * c) % len(pool)
-            items = (pool[start:] + pool[:start])[:c] if c <= len(pool) else (pool * (c // len(pool) + 1))[:c]
+            start = r * c
+            items = [pool[(start + k) % len(pool)] for k in range(c)]
             t0 = time.perf_counter()
             batch = encoder.encode([user], items)
             t1 = time.perf_counter()
@@ -131,12 +131,11 @@ def measure(model_dir: Path, raw_dir: Path, split: str, users: int, candidates: 
               f"score {latency[str(c)]['score_ms']['p50']:.2f})", file=sys.stderr)
 
     user_lists = [user for user, _, _ in groups]
-    all_items = [features for _, items, _ in groups for features in items]
     index = [u for u, (_, items, _) in enumerate(groups) for _ in items]
     batch_s = []
     for _ in range(3):
         t0 = time.perf_counter()
-        model.score_raw(user_lists, all_items, index)
+        model.score_raw(user_lists, pool, index)
         batch_s.append(time.perf_counter() - t0)
     return {
         "model": str(model_dir), "raw_dir": str(raw_dir), "split": split, "threads": threads,

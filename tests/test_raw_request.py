@@ -3,12 +3,13 @@ and scored in one call (``ExportedModel.score_raw``), as the converted dataset's
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from script_helpers import load_script
 from test_trainer import small_config
 
 from dist_mtl.data.convert import convert_raw
@@ -20,22 +21,9 @@ from dist_mtl.export import ExportError, export_model, load_exported, predict_sp
 from dist_mtl.trainer import Trainer
 
 
-def raw_groups(raw_dir: Path, split: str) -> list[tuple[bytes, list[bytes], list[int]]]:
-    """Each user group of a raw split, in file order: (user feature list, its impressions' feature lists,
-    their sample ids), without the click=0/buy=1 rows that the converter drops."""
-    users = {}
-    for line in (raw_dir / f"common_features_{split}.csv").read_bytes().splitlines():
-        key, _, features = line.split(b",", 2)
-        users[key] = features
-    groups: dict[bytes, tuple[list[bytes], list[int]]] = {}
-    for line in (raw_dir / f"sample_skeleton_{split}.csv").read_bytes().splitlines():
-        sample_id, click, buy, key, _, features = line.split(b",", 5)
-        if click == b"0" and buy == b"1":
-            continue
-        items, ids = groups.setdefault(key, ([], []))
-        items.append(features)
-        ids.append(int(sample_id))
-    return [(users[key], items, ids) for key, (items, ids) in groups.items()]
+# The benchmark's reader of a raw split's user groups: (user feature list, its impressions' feature lists,
+# their sample ids) in file order, without the click=0/buy=1 rows the converter drops.
+serving_bench = load_script("benchmarks/serving_bench.py")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +45,7 @@ def served(tmp_path_factory):
     predictions = pq.read_table(root / "p.parquet")
     row_of = {sample_id: row for row, sample_id in enumerate(predictions.column("sample_id").to_pylist())}
     return {"root": root, "meta": meta, "cfg": cfg, "checkpoint": checkpoint, "export": export,
-            "predictions": predictions, "row_of": row_of, "groups": raw_groups(root / "raw", "test")}
+            "predictions": predictions, "row_of": row_of, "groups": serving_bench.read_groups(root / "raw", "test", users=sys.maxsize)}
 
 
 def expected_scores(served, sample_ids: list[int]) -> dict[str, np.ndarray]:
@@ -182,10 +170,7 @@ def test_an_export_without_id_maps_refuses_raw_requests(served, tmp_path):
 
 
 def test_serving_bench_compares_raw_scores_with_predictions_and_times_requests(served, tmp_path):
-    from script_helpers import load_script
-
-    bench = load_script("benchmarks/serving_bench.py")
-    record = bench.main(["--model", str(served["export"]), "--raw-dir", str(served["root"] / "raw"),
+    record = serving_bench.main(["--model", str(served["export"]), "--raw-dir", str(served["root"] / "raw"),
                          "--predictions", str(served["root"] / "p.parquet"), "--users", "4",
                          "--candidates", "1", "7", "--out", str(tmp_path / "serving.json")])
     groups = served["groups"][:4]
