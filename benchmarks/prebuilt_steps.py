@@ -64,12 +64,13 @@ def timed_samples(batch_sizes: Sequence[int], warmup: int, steps: int) -> int:
 
 
 def profile_steps(step, steps: int, top: int = 20, cuda: bool = False) -> dict:
-    """Run ``steps`` more steps under torch.profiler; the ``top`` operators by self CPU time, per step, and
-    with ``cuda`` also the GPU's: its busy time per step and the ``top`` operators by self device time
-    (host time against device time says which side bounds the step). Kept apart from the timed steps:
-    the profiler's own overhead would slow them."""
+    """Run ``steps`` more steps under torch.profiler: ``dist_mtl.profiling.operator_summary`` of them (the
+    ``top`` operators by self CPU time per step, and with ``cuda`` the GPU's busy time and operators). Kept
+    apart from the timed steps: the profiler's own overhead would slow them."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from dist_mtl.profiling import operator_summary
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -77,22 +78,7 @@ def profile_steps(step, steps: int, top: int = 20, cuda: bool = False) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
-    averages = prof.key_averages()
-    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
-    total_us = sum(e.self_cpu_time_total for e in events)
-    result = {
-        "steps": steps,
-        "self_cpu_ms_per_step": round(total_us / 1e3 / steps, 3),
-        "operators": [{"name": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
-                       "calls_per_step": round(e.count / steps, 2)} for e in events[:top]],
-    }
-    if cuda:
-        device = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)
-        result["self_device_ms_per_step"] = round(sum(e.self_device_time_total for e in device) / 1e3 / steps, 3)
-        result["device_operators"] = [
-            {"name": e.key, "self_device_ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3),
-             "calls_per_step": round(e.count / steps, 2)} for e in device[:top] if e.self_device_time_total > 0]
-    return result
+    return operator_summary(prof.key_averages(), steps, top, device=cuda)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -249,6 +249,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 0
+    """Training steps to record with torch.profiler on every rank (0: off): each rank writes the window's
+    Chrome trace and its operators with the most self time per step to <run_dir>/profile/
+    (dist_mtl.profiling); rank 0 prints its top operators and summary.json keeps them."""
+    start_step: int = 20
+    """Steps this run trains before the recorded ones, the last of them the profiler's warm-up: the first
+    steps (pipeline fill, one-off allocations) are not what a job spends its time on. Counted from this
+    run's first step, a resumed run included."""
+    record_shapes: bool = False
+    """Record each operator's input shapes (in the trace; larger files)."""
+    profile_memory: bool = False
+    """Record tensor allocations (memory columns in the trace)."""
+    with_stack: bool = False
+    """Record the Python stack of each operator (in the trace; much larger files)."""
+
+
+@dataclass
 class JobConfig:
     run_dir: str = "runs/default"
     """Directory of this run: resolved config, TensorBoard events, best model, summary.json."""
@@ -263,6 +281,7 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -535,6 +554,9 @@ def _validate(cfg: JobConfig) -> None:
     if cfg.checkpoint.interval_steps < 0:
         raise ConfigError(f"checkpoint.interval_steps must be >= 0, got {cfg.checkpoint.interval_steps}")
     positive("checkpoint.keep", cfg.checkpoint.keep)
+    if cfg.profile.steps < 0:
+        raise ConfigError(f"profile.steps must be >= 0, got {cfg.profile.steps}")
+    positive("profile.start_step", cfg.profile.start_step)
 
     if not cfg.tasks:
         raise ConfigError("tasks: at least one task is needed")

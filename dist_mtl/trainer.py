@@ -48,6 +48,7 @@ from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
+from dist_mtl.profiling import StepProfiler
 from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
 
 
@@ -163,6 +164,7 @@ class Trainer:
                                                          cfg.data.eval_split))}
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device, group_column=group_column)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
+        self.profiler = StepProfiler(cfg.profile, self.run_dir / "profile", self.ctx.rank, self.ctx.device)
         # Every best saved since the last checkpoint is kept until the next one commits (then only the
         # best of that checkpoint's state stays): a job resumed after a crash finds the best of the state
         # it resumes, not only a newer best of the trajectory it abandoned.
@@ -347,6 +349,7 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "samples/s": f"{rate:,.0f}"})
                 t0, window_samples = time.perf_counter(), 0
+            self.profiler.step(self.global_step)
             step_start = time.perf_counter()
         self._raise_if_nonfinite()
         # Exact count across ranks, once per segment (every rank ends its segment at the same step).
@@ -370,49 +373,9 @@ class Trainer:
         stop = self.stopped_by == "early_stop" or bool(cfg.train.max_steps and self.global_step >= cfg.train.max_steps)
         if not stop:
             self.stopped_by = ""
-        for epoch in range(start_epoch, cfg.train.epochs):
-            if stop:
-                break
-            self.train_reader.set_epoch(epoch)
-            if next_batch:
-                self.train_reader.load_state_dict({"epoch": epoch, "next_batch": next_batch})
-            else:
-                self.epoch_samples = 0
-            self.epoch, self.batches_in_epoch, next_batch = epoch, next_batch, 0
-            batches = self._batches(self.train_reader)
-            if self._pending_rng is not None:
-                self._restore_rng(self._pending_rng)
-                self._pending_rng = None
-            bar = self._progress(steps_per_epoch, f"epoch {epoch}", initial=self.batches_in_epoch)
-            epoch_done = self.batches_in_epoch >= steps_per_epoch
-            # An epoch runs in segments that end where the job evaluates, checkpoints or stops, and each
-            # segment drains the pipeline: nothing is in flight at those points, so the model in hand
-            # has trained exactly the batches counted (the checkpoint's data cursor), and the
-            # pipeline's prefetched state never meets a forward of another mode.
-            while not (epoch_done or stop):
-                segment = _FetchLog(batches, self._steps_to_next_stop())
-                self._train_segment(segment, bar)
-                epoch_done = segment.exhausted or self.batches_in_epoch >= steps_per_epoch
-                if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0:
-                    if self._evaluate_and_track(epoch):
-                        stop, self.stopped_by = True, "early_stop"
-                if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
-                    stop, self.stopped_by = True, self.stopped_by or "max_steps"
-                interval = cfg.checkpoint.interval_steps
-                if interval and self.global_step % interval == 0 and not (epoch_done or stop):
-                    self._save_checkpoint()
-            if bar is not None:
-                bar.close()
-            # A max_steps pause inside an epoch is not an evaluation point: an uninterrupted run has none
-            # there, so evaluating (and possibly keeping a best model, counting patience) would make the
-            # paused-and-resumed run choose differently. The final report below still scores a model.
-            paused = self.stopped_by == "max_steps" and not epoch_done
-            if not paused and (not self.history or self.history[-1]["step"] != self.global_step):
-                if self._evaluate_and_track(epoch):
-                    stop, self.stopped_by = True, self.stopped_by or "early_stop"
-            if epoch_done:
-                self.epoch, self.batches_in_epoch, self.epoch_samples = epoch + 1, 0, 0
-            self._save_checkpoint()
+        with self.profiler:
+            self._train_epochs(start_epoch, next_batch, stop)
+        self._report_profile()
         best_value, best_step, _ = self.best
 
         last = self.history[-1] if self.history else {}
@@ -446,12 +409,76 @@ class Trainer:
             "eval_split": cfg.data.eval_split,
             "metrics": final,
             "history": self.history,
+            "profile": self.profiler.report,
             "versions": _versions(),
         }
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         self.logger.close()
         return summary
+
+    def _train_epochs(self, start_epoch: int, next_batch: int, stop: bool) -> None:
+        """The epochs from ``start_epoch`` (its first ``next_batch`` batches trained already), each evaluated
+        and checkpointed at its end, until they run out or ``stop`` (set by early stopping or the step
+        limit)."""
+        cfg = self.cfg
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if stop:
+                break
+            self.train_reader.set_epoch(epoch)
+            if next_batch:
+                self.train_reader.load_state_dict({"epoch": epoch, "next_batch": next_batch})
+            else:
+                self.epoch_samples = 0
+            self.epoch, self.batches_in_epoch, next_batch = epoch, next_batch, 0
+            batches = self._batches(self.train_reader)
+            if self._pending_rng is not None:
+                self._restore_rng(self._pending_rng)
+                self._pending_rng = None
+            bar = self._progress(self.steps_per_epoch, f"epoch {epoch}", initial=self.batches_in_epoch)
+            epoch_done = self.batches_in_epoch >= self.steps_per_epoch
+            # An epoch runs in segments that end where the job evaluates, checkpoints or stops, and each
+            # segment drains the pipeline: nothing is in flight at those points, so the model in hand
+            # has trained exactly the batches counted (the checkpoint's data cursor), and the
+            # pipeline's prefetched state never meets a forward of another mode.
+            while not (epoch_done or stop):
+                segment = _FetchLog(batches, self._steps_to_next_stop())
+                self._train_segment(segment, bar)
+                epoch_done = segment.exhausted or self.batches_in_epoch >= self.steps_per_epoch
+                if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0:
+                    if self._evaluate_and_track(epoch):
+                        stop, self.stopped_by = True, "early_stop"
+                if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
+                    stop, self.stopped_by = True, self.stopped_by or "max_steps"
+                interval = cfg.checkpoint.interval_steps
+                if interval and self.global_step % interval == 0 and not (epoch_done or stop):
+                    self._save_checkpoint()
+            if bar is not None:
+                bar.close()
+            # A max_steps pause inside an epoch is not an evaluation point: an uninterrupted run has none
+            # there, so evaluating (and possibly keeping a best model, counting patience) would make the
+            # paused-and-resumed run choose differently. The final report below still scores a model.
+            paused = self.stopped_by == "max_steps" and not epoch_done
+            if not paused and (not self.history or self.history[-1]["step"] != self.global_step):
+                if self._evaluate_and_track(epoch):
+                    stop, self.stopped_by = True, self.stopped_by or "early_stop"
+            if epoch_done:
+                self.epoch, self.batches_in_epoch, self.epoch_samples = epoch + 1, 0, 0
+            self._save_checkpoint()
+
+    def _report_profile(self) -> None:
+        if not self.profiler.enabled:
+            return
+        report = self.profiler.report
+        if report is None:
+            self._print(f"profile: the run trained {self.profiler.steps_done} steps, not more than "
+                        f"profile.start_step = {self.cfg.profile.start_step}: nothing recorded")
+            return
+        first, last = report["global_steps"]
+        lines = [f"profile of steps {first}-{last} ({report['steps']} recorded on each rank) in {report['dir']}; "
+                 f"rank 0's operators by self CPU ms per step:"]
+        lines += [f"  {op['self_cpu_ms_per_step']:9.3f}  {op['name']}" for op in report["operators"][:10]]
+        self._print("\n".join(lines))
 
     # ------------------------------------------------------------------------------------------- eval
 

@@ -28,7 +28,9 @@ def _train_args(data: Path, run: Path) -> list[str]:
             "train.eval_every_steps=3",
             # The planner may pick other placements for 2 nodes than for 1 (that is its job); one
             # sharding type for every table makes the two runs compute the same thing.
-            'sharding.sharding_type="table_wise"']
+            'sharding.sharding_type="table_wise"',
+            # Every rank records its own profile window, wherever it runs.
+            "profile.steps=2", "profile.start_step=1"]
 
 
 def test_two_nodes_match_one_node_two_processes(tmp_path):
@@ -61,6 +63,10 @@ def test_two_nodes_match_one_node_two_processes(tmp_path):
     assert a["steps"] == b["steps"] and a["samples_trained"] == b["samples_trained"]
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == value or abs(b["metrics"][key] - value) < 1e-6, key
+    for run in ("one", "two"):
+        for rank in (0, 1):
+            report = json.loads((tmp_path / run / "profile" / f"rank{rank}_operators.json").read_text())
+            assert report["global_steps"] == [2, 3] and (tmp_path / run / "profile" / report["trace"]).exists()
 
 
 def test_topology_knows_local_world_size():
