@@ -208,6 +208,12 @@ def test_env_and_tbe_steps_on_the_cpu(tmp_path):
     report = json.loads((out / "session.json").read_text())
     assert rc == 0, report
     assert [e["status"] for e in report["steps"].values()] == ["ok", "ok"]
+    assert sorted(p.name for p in out.iterdir()) == ["session.json", "session.tar.gz"]  # what the tool brings back
+    import tarfile
+
+    with tarfile.open(out / "session.tar.gz") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    out = tmp_path / "back"
     env = json.loads((out / "env.json").read_text())
     import torch
     import torchrec
@@ -239,3 +245,71 @@ def test_a_rerun_starts_its_step_from_empty_folders(tmp_path):
     step = gpu_session.Step("train", 30, call=lambda s, log: {"left": sorted(p.name for p in s.work.iterdir())},
                             fresh=("run_train",))
     assert gpu_session.run_steps([step], session)["steps"]["train"]["left"] == []
+
+
+@pytest.mark.parametrize("profiled, device", [(True, True), (True, False), (False, False)])
+def test_the_training_step_brings_back_its_profile_window(tmp_path, profiled, device):
+    session = make_session(tmp_path)
+    train = next(step for step in gpu_session.default_steps(sys.executable) if step.name == "train")
+    assert "profile.steps=10" in train.argv(session)[0]
+    run = session.work / "run_train"
+    (run / "profile").mkdir(parents=True)
+    session.out.mkdir()
+    report = {"trace": "rank0.pt.trace.json.gz", "global_steps": [21, 30], "steps": 10,
+              "self_cpu_ms_per_step": 4.2, "operators": []}
+    if device:
+        report["self_device_ms_per_step"] = 3.1
+    (run / "profile" / "rank0_operators.json").write_text(json.dumps(report))
+    (run / "profile" / "rank0.pt.trace.json.gz").write_bytes(b"trace")
+    summary = {"train_samples_per_s": 1e6, "config": {"data": {"num_workers": 2}},
+               "metrics": {"ctr/auc": 0.7, "ctr/logloss": 0.2}, "profile": report if profiled else None}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = gpu_session._collect_train(session)["summary"]
+    assert text.startswith("1,000,000 samples/s with the reader (2 workers); ctr/auc 0.7000")
+    assert ("steps 21-30 profiled: host 4.2 ms/step" in text) == profiled
+    assert ("device 3.1 ms/step" in text) == device
+    assert (session.out / "train_trace.json.gz").exists() == profiled
+    if profiled:
+        assert json.loads((session.out / "train_profile.json").read_text()) == report
+
+
+def test_the_session_comes_back_as_two_files_rewritten_after_each_step(tmp_path):
+    import tarfile
+
+    delivered = tmp_path / "device_out"
+    session = make_session(tmp_path, deliver=delivered)
+    seen_after_first = []
+
+    def second(s, log):
+        with tarfile.open(delivered / "session.tar.gz") as tar:
+            seen_after_first.extend(tar.getnames())
+        (s.out / "figure.json").write_text("{}")
+        return {}
+
+    steps = [gpu_session.Step("first", 30, argv=lambda s: py("print('one')")),
+             gpu_session.Step("second", 30, call=second)]
+    report = gpu_session.run_steps(steps, session)
+    assert sorted(seen_after_first) == ["logs/first.log", "session.json"]  # delivered before the next step ran
+    assert sorted(p.name for p in delivered.iterdir()) == ["session.json", "session.tar.gz"]
+    assert json.loads((delivered / "session.json").read_text()) == report
+    with tarfile.open(delivered / "session.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["figure.json", "logs/first.log", "session.json"]
+        assert b"one" in tar.extractfile("logs/first.log").read()
+
+
+def test_files_past_the_size_limit_stay_out_and_are_named(tmp_path):
+    import tarfile
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "session.json").write_text("{}")
+    (out / "logs" / "train.log").write_text("x" * 100)
+    (out / "train_trace.json.gz").write_bytes(b"t" * 5000)
+    left = gpu_session.deliver(out, tmp_path / "to", max_bytes=1000)
+    assert left == ["train_trace.json.gz"]
+    assert (tmp_path / "to" / "left_out.txt").read_text() == "train_trace.json.gz\n"
+    with tarfile.open(tmp_path / "to" / "session.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["logs/train.log", "session.json"]
+    (out / "train_trace.json.gz").unlink()
+    assert gpu_session.deliver(out, tmp_path / "to", max_bytes=1000) == []
+    assert not (tmp_path / "to" / "left_out.txt").exists()

@@ -6,11 +6,12 @@ bundle of ``benchmarks/gpu/build_bundle.py`` carried as ``.gpu``:
     python3 benchmarks/gpu/session.py --out "$OUT"
 
 It unpacks fbgemm-gpu and installs the small wheels the machine lacks into a site folder, then runs the
-steps below in order, each a subprocess with its own timeout, its log in ``$OUT/logs/<step>.log`` and its
-figures in ``$OUT``; ``$OUT/session.json`` records every step's status and seconds and is rewritten after
-each step, so a job stopped at its limit still returns what had finished. A step whose prerequisite failed,
-or that no longer fits in ``--budget-s``, is skipped and says why; the steps are ordered so that the
-bring-up checks come first and each later one adds a figure.
+steps below in order, each a subprocess with its own timeout, its log in ``logs/<step>.log`` and its
+figures beside it (under ``--work``/out); ``session.json`` records every step's status and seconds. After
+each step all of it is delivered to ``$OUT`` as ``session.tar.gz`` beside a copy of ``session.json`` (the
+device tool brings back at most 8 files), so a job stopped at its limit still returns what had finished.
+A step whose prerequisite failed, or that no longer fits in ``--budget-s``, is skipped and says why; the
+steps are ordered so that the bring-up checks come first and each later one adds a figure.
 
   bringup     unpack the bundle into --site, install the missing small wheels
   env         import torch, fbgemm_gpu, torchrec; the device, driver and versions (env.json)
@@ -18,7 +19,8 @@ bring-up checks come first and each later one adds a figure.
   cuda_tests  tests/test_cuda.py (cuda_tests.xml)
   data        a synthetic Ali-CCP set with a planted truth (launch/generate.py --format parquet)
   train       launch/train.py, 1 rank, the CPU preset on this device: samples/s with the reader, AUCs
-              next to the oracle's (train_summary.json)
+              next to the oracle's (train_summary.json), and 10 of its steps profiled (train_profile.json:
+              host and device ms per step, operators; train_trace.json.gz: the Chrome trace)
   model_step  benchmarks/prebuilt_steps.py: the training step without the reader, preset towers, batch
               4096, 10 more steps profiled for the host's time against the GPU's busy time
               (prebuilt_4096.json), then the paper's towers in bfloat16 at batch 16384 (prebuilt_paper.json)
@@ -98,6 +100,9 @@ class Session:
     budget_s: float
     train_impressions: int
     test_impressions: int
+    deliver: Path | None = None
+    """The device tool's $OUT: what the session writes to ``out`` comes back through it as two files,
+    rewritten after each step (``deliver``)."""
     started: float = field(default_factory=time.monotonic)
 
     def env(self) -> dict[str, str]:
@@ -182,6 +187,8 @@ def run_steps(steps: list[Step], session: Session, min_step_s: float = 10.0) -> 
         report["steps"][step.name] = entry
         report["elapsed_s"] = round(time.monotonic() - session.started, 1)
         (session.out / "session.json").write_text(json.dumps(report, indent=2) + "\n")
+        if session.deliver is not None:
+            deliver(session.out, session.deliver)
         print(f"[{step.name}] {entry['status']}" + (f" ({entry['why']})" if "why" in entry else "")
               + (f" in {entry['seconds']} s" if "seconds" in entry else "")
               + (f": {entry['summary']}" if "summary" in entry else ""), flush=True)
@@ -190,6 +197,41 @@ def run_steps(steps: list[Step], session: Session, min_step_s: float = 10.0) -> 
             tail = log.read_text(errors="replace").splitlines()[-40:]
             print("\n".join(f"    {line}" for line in tail), flush=True)
     return report
+
+
+# The device tool brings back at most 8 files of at most 16 MiB from $OUT (/work/.library/device/README.md),
+# while a session writes a figure file per step, a log per step and a trace: they travel as one archive.
+DELIVER_MAX_BYTES = 15 << 20
+
+
+def deliver(out: Path, to: Path, max_bytes: int = DELIVER_MAX_BYTES) -> list[str]:
+    """Everything under ``out`` as ``to/session.tar.gz``, beside a copy of ``out/session.json`` (the
+    figures at a glance), each replaced whole so that a job stopped mid-write still returns the previous
+    pair. Files that would take the archive past ``max_bytes`` (counted uncompressed, the largest left
+    out first: the traces) stay out, and ``to/left_out.txt`` names them; returns their names."""
+    files = sorted((p for p in out.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    kept, total = [], 0
+    for path in files:
+        size = path.stat().st_size
+        if total + size > max_bytes:
+            break
+        kept.append(path)
+        total += size
+    left_out = [str(p.relative_to(out)) for p in files[len(kept):]]
+    to.mkdir(parents=True, exist_ok=True)
+    staged = to / ".session.tar.gz.partial"
+    with tarfile.open(staged, "w:gz") as tar:
+        for path in kept:
+            tar.add(path, arcname=str(path.relative_to(out)))
+    staged.replace(to / "session.tar.gz")
+    if (out / "session.json").is_file():
+        shutil.copy(out / "session.json", to / ".session.json.partial")
+        (to / ".session.json.partial").replace(to / "session.json")
+    if left_out:
+        (to / "left_out.txt").write_text("".join(f"{name}\n" for name in left_out))
+    else:
+        (to / "left_out.txt").unlink(missing_ok=True)
+    return left_out
 
 
 def wheels_to_install(wheels: list[Path], importable: Callable[[str], bool]) -> list[Path]:
@@ -254,12 +296,22 @@ def _collect_tbe(s: Session) -> dict:
 
 
 def _collect_train(s: Session) -> dict:
-    shutil.copy(s.work / "run_train" / "summary.json", s.out / "train_summary.json")
+    run = s.work / "run_train"
+    shutil.copy(run / "summary.json", s.out / "train_summary.json")
     summary = _json(s.out / "train_summary.json")
     aucs = {k: v for k, v in summary["metrics"].items() if k.endswith("/auc")}
-    return {"summary": f"{summary['train_samples_per_s']:,.0f} samples/s with the reader "
-                       f"({summary['config']['data']['num_workers']} workers); "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in sorted(aucs.items()))}
+    text = (f"{summary['train_samples_per_s']:,.0f} samples/s with the reader "
+            f"({summary['config']['data']['num_workers']} workers); "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(aucs.items())))
+    profile = summary.get("profile")
+    if profile:  # the job's profile window, the reader included: its operators and its trace come back
+        shutil.copy(run / "profile" / "rank0_operators.json", s.out / "train_profile.json")
+        shutil.copy(run / "profile" / profile["trace"], s.out / "train_trace.json.gz")
+        text += (f"; steps {profile['global_steps'][0]}-{profile['global_steps'][1]} profiled: host "
+                 f"{profile['self_cpu_ms_per_step']} ms/step")
+        if "self_device_ms_per_step" in profile:
+            text += f", device {profile['self_device_ms_per_step']} ms/step"
+    return {"summary": text}
 
 
 def _junit(path: Path) -> dict:
@@ -313,7 +365,9 @@ def default_steps(python: str) -> list[Step]:
     def train(s: Session) -> list[list[str]]:
         return [[*run, "launch/train.py", "--config", "configs/synthetic_cpu.toml", dataset(s),
                  f'run_dir="{s.work / "run_train"}"', f'sharding.device="{s.device}"', "train.epochs=1",
-                 "train.progress_bar=false", "data.batch_size=4096", f"data.num_workers={train_workers()}"]]
+                 "train.progress_bar=false", "data.batch_size=4096", f"data.num_workers={train_workers()}",
+                 # 10 steps of the job profiled, the reader included (train_profile.json, train_trace.json.gz)
+                 "profile.steps=10"]]
 
     def prebuilt(s: Session) -> list[list[str]]:
         def command(name: str, options: tuple[str, ...], *settings: str) -> list[str]:
@@ -360,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the bundle is unpacked; --no-bundle uses the interpreter's own packages")
     parser.add_argument("--no-bundle", action="store_true", help="torchrec and fbgemm-gpu are installed already")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dist_mtl_gpu_work"), help="data and run folders")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="the whole session's time")
+    # 300 s: the device tool lends 15 minutes a task, machine start included, and a rerun must still fit.
+    parser.add_argument("--budget-s", type=float, default=300.0, help="the whole session's time")
     parser.add_argument("--only", default="", help="comma-separated step names to run (default: all)")
     parser.add_argument("--allow-cpu", action="store_true", help="rehearse on the CPU when there is no GPU")
     parser.add_argument("--train-impressions", type=int, default=2_000_000)
@@ -376,9 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("CUDA is not available here; pass --allow-cpu to rehearse the session on the CPU")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    session = Session(out=args.out, work=args.work, site=None if args.no_bundle else args.site, bundle=args.bundle,
+    # The figures and logs are written under the work folder and delivered to --out as an archive.
+    figures = args.work / "out"
+    shutil.rmtree(figures, ignore_errors=True)  # a rerun on a warm machine delivers its own files only
+    figures.mkdir()
+    session = Session(out=figures, work=args.work, site=None if args.no_bundle else args.site, bundle=args.bundle,
                       python=sys.executable, device=device, budget_s=args.budget_s,
-                      train_impressions=args.train_impressions, test_impressions=args.test_impressions)
+                      train_impressions=args.train_impressions, test_impressions=args.test_impressions,
+                      deliver=args.out)
     steps = default_steps(sys.executable)
     if args.only:
         wanted = set(args.only.split(","))
@@ -391,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_steps(steps, session)
     failed = [n for n, e in report["steps"].items() if e["status"] in ("failed", "timeout")]
     print(f"session: {len(report['steps'])} steps in {report['elapsed_s']} s on {device}; "
-          + (f"failed: {', '.join(failed)}" if failed else "none failed") + f"; figures and logs in {args.out}")
+          + (f"failed: {', '.join(failed)}" if failed else "none failed")
+          + f"; figures and logs in {figures}, delivered as {args.out / 'session.tar.gz'} and session.json")
     return 1 if failed else 0
 
 
