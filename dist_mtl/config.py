@@ -181,6 +181,10 @@ class OptimizerConfig:
     """Learning rate of the dense parameters."""
     weight_decay: float = 0.0
     """Weight decay of the dense parameters."""
+    dense_grad_clip_norm: float = 0.0
+    """Clip the dense parameters' gradients to this total (L2) norm before each dense step (0: no
+    clipping); the norm before clipping is then logged as train/grad_norm/dense. The tables' gradients
+    are not clipped: their (row-wise) Adagrad normalises each row's steps already."""
     dense_lr_warmup_steps: int = 0
     """Steps over which the dense learning rate rises linearly to dense_lr (0: no warm-up)."""
     dense_lr_decay: str = "none"
@@ -525,6 +529,9 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optimizer.dense must be one of {DENSE_OPTIMIZERS}, got {o.dense!r}")
     positive("optimizer.sparse_lr", o.sparse_lr)
     positive("optimizer.dense_lr", o.dense_lr)
+    if not (o.dense_grad_clip_norm >= 0 and math.isfinite(o.dense_grad_clip_norm)):
+        raise ConfigError(f"optimizer.dense_grad_clip_norm must be >= 0 and finite (0: no clipping), "
+                          f"got {o.dense_grad_clip_norm}")
     positive("optimizer.sparse_eps", o.sparse_eps)
     for where, per_field in (("optimizer.field_sparse_lr", o.field_sparse_lr),
                              ("optimizer.field_sparse_eps", o.field_sparse_eps)):

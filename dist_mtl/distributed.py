@@ -23,7 +23,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper, OptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -386,7 +386,10 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
         "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
         "sgd": lambda p: torch.optim.SGD(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
     }
-    optimizers = [("dense", KeyedOptimizerWrapper(dense, factories[cfg.dense]))]
+    dense_part: KeyedOptimizer = KeyedOptimizerWrapper(dense, factories[cfg.dense])
+    if cfg.dense_grad_clip_norm > 0:
+        dense_part = DenseGradClipping(dense_part, cfg.dense_grad_clip_norm)
+    optimizers = [("dense", dense_part)]
     if tables:
         table_cls = sparse_optimizer(cfg.sparse, next(iter(tables.values())).device)
         # One parameter group per table: each with its table's settings (optimizer.field_sparse_*).
@@ -395,6 +398,32 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
             ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda _: table_cls(groups)))
         )
     return CombinedOptimizer(optimizers)
+
+
+class DenseGradClipping(OptimizerWrapper):
+    """Clips the wrapped optimizer's gradients to a total L2 norm before its step, and keeps the norm
+    they had (``last_norm``, a tensor: read it when logging, not every step, to spare a device sync).
+
+    TorchRec's GradientClippingOptimizer clips the same way, but keeps the norm only from torchrec 1.8
+    on (``track_grad_norm``); the GPU stack's 1.6.1 does not, and the norm is what a user picks the
+    limit by. The dense parameters' gradients are all-reduced by DDP before the step, so every rank
+    computes the same norm and clips alike.
+    """
+
+    def __init__(self, optimizer: KeyedOptimizer, max_norm: float):
+        super().__init__(optimizer)
+        self.max_norm = max_norm
+        self.last_norm: torch.Tensor | None = None
+
+    def step(self, closure: Any = None) -> None:
+        grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.last_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_norm) if grads else None
+        super().step(closure)
+
+
+def dense_grad_clipping(optimizer: CombinedOptimizer) -> DenseGradClipping | None:
+    """``dense_optimizer``'s clipping wrapper, when it clips."""
+    return next((o for _, o in optimizer.optimizers if isinstance(o, DenseGradClipping)), None)
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:

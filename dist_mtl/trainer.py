@@ -39,6 +39,7 @@ from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloa
 from dist_mtl.data.schema import USER_ROW_COLUMN, DatasetMetadata
 from dist_mtl.distributed import (
     DistContext,
+    dense_grad_clipping,
     dense_optimizer,
     init_distributed,
     init_embedding_tables,
@@ -148,6 +149,7 @@ class Trainer:
         self.model, self.plan = shard_model(step, self.ctx, cfg.sharding, cfg.optimizer, cfg.data.batch_size, loads)
         init_embedding_tables(self.model, cfg.train.seed, cfg.model.field_init_scale)
         self.optimizer = dense_optimizer(self.model, cfg.optimizer)
+        self.grad_clipping = dense_grad_clipping(self.optimizer)
         self.pipeline = (
             TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device) if cfg.train.pipeline else None
         )
@@ -343,9 +345,10 @@ class Trainer:
                 self._raise_if_nonfinite()
                 losses = self._job_losses(task_losses)
                 rate = window_samples / max(time.perf_counter() - t0, 1e-9)
-                self.logger.log({**losses, "samples_per_s": rate,
-                                 "lr/dense": self.optimizer.param_groups[0]["lr"]},
-                                self.global_step, prefix="train/")
+                logged = {**losses, "samples_per_s": rate, "lr/dense": self.optimizer.param_groups[0]["lr"]}
+                if self.grad_clipping is not None and self.grad_clipping.last_norm is not None:
+                    logged["grad_norm/dense"] = float(self.grad_clipping.last_norm)  # this step's, before clipping
+                self.logger.log(logged, self.global_step, prefix="train/")
                 if bar is not None:
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "samples/s": f"{rate:,.0f}"})
                 t0, window_samples = time.perf_counter(), 0

@@ -63,6 +63,48 @@ def test_dense_adam_is_fused_and_trains_as_the_for_loop_adam(monkeypatch):
         assert a == pytest.approx(b, rel=1e-5)
 
 
+def _dense_grads(dmp):
+    return {k: p.grad.clone() for k, p in dmp.named_parameters()
+            if p.grad is not None and "embedding_bags" not in k}
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+def test_dense_gradients_are_clipped_to_the_norm_before_the_step(max_norm):
+    dmp, _, opt = build('sharding.sharding_type="data_parallel"', 'optimizer.dense="sgd"', "optimizer.dense_lr=0.5",
+                        f"optimizer.dense_grad_clip_norm={max_norm}")
+    clipping = distributed.dense_grad_clipping(opt)
+    assert clipping is not None and dict(opt.optimizers)["dense"] is clipping
+    loss, _ = dmp(random_batch(5, 40, seed=0))
+    opt.zero_grad()
+    loss.backward()
+    grads = _dense_grads(dmp)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    before = {k: p.detach().clone() for k, p in dmp.named_parameters() if k in grads}
+    opt.step()
+    assert float(clipping.last_norm) == pytest.approx(float(norm), rel=1e-5)  # the norm before clipping
+    scale = min(1.0, max_norm / float(norm))
+    assert (scale < 1.0) == (max_norm < 1.0)
+    for k, p in dmp.named_parameters():
+        if k in grads:  # plain SGD: each dense parameter moved by lr x its clipped gradient
+            torch.testing.assert_close(before[k] - p.detach(), 0.5 * scale * grads[k], rtol=1e-4, atol=1e-7)
+    # The data-parallel tables, stepped by the table optimizer, are not clipped: their rows moved as far as
+    # without clipping.
+    unclipped, _, unclipped_opt = build('sharding.sharding_type="data_parallel"', 'optimizer.dense="sgd"',
+                                        "optimizer.dense_lr=0.5")
+    assert distributed.dense_grad_clipping(unclipped_opt) is None
+    loss, _ = unclipped(random_batch(5, 40, seed=0))
+    unclipped_opt.zero_grad()
+    loss.backward()
+    unclipped_opt.step()
+    torch.testing.assert_close(_table(dmp, "205"), _table(unclipped, "205"))
+
+
+def test_a_negative_or_infinite_clip_norm_is_refused():
+    for value in ("-1.0", "inf"):
+        with pytest.raises(ConfigError, match="optimizer.dense_grad_clip_norm must be >= 0 and finite"):
+            load_config(None, [f"optimizer.dense_grad_clip_norm={value}"])
+
+
 def _table(dmp, field):
     """The whole table of ``field`` (one rank holds every shard here)."""
     (value,) = [v for k, v in dmp.state_dict().items() if k.endswith(f".embedding_bags.t_{field}.weight")]

@@ -257,3 +257,19 @@ def test_factor_model_trains_through_the_pipeline(dataset, tmp_path, head):
     plain = train_checking_path(small_config(dataset, tmp_path / "plain", "train.pipeline=false", *overrides))
     for key in ("ctr/auc", "cvr/auc", "ctcvr/logloss"):
         assert piped["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-5, abs=1e-7), key
+
+
+def test_dense_gradient_clipping_logs_the_norm_and_resumes(dataset, tmp_path):
+    clipped = Trainer(small_config(dataset, tmp_path / "clipped", "optimizer.dense_grad_clip_norm=1e-4")).train()
+    log = (tmp_path / "clipped" / "tensorboard" / "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in log.splitlines()]
+    norms = [line["train/grad_norm/dense"] for line in lines if "train/grad_norm/dense" in line]
+    assert norms and all(n > 1e-4 for n in norms)  # the norms before clipping, every one above the limit
+    plain = Trainer(small_config(dataset, tmp_path / "plain")).train()
+    assert clipped["metrics"]["ctr/logloss"] != plain["metrics"]["ctr/logloss"]
+    assert not any("train/grad_norm/dense" in line
+                   for line in (tmp_path / "plain" / "tensorboard" / "metrics.jsonl").read_text().splitlines())
+    # The clipped optimizer's state goes through a checkpoint: a second epoch resumes from the first.
+    resumed = Trainer(small_config(dataset, tmp_path / "clipped", "optimizer.dense_grad_clip_norm=1e-4",
+                                   "train.epochs=2")).train()
+    assert resumed["resumed_from"] is not None and resumed["steps"] == 2 * clipped["steps"]
