@@ -455,7 +455,8 @@ def predict_split(
                               f"--no-metrics scores it without evaluating") from None
     reader = ParquetGroupReader(
         data_root, split, batch_size, rank=0, world_size=1, shuffle=False,
-        extra_columns=[SAMPLE_ID_COLUMN, *task_columns(tasks, weights=False), *([group_column] if group_column else [])],
+        extra_columns=[SAMPLE_ID_COLUMN, *task_columns(tasks, weights=False),
+                       *([group_column] if group_column else [])],
         weight_transform=model.info["weight_transform"],
     )
     evaluation = TaskMetrics(tasks, group_column=group_column) if metrics else None

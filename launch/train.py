@@ -1,4 +1,5 @@
-"""Train a multi-task head (ESMM, MMOE, PLE or Shared-Bottom): ``torchrun --nproc_per_node=N launch/train.py --config configs/x.toml key=value ...``.
+"""Train a multi-task head (ESMM, MMOE, PLE or Shared-Bottom):
+``torchrun --nproc_per_node=N launch/train.py --config configs/x.toml key=value ...``.
 
 Also runs as a plain ``python launch/train.py`` (one process). Overrides use the config's dotted names,
 e.g. ``model.head=mmoe data.batch_size=8192 'model.tower_dims=[16,8]'``.

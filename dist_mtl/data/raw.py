@@ -494,7 +494,8 @@ def _diagnose(line: bytes, kind: RawFileKind) -> tuple[str, str, str]:
 
     if line.startswith(UTF8_BOM):
         first = kind.columns[0]
-        return first, reason_of(first), "the line starts with a UTF-8 byte-order mark (EF BB BF); write the file without one"
+        return (first, reason_of(first),
+                "the line starts with a UTF-8 byte-order mark (EF BB BF); write the file without one")
     for name, type_ in zip(kind.columns, kind.types):
         if name == "feature_list":
             continue

@@ -47,7 +47,8 @@ def build_ebc(
     return EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device(device))
 
 
-def field_columns(fields: Sequence[FieldSpec], embedding_dim: int, field_dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+def field_columns(fields: Sequence[FieldSpec], embedding_dim: int,
+                  field_dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
     """The ``[start, stop)`` columns of each field's pooled embedding in a side's row (schema order, as
     ``pooled_by_name`` lays them out)."""
     columns, start = {}, 0
