@@ -89,3 +89,13 @@ def test_training_records_its_window_and_reports_it(tmp_path, capsys):
     unprofiled = Trainer(_small_config(data, tmp_path / "unprofiled")).train()
     assert unprofiled["metrics"] == summary["metrics"] and unprofiled["profile"] is None
     assert not (tmp_path / "unprofiled" / "profile").exists()
+
+
+def test_a_run_shorter_than_start_step_says_nothing_was_recorded(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_random_dataset(data, splits={"train": 120, "test": 50}, seed=5)
+    summary = Trainer(_small_config(data, tmp_path / "run", "profile.steps=2", "profile.start_step=100")).train()
+    assert summary["profile"] is None and summary["steps"] < 100
+    assert (f"profile: the run trained {summary['steps']} steps, not more than profile.start_step = 100: "
+            "nothing recorded") in capsys.readouterr().out
+    assert not any((tmp_path / "run" / "profile").iterdir())
