@@ -20,11 +20,16 @@ those is the profiler's own warm-up step, whose events are dropped). Each rank w
 What runs between the window's steps is recorded with them: an evaluation or a checkpoint that falls
 inside it shows in the trace and the operators. A run that ends inside the window writes what it
 recorded, and says how many steps that was.
+
+``peak_memory_mb`` is the other half of sizing a job: the process's peak resident memory and, on a GPU,
+the device's peak allocated and reserved memory, which the trainer logs and reports per rank.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from dist_mtl.config import ProfileConfig
 
-__all__ = ["StepProfiler", "operator_summary"]
+__all__ = ["StepProfiler", "operator_summary", "peak_memory_mb"]
 
 TOP_OPERATORS = 30
 
@@ -57,6 +62,17 @@ def operator_summary(averages, steps: int, top: int = TOP_OPERATORS, device: boo
             {"name": e.key, "self_device_ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3),
              "calls_per_step": round(e.count / steps, 2)} for e in on_device[:top] if e.self_device_time_total > 0]
     return result
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory so far (``ru_maxrss``: the process alone, not its reader
+    workers) and, on CUDA, ``device``'s peak allocated and reserved memory, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"host_peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}  # Linux: KiB; macOS: bytes
+    if device.type == "cuda":
+        out["device_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["device_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return out
 
 
 class StepProfiler:

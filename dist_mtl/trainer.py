@@ -49,7 +49,7 @@ from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.profiling import StepProfiler
+from dist_mtl.profiling import StepProfiler, peak_memory_mb
 from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
 
 
@@ -345,7 +345,8 @@ class Trainer:
                 self._raise_if_nonfinite()
                 losses = self._job_losses(task_losses)
                 rate = window_samples / max(time.perf_counter() - t0, 1e-9)
-                logged = {**losses, "samples_per_s": rate, "lr/dense": self.optimizer.param_groups[0]["lr"]}
+                logged = {**losses, "samples_per_s": rate, "lr/dense": self.optimizer.param_groups[0]["lr"],
+                          **{f"memory/{k}": v for k, v in peak_memory_mb(self.ctx.device).items()}}  # rank 0's
                 if self.grad_clipping is not None and self.grad_clipping.last_norm is not None:
                     logged["grad_norm/dense"] = float(self.grad_clipping.last_norm)  # this step's, before clipping
                 self.logger.log(logged, self.global_step, prefix="train/")
@@ -390,6 +391,10 @@ class Trainer:
                 self._load_best()
             final = self.evaluate(cfg.data.eval_split)
         self._print(f"final {cfg.data.eval_split} (model of step {best_step}): {self._fmt(final)}")
+        peak_memory = self._peak_memory_by_rank()
+        self._print("peak memory per rank (MiB): " + "; ".join(
+            f"{k.removesuffix('_mb')} " + " / ".join(f"{v:,.0f}" for v in per_rank)
+            for k, per_rank in peak_memory.items()))
         self.logger.log(final, self.global_step, prefix=f"final/{cfg.data.eval_split}/")
         summary = {
             "config": cfg.to_dict(),
@@ -413,6 +418,7 @@ class Trainer:
             "metrics": final,
             "history": self.history,
             "profile": self.profiler.report,
+            "peak_memory_mb": peak_memory,
             "versions": _versions(),
         }
         if self.ctx.is_main:
@@ -468,6 +474,15 @@ class Trainer:
             if epoch_done:
                 self.epoch, self.batches_in_epoch, self.epoch_samples = epoch + 1, 0, 0
             self._save_checkpoint()
+
+    def _peak_memory_by_rank(self) -> dict[str, list[float]]:
+        """Each rank's ``peak_memory_mb`` so far (collective), by rank: training and evaluation included."""
+        mine = peak_memory_mb(self.ctx.device)
+        local = torch.tensor(list(mine.values()), dtype=torch.float64, device=self.ctx.device)
+        gathered = [torch.empty_like(local) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, local)
+        by_rank = torch.stack(gathered).cpu()
+        return {k: [round(float(v), 1) for v in by_rank[:, i]] for i, k in enumerate(mine)}
 
     def _report_profile(self) -> None:
         if not self.profiler.enabled:

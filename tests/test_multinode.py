@@ -61,6 +61,9 @@ def test_two_nodes_match_one_node_two_processes(tmp_path):
     assert (a["world_size"], a["num_nodes"], a["local_world_size"]) == (2, 1, 2)
     assert (b["world_size"], b["num_nodes"], b["local_world_size"]) == (2, 2, 1)
     assert a["steps"] == b["steps"] and a["samples_trained"] == b["samples_trained"]
+    for summary in (a, b):  # every rank's peak memory reaches the summary
+        assert len(summary["peak_memory_mb"]["host_peak_rss_mb"]) == 2
+        assert all(v > 0 for v in summary["peak_memory_mb"]["host_peak_rss_mb"])
     for key, value in a["metrics"].items():
         assert b["metrics"][key] == value or abs(b["metrics"][key] - value) < 1e-6, key
     for run in ("one", "two"):

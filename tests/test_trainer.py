@@ -49,6 +49,11 @@ def test_train_writes_config_summary_and_tensorboard(dataset, tmp_path):
         assert math.isfinite(summary["metrics"][f"{task}/logloss"])
     assert len(summary["history"]) == 2  # one evaluation per epoch
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
+    # Peak memory: logged by rank 0 as it grows, and the job's peak per rank in the summary.
+    (peak,) = on_disk["peak_memory_mb"]["host_peak_rss_mb"]
+    log = [json.loads(line) for line in (run / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    logged = [line["train/memory/host_peak_rss_mb"] for line in log if "train/memory/host_peak_rss_mb" in line]
+    assert logged and logged == sorted(logged) and 0 < logged[-1] <= peak
     assert len(list((run / "best").glob("step-*/.metadata"))) == 1
     assert len(list((run / "checkpoints").glob("step-*/extra.pt"))) == 2  # one per epoch
 
