@@ -540,6 +540,41 @@ class Trainer:
         self.eval_seconds += time.perf_counter() - start
         return metrics
 
+    def evaluate_checkpoint(self, path: str | Path) -> dict:
+        """A committed checkpoint's model on ``data.eval_split``, on this job's ranks, without training
+        (launch/evaluate.py): the metrics a training run reports for it, at any world size (the tables are
+        resharded on load). Refused as ``checkpoint.init_from`` refuses: another id space, model shape or
+        computing setting. Writes ``<run_dir>/evaluation.json`` and TensorBoard's ``final/<split>/``."""
+        path = Path(path)
+        if not is_committed(path):
+            raise ConfigError(f"{path} is not a committed checkpoint (a step-NNNNNNNN folder holding "
+                              f"{DCP_METADATA_FILE} and {SIDE_FILE})")
+        wall_start = time.perf_counter()
+        self._check_carries_over(path, "init_from")
+        extra = self.checkpoints.load(path, self.model, self.optimizer)
+        split = self.cfg.data.eval_split
+        metrics = self.evaluate(split)
+        self._print(f"{split} (model of {path}, step {extra.get('step')}): {self._fmt(metrics)}")
+        self.logger.log(metrics, int(extra.get("step") or 0), prefix=f"final/{split}/")
+        report = {
+            "checkpoint": str(path),
+            "step": extra.get("step"),
+            "data_path": self.cfg.data.path,
+            "split": split,
+            "world_size": self.ctx.world_size,
+            "device": str(self.ctx.device),
+            "metrics": metrics,
+            "eval_seconds": self.eval_seconds,
+            "wall_seconds": time.perf_counter() - wall_start,
+            "peak_memory_mb": self._peak_memory_by_rank(),
+            "config": self.cfg.to_dict(),
+            "versions": _versions(),
+        }
+        if self.ctx.is_main:
+            (self.run_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=str))
+        self.logger.close()
+        return report
+
     def _evaluate_and_track(self, epoch: int) -> bool:
         """Evaluate on the validation split, keep the best model; True when early stopping says stop."""
         best_value, best_step, bad_evals = self.best
