@@ -33,11 +33,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from dist_mtl.config import ProfileConfig
 
-__all__ = ["StepProfiler", "operator_summary", "peak_memory_mb"]
+__all__ = ["StepProfiler", "operator_summary", "peak_memory_by_rank", "peak_memory_mb"]
 
 TOP_OPERATORS = 30
 
@@ -73,6 +74,16 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
         out["device_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["device_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
     return out
+
+
+def peak_memory_by_rank(device: torch.device, world_size: int) -> dict[str, list[float]]:
+    """Every rank's ``peak_memory_mb`` so far, by rank (collective: every rank calls it)."""
+    mine = peak_memory_mb(device)
+    local = torch.tensor(list(mine.values()), dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    by_rank = torch.stack(gathered).cpu()
+    return {k: [round(float(v), 1) for v in by_rank[:, i]] for i, k in enumerate(mine)}
 
 
 class StepProfiler:
@@ -119,6 +130,18 @@ class StepProfiler:
         if self._profile is not None:
             prof, self._profile = self._profile, None
             prof.__exit__(*exc)  # writes a window the run ended inside of
+
+    def describe(self) -> str:
+        """What the window recorded, with this rank's top operators; or why nothing was recorded."""
+        report = self.report
+        if report is None:
+            return (f"profile: the run trained {self.steps_done} steps, not more than profile.start_step = "
+                    f"{self.cfg.start_step}: nothing recorded")
+        first, last = report["global_steps"]
+        lines = [f"profile of steps {first}-{last} ({report['steps']} recorded on each rank) in {report['dir']}; "
+                 f"rank {self.rank}'s operators by self CPU ms per step:"]
+        lines += [f"  {op['self_cpu_ms_per_step']:9.3f}  {op['name']}" for op in report["operators"][:10]]
+        return "\n".join(lines)
 
     def _write(self, prof: profile) -> None:
         recorded = len(self.global_steps)

@@ -49,7 +49,7 @@ from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.profiling import StepProfiler, peak_memory_mb
+from dist_mtl.profiling import StepProfiler, peak_memory_by_rank, peak_memory_mb
 from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
 
 
@@ -379,7 +379,8 @@ class Trainer:
             self.stopped_by = ""
         with self.profiler:
             self._train_epochs(start_epoch, next_batch, stop)
-        self._report_profile()
+        if self.profiler.enabled:
+            self._print(self.profiler.describe())
         best_value, best_step, _ = self.best
 
         last = self.history[-1] if self.history else {}
@@ -391,7 +392,7 @@ class Trainer:
                 self._load_best()
             final = self.evaluate(cfg.data.eval_split)
         self._print(f"final {cfg.data.eval_split} (model of step {best_step}): {self._fmt(final)}")
-        peak_memory = self._peak_memory_by_rank()
+        peak_memory = peak_memory_by_rank(self.ctx.device, self.ctx.world_size)
         self._print("peak memory per rank (MiB): " + "; ".join(
             f"{k.removesuffix('_mb')} " + " / ".join(f"{v:,.0f}" for v in per_rank)
             for k, per_rank in peak_memory.items()))
@@ -475,29 +476,6 @@ class Trainer:
                 self.epoch, self.batches_in_epoch, self.epoch_samples = epoch + 1, 0, 0
             self._save_checkpoint()
 
-    def _peak_memory_by_rank(self) -> dict[str, list[float]]:
-        """Each rank's ``peak_memory_mb`` so far (collective), by rank: training and evaluation included."""
-        mine = peak_memory_mb(self.ctx.device)
-        local = torch.tensor(list(mine.values()), dtype=torch.float64, device=self.ctx.device)
-        gathered = [torch.empty_like(local) for _ in range(self.ctx.world_size)]
-        dist.all_gather(gathered, local)
-        by_rank = torch.stack(gathered).cpu()
-        return {k: [round(float(v), 1) for v in by_rank[:, i]] for i, k in enumerate(mine)}
-
-    def _report_profile(self) -> None:
-        if not self.profiler.enabled:
-            return
-        report = self.profiler.report
-        if report is None:
-            self._print(f"profile: the run trained {self.profiler.steps_done} steps, not more than "
-                        f"profile.start_step = {self.cfg.profile.start_step}: nothing recorded")
-            return
-        first, last = report["global_steps"]
-        lines = [f"profile of steps {first}-{last} ({report['steps']} recorded on each rank) in {report['dir']}; "
-                 f"rank 0's operators by self CPU ms per step:"]
-        lines += [f"  {op['self_cpu_ms_per_step']:9.3f}  {op['name']}" for op in report["operators"][:10]]
-        self._print("\n".join(lines))
-
     # ------------------------------------------------------------------------------------------- eval
 
     @contextlib.contextmanager
@@ -566,7 +544,7 @@ class Trainer:
             "metrics": metrics,
             "eval_seconds": self.eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
-            "peak_memory_mb": self._peak_memory_by_rank(),
+            "peak_memory_mb": peak_memory_by_rank(self.ctx.device, self.ctx.world_size),
             "config": self.cfg.to_dict(),
             "versions": _versions(),
         }
