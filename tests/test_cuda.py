@@ -126,3 +126,28 @@ def test_profiled_steps_report_the_gpu_time_of_each_operator():
     profile = prebuilt_steps.profile_steps(lambda: {"loss": (a @ a).sum()}, 4, top=5, cuda=True)
     names = {op["name"] for op in profile["device_operators"]}
     assert profile["self_device_ms_per_step"] > 0 and any("mm" in n or "gemm" in n.lower() for n in names), names
+
+
+def test_the_trainer_profiles_reports_device_memory_and_evaluates_its_checkpoint_on_cuda(tmp_path):
+    """The job on CUDA with the reader: a profiled window with the GPU's operators, the device's peak memory
+    in the summary, and launch/evaluate.py's path (Trainer.evaluate_checkpoint) giving the run's AUCs."""
+    from data_helpers import write_random_dataset
+
+    from dist_mtl.trainer import Trainer
+
+    write_random_dataset(tmp_path / "data", splits={"train": 120, "test": 50}, seed=5)
+
+    def config(run: str, *extra: str):
+        return load_config(None, [f'data.path="{tmp_path / "data"}"', f'run_dir="{tmp_path / run}"',
+                                  'sharding.device="cuda"', "data.batch_size=16", "data.eval_batch_size=256",
+                                  "model.embedding_dim=8", "model.tower_dims=[16,8]", "train.progress_bar=false",
+                                  *extra])
+
+    summary = Trainer(config("run", "profile.steps=2", "profile.start_step=3")).train()
+    profile = summary["profile"]
+    assert profile["steps"] == 2 and profile["self_device_ms_per_step"] > 0 and profile["device_operators"]
+    assert summary["peak_memory_mb"]["device_peak_allocated_mb"][0] > 0
+    (best,) = sorted((tmp_path / "run" / "best").glob("step-*"))
+    report = Trainer(config("eval", "checkpoint.resume=false")).evaluate_checkpoint(best)
+    for task in ("ctr", "cvr", "ctcvr"):
+        assert report["metrics"][f"{task}/auc"] == summary["metrics"][f"{task}/auc"]
