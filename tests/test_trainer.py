@@ -53,7 +53,7 @@ def test_train_writes_config_summary_and_tensorboard(dataset, tmp_path):
     (peak,) = on_disk["peak_memory_mb"]["host_peak_rss_mb"]
     log = [json.loads(line) for line in (run / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     logged = [line["train/memory/host_peak_rss_mb"] for line in log if "train/memory/host_peak_rss_mb" in line]
-    assert logged and logged == sorted(logged) and 0 < logged[-1] <= peak
+    assert logged and logged == sorted(logged) and 0 < logged[-1] <= peak + 0.05  # the summary's is rounded to 0.1
     assert len(list((run / "best").glob("step-*/.metadata"))) == 1
     assert len(list((run / "checkpoints").glob("step-*/extra.pt"))) == 2  # one per epoch
 
