@@ -47,7 +47,6 @@ def operator_summary(averages, steps: int, top: int = TOP_OPERATORS, device: boo
     """``torch.profiler``'s ``key_averages()`` of ``steps`` steps as JSON-ready figures per step: the
     ``top`` operators by self host (CPU) time, and with ``device`` the device's busy time per step and the
     ``top`` operators by self device time."""
-    steps = max(steps, 1)
     events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     result = {
         "steps": steps,

@@ -53,6 +53,11 @@ from dist_mtl.profiling import StepProfiler, peak_memory_by_rank, peak_memory_mb
 from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
 
 
+def _not_committed(what: str) -> ConfigError:
+    return ConfigError(f"{what} is not a committed checkpoint (a step-NNNNNNNN folder holding {DCP_METADATA_FILE} "
+                       f"and {SIDE_FILE})")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
 
@@ -131,8 +136,7 @@ class Trainer:
         # checkpoints no longer needs the one it started from (which may have been pruned since).
         if (cfg.checkpoint.init_from and not is_committed(cfg.checkpoint.init_from)
                 and self._own_checkpoint() is None):
-            raise ConfigError(f"checkpoint.init_from = {cfg.checkpoint.init_from!r} is not a committed checkpoint "
-                              f"(a step-NNNNNNNN folder holding {DCP_METADATA_FILE} and {SIDE_FILE})")
+            raise _not_committed(f"checkpoint.init_from = {cfg.checkpoint.init_from!r}")
         self.metadata = DatasetMetadata.load(cfg.data.path)
         # Checked here, not when first read: the evaluation split is first opened after a whole epoch.
         for key, split in (("train_split", cfg.data.train_split), ("val_split", cfg.data.val_split),
@@ -525,18 +529,17 @@ class Trainer:
         computing setting. Writes ``<run_dir>/evaluation.json`` and TensorBoard's ``final/<split>/``."""
         path = Path(path)
         if not is_committed(path):
-            raise ConfigError(f"{path} is not a committed checkpoint (a step-NNNNNNNN folder holding "
-                              f"{DCP_METADATA_FILE} and {SIDE_FILE})")
+            raise _not_committed(str(path))
         wall_start = time.perf_counter()
-        self._check_carries_over(path, "init_from")
-        extra = self.checkpoints.load(path, self.model, self.optimizer)
+        self._load_other_run(path)
+        step = self.checkpoints.last_load.step
         split = self.cfg.data.eval_split
         metrics = self.evaluate(split)
-        self._print(f"{split} (model of {path}, step {extra.get('step')}): {self._fmt(metrics)}")
-        self.logger.log(metrics, int(extra.get("step") or 0), prefix=f"final/{split}/")
+        self._print(f"{split} (model of {path}, step {step}): {self._fmt(metrics)}")
+        self.logger.log(metrics, step, prefix=f"final/{split}/")
         report = {
             "checkpoint": str(path),
-            "step": extra.get("step"),
+            "step": step,
             "data_path": self.cfg.data.path,
             "split": split,
             "world_size": self.ctx.world_size,
@@ -724,10 +727,15 @@ class Trainer:
                 raise CheckpointMismatchError(f"{path} computes otherwise under this run's config: "
                                               + "; ".join(differ) + f"; {remedy}")
 
+    def _load_other_run(self, path: Path) -> dict:
+        """Another run's committed checkpoint into this job's model and optimizers, once it is known to mean
+        the same here (checkpoint.init_from, evaluate_checkpoint); returns its extra."""
+        self._check_carries_over(path, "init_from")
+        return self.checkpoints.load(path, self.model, self.optimizer)
+
     def _initialize_from(self, path: Path) -> None:
         """checkpoint.init_from: another run's model and optimizer state, none of its training position."""
-        self._check_carries_over(path, "init_from")
-        extra = self.checkpoints.load(path, self.model, self.optimizer)
+        extra = self._load_other_run(path)
         report = self.checkpoints.last_load
         self.initialized_from = {"checkpoint": str(path), "step": report.step,
                                  "world_size": report.saved_world_size,
