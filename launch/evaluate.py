@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.train import config_or_usage_error, quiet_library_noise, run_as_script  # noqa: E402
+from launch.train import quiet_library_noise, run_as_script, run_config_or_usage_error  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
     args = parser.parse_args(argv)
 
-    config_path = args.config or args.checkpoint.resolve().parent.parent / "config.toml"
-    if not config_path.is_file():
-        parser.error(f"no config at {config_path}; pass --config")
-    cfg = config_or_usage_error(parser, config_path, args.overrides)
+    # <run_dir>/checkpoints/step-N or <run_dir>/best/step-N
+    cfg = run_config_or_usage_error(parser, args.checkpoint.resolve().parent.parent, args.config, args.overrides)
     split = args.split or cfg.data.eval_split
     cfg.run_dir = str(args.out)
     cfg.checkpoint.resume = False

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.train import config_or_usage_error  # noqa: E402
+from launch.train import run_config_or_usage_error  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
         checkpoint = args.checkpoint
         # <run_dir>/checkpoints/step-NNNNNNNN
         run_dir = checkpoint.resolve().parent.parent
-    config_path = args.config or run_dir / "config.toml"
-    if not config_path.is_file():
-        parser.error(f"no config at {config_path}; pass --config")
-    cfg = config_or_usage_error(parser, config_path, args.overrides)
+    cfg = run_config_or_usage_error(parser, run_dir, args.config, args.overrides)
     try:
         out = export_model(args.out, cfg, checkpoint=checkpoint, id_maps_from=args.id_maps_from,
                            with_id_maps=not args.without_id_maps)

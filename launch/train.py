@@ -44,6 +44,16 @@ def config_or_usage_error(parser: argparse.ArgumentParser, path: str | os.PathLi
         parser.error(str(e))
 
 
+def run_config_or_usage_error(parser: argparse.ArgumentParser, run_dir: Path, config: Path | None,
+                              overrides: list[str]) -> JobConfig:
+    """A run's resolved config, ``<run_dir>/config.toml`` unless ``config`` names another (export.py,
+    evaluate.py), with ``overrides`` on top; a missing file is the script's usage error."""
+    path = config or run_dir / "config.toml"
+    if not path.is_file():
+        parser.error(f"no config at {path}; pass --config")
+    return config_or_usage_error(parser, path, overrides)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML config file (defaults apply where it is silent)")
