@@ -66,6 +66,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
+from dist_mtl.models.embeddings import is_table_weight, table_of_weight
+
 FORMAT_VERSION = 1
 DCP_METADATA_FILE = ".metadata"
 SIDE_FILE = "extra.pt"
@@ -125,15 +127,6 @@ def is_committed(path: str | os.PathLike) -> bool:
     return (path / DCP_METADATA_FILE).is_file() and (path / SIDE_FILE).is_file()
 
 
-def is_table(fqn: str) -> bool:
-    # TorchRec names a table's weight "<ebc>.embedding_bags.<table>.weight", sharded or not.
-    return ".embedding_bags." in fqn and fqn.endswith(".weight")
-
-
-def _table_name(fqn: str) -> str:
-    return fqn.split(".")[-2]
-
-
 def _leaf_optimizers(optimizer: KeyedOptimizer) -> Iterator[KeyedOptimizer]:
     # CombinedOptimizer.state is rebuilt on every access, so state must be written to its parts.
     if isinstance(optimizer, CombinedOptimizer):
@@ -174,7 +167,7 @@ def canonical_table_state(fqn: str, name: str, value: torch.Tensor) -> tuple[str
     name and shape (see the module docstring)."""
     if name != _ACCUMULATOR:
         return f"{TABLE_OPTIM_PREFIX}{fqn}/{name}", value
-    key = f"{TABLE_OPTIM_PREFIX}{fqn}/{_table_name(fqn)}.{_FUSED_ACCUMULATOR}"
+    key = f"{TABLE_OPTIM_PREFIX}{fqn}/{table_of_weight(fqn)}.{_FUSED_ACCUMULATOR}"
     per_row = value.numel() == value.shape[0]
     return key, value.reshape(-1) if per_row else value
 
@@ -188,8 +181,8 @@ def _global_shape(value: Any) -> tuple[int, ...] | None:
 
 
 def _describe(fqn: str, shape: tuple[int, ...]) -> str:
-    if is_table(fqn) and len(shape) == 2:
-        return f"table {_table_name(fqn)} ({fqn}) of {shape[0]} rows x {shape[1]} dims"
+    if is_table_weight(fqn) and len(shape) == 2:
+        return f"table {table_of_weight(fqn)} ({fqn}) of {shape[0]} rows x {shape[1]} dims"
     return f"{fqn} of shape {list(shape)}"
 
 
@@ -386,7 +379,7 @@ class CheckpointManager:
             for name, value in entry.state.items():
                 if not isinstance(value, torch.Tensor):
                     objects.setdefault(fqn, {})[name] = value
-                elif is_table(fqn):
+                elif is_table_weight(fqn):
                     key, canonical = canonical_table_state(fqn, name, value)
                     flat[key] = canonical
                 else:
@@ -481,13 +474,13 @@ class CheckpointManager:
         # A table's state is restored into the tensors its optimizer holds, but torch's Adam
         # (optimizer.sparse = "adam" on GPU) creates them at its first step: TorchRec's init_state runs
         # that step with zero gradients (the weights are loaded afterwards, so nothing it moves survives).
-        lazy = {id(e.owner): e.owner for fqn, e in params.items() if is_table(fqn) and not e.state}
+        lazy = {id(e.owner): e.owner for fqn, e in params.items() if is_table_weight(fqn) and not e.state}
         for leaf in lazy.values():
             leaf.init_state()
             leaf.zero_grad(set_to_none=True)
         buffers: dict[str, dict[str, torch.Tensor]] = {}
         for fqn, entry in params.items():
-            if not is_table(fqn):
+            if not is_table_weight(fqn):
                 continue
             for name, value in entry.state.items():
                 if not isinstance(value, torch.Tensor):
@@ -528,7 +521,7 @@ class CheckpointManager:
         fused.load_state_dict(fused_state)
         objects = side.get("optimizer_objects", {})
         for fqn, entry in params.items():
-            if is_table(fqn):
+            if is_table_weight(fqn):
                 _restore_table_state(entry, buffers.get(fqn, {}), int(side["step"]))
             else:
                 _restore_dense_state(entry, buffers.get(fqn, {}), objects.get(fqn, {}))

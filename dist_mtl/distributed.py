@@ -28,6 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from dist_mtl.config import EPS_SPARSE_OPTIMIZERS, OptimizerConfig, ShardingConfig
+from dist_mtl.models.embeddings import is_table_weight, table_of_weight
 
 if TYPE_CHECKING:  # the planner only reads the loads; the data reader is not needed to shard a model
     from dist_mtl.data.reader import FeatureLoad
@@ -379,7 +380,7 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
     means the same for every table and no dense optimizer (Adam) ever steps an embedding table.
     """
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    tables = {k: p for k, p in params.items() if _is_table_weight(k)}
+    tables = {k: p for k, p in params.items() if is_table_weight(k)}
     dense = {k: p for k, p in params.items() if k not in tables}
     factories = {
         "adam": lambda p: torch.optim.Adam(p, lr=cfg.dense_lr, weight_decay=cfg.weight_decay, fused=_fusable(p)),
@@ -393,7 +394,7 @@ def dense_optimizer(dmp: nn.Module, cfg: OptimizerConfig) -> CombinedOptimizer:
     if tables:
         table_cls = sparse_optimizer(cfg.sparse, next(iter(tables.values())).device)
         # One parameter group per table: each with its table's settings (optimizer.field_sparse_*).
-        groups = [{"params": [p], **table_optimizer_kwargs(cfg, _table_of(k))} for k, p in tables.items()]
+        groups = [{"params": [p], **table_optimizer_kwargs(cfg, table_of_weight(k))} for k, p in tables.items()]
         optimizers.append(
             ("data_parallel_tables", KeyedOptimizerWrapper(tables, lambda _: table_cls(groups)))
         )
@@ -435,15 +436,6 @@ def _fusable(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def _is_table_weight(name: str) -> bool:
-    return ".embedding_bags." in name and name.endswith(".weight")
-
-
-def _table_of(name: str) -> str:
-    """``t_<field>`` of a table weight's parameter name ("...embedding_bags.t_<field>.weight")."""
-    return name.split(".embedding_bags.", 1)[1].removesuffix(".weight")
-
-
 def _table_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little") & (2**63 - 1)
 
@@ -472,7 +464,7 @@ def init_embedding_tables(dmp: nn.Module, seed: int, field_scale: Mapping[str, f
         if "embedding_bags" not in key or not key.endswith(".weight"):
             continue
         rows, cols = (value.size() if isinstance(value, ShardedTensor) else value.shape)
-        full = initial_table(seed, key, rows, cols, field_scale.get(_table_of(key).removeprefix("t_"), 1.0))
+        full = initial_table(seed, key, rows, cols, field_scale.get(table_of_weight(key).removeprefix("t_"), 1.0))
         if isinstance(value, ShardedTensor):
             for shard in value.local_shards():
                 r0, c0 = shard.metadata.shard_offsets

@@ -23,6 +23,17 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
+def is_table_weight(fqn: str) -> bool:
+    """Whether a parameter or state-dict name is an embedding table's weight: TorchRec names it
+    "<ebc>.embedding_bags.<table>.weight", sharded or not."""
+    return ".embedding_bags." in fqn and fqn.endswith(".weight")
+
+
+def table_of_weight(fqn: str) -> str:
+    """``t_<field>`` of a table weight's name (``is_table_weight``)."""
+    return fqn.split(".embedding_bags.", 1)[1].removesuffix(".weight")
+
+
 def build_ebc(
     fields: Sequence[FieldSpec],
     vocab_sizes: Mapping[str, int],

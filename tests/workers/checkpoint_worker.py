@@ -38,7 +38,6 @@ from dist_mtl.checkpoint import (  # noqa: E402
     TABLE_OPTIM_PREFIX,
     CheckpointManager,
     canonical_table_state,
-    is_table,
     optimized_parameters,
 )
 from dist_mtl.config import JobConfig, load_config  # noqa: E402
@@ -51,6 +50,7 @@ from dist_mtl.distributed import (  # noqa: E402
 )
 from dist_mtl.losses import MultiTaskLoss  # noqa: E402
 from dist_mtl.models import MultiTaskModel  # noqa: E402
+from dist_mtl.models.embeddings import is_table_weight  # noqa: E402
 from dist_mtl.trainer import TrainStep  # noqa: E402
 
 HALF = 32
@@ -135,7 +135,7 @@ def local_state(dmp, opt) -> dict:
     dense_optim = {}
     for fqn, entry in optimized_parameters(model_state, opt).items():
         for name, value in entry.state.items():
-            if is_table(fqn):
+            if is_table_weight(fqn):
                 key, canonical = canonical_table_state(fqn, name, value)
                 table_optim[key[len(TABLE_OPTIM_PREFIX):]] = _local(canonical)
             else:
