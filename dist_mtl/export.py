@@ -60,10 +60,11 @@ from dist_mtl.config import JobConfig, computation_mismatches, load_config
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.id_maps import ID_MAPS_FILE, IdMaps
 from dist_mtl.data.raw_request import RawRequestEncoder
-from dist_mtl.data.schema import ALI_CCP_FIELDS, SAMPLE_ID_COLUMN, USER_ROW_COLUMN, DatasetError, DatasetMetadata
+from dist_mtl.data.schema import ALI_CCP_FIELDS, USER_ROW_COLUMN, DatasetError, DatasetMetadata
 from dist_mtl.metrics import TaskMetrics
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
+from dist_mtl.predictions import PREDICTION_ID_COLUMNS, PredictionWriter
 from dist_mtl.tasks import check_task_columns, task_columns
 
 EXPORT_FORMAT_VERSION = 1
@@ -409,10 +410,6 @@ def load_exported_eager(path: str | os.PathLike) -> MultiTaskModel:
     return model
 
 
-def prediction_columns(task_names: List[str]) -> list[str]:
-    return [f"p_{name}" for name in task_names]
-
-
 def predict_split(
     model_dir: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -426,18 +423,16 @@ def predict_split(
     """Score one split in storage order into a Parquet file, and (``metrics``) evaluate the scores against
     the split's labels.
 
-    Columns: ``index`` (int64, the impression's position in the split's storage order), ``sample_id``
-    (int64, from the dataset) and ``p_<task>`` (float32) per task. Written to a temporary name and renamed,
-    so a file at ``out_path`` is always complete. Returns row count, seconds, impressions per second and,
-    with ``metrics``, ``metrics``: every task's metrics on its rows as the trainer computes them (CTR and
-    CTCVR AUC over all impressions, CVR AUC over clicked ones for ESMM), from the export's task config;
+    Columns as ``dist_mtl.predictions`` writes them: ``index`` (int64, the impression's position in the
+    split's storage order), ``sample_id`` (int64, from the dataset) and ``p_<task>`` (float32) per task.
+    Written to a temporary name and renamed, so a file at ``out_path`` is always complete. Returns row
+    count, seconds, impressions per second and, with ``metrics``, ``metrics``: every task's metrics on its
+    rows as the trainer computes them (CTR and CTCVR AUC over all impressions, CVR AUC over clicked ones
+    for ESMM), from the export's task config;
     ``group_auc`` adds each binary task's group AUC over user rows (None: as the export's training did,
     ``train.group_auc``). ``progress(impressions scored, impressions in the split)`` is called after each
     batch.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from dist_mtl.data.reader import ParquetGroupReader
 
     model = load_exported(model_dir)
@@ -455,7 +450,7 @@ def predict_split(
                               f"--no-metrics scores it without evaluating") from None
     reader = ParquetGroupReader(
         data_root, split, batch_size, rank=0, world_size=1, shuffle=False,
-        extra_columns=[SAMPLE_ID_COLUMN, *task_columns(tasks, weights=False),
+        extra_columns=[*PREDICTION_ID_COLUMNS, *task_columns(tasks, weights=False),
                        *([group_column] if group_column else [])],
         weight_transform=model.info["weight_transform"],
     )
@@ -477,32 +472,18 @@ def predict_split(
             f"{model_dir} was trained in {model_maps['sha256'][:16]}...: its ids would name other rows of the "
             f"tables; convert the raw files with launch/convert.py raw --id-maps-from <the training dataset>"
         )
-    columns = prediction_columns(model.task_names)
-    schema = pa.schema([pa.field("index", pa.int64()), pa.field(SAMPLE_ID_COLUMN, pa.int64())]
-                       + [pa.field(c, pa.float32()) for c in columns])
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     start, rows = time.perf_counter(), 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in reader:
-                predictions = model(batch)
-                n = batch.num_impressions
-                arrays = [pa.array(torch.arange(rows, rows + n).numpy()),
-                          pa.array(batch.labels[SAMPLE_ID_COLUMN].numpy())]
-                arrays += [pa.array(predictions[t].float().numpy()) for t in model.task_names]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-                if evaluation is not None:
-                    evaluation.update(predictions, batch.labels, source=batch.source)
-                rows += n
-                if progress is not None:
-                    progress(rows, reader.num_impressions)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    summary = {"path": str(out_path), "rows": rows, "columns": ["index", SAMPLE_ID_COLUMN] + columns}
+    with PredictionWriter(out_path, model.task_names) as writer:
+        for batch in reader:
+            predictions = model(batch)
+            writer.write(batch.labels, predictions)
+            if evaluation is not None:
+                evaluation.update(predictions, batch.labels, source=batch.source)
+            rows += batch.num_impressions
+            if progress is not None:
+                progress(rows, reader.num_impressions)
+    summary = {"path": str(out_path), "rows": rows, "columns": writer.columns}
     if evaluation is not None:
         summary["metrics"] = evaluation.compute()
     seconds = time.perf_counter() - start

@@ -18,7 +18,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,13 @@ from dist_mtl.losses import ModelOutput, MultiTaskLoss
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
+from dist_mtl.predictions import (
+    PREDICTION_ID_COLUMNS,
+    PREDICTIONS_DIR,
+    RANK_FILE_GLOB,
+    PredictionWriter,
+    rank_file_name,
+)
 from dist_mtl.profiling import StepProfiler, peak_memory_by_rank, peak_memory_mb
 from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
 
@@ -200,8 +207,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ data
 
-    def _reader(self, split: str, batch_size: int, shuffle: bool, group_column: str | None = None
-                ) -> ParquetGroupReader:
+    def _reader(self, split: str, batch_size: int, shuffle: bool, group_column: str | None = None,
+                ids: Sequence[str] = ()) -> ParquetGroupReader:
         return ParquetGroupReader(
             self.cfg.data.path,
             split,
@@ -211,7 +218,7 @@ class Trainer:
             shuffle=shuffle,
             seed=self.cfg.train.seed,
             window_blocks=self.cfg.data.window_blocks,
-            extra_columns=task_columns(self.cfg.tasks) + ([group_column] if group_column else []),
+            extra_columns=task_columns(self.cfg.tasks) + ([group_column] if group_column else []) + list(ids),
             weight_transform=self.cfg.data.weight_transform,
         )
 
@@ -502,31 +509,40 @@ class Trainer:
                 self.pipeline.attach(self.model)
 
     @torch.no_grad()
-    def eval_step(self, batch: GroupedBatch) -> dict[str, torch.Tensor]:
-        """Scores one batch into ``self.metrics`` (inside ``eval_mode``); returns the batch's task losses."""
+    def eval_step(self, batch: GroupedBatch, predictions: PredictionWriter | None = None) -> dict[str, torch.Tensor]:
+        """Scores one batch into ``self.metrics`` (inside ``eval_mode``), and into ``predictions`` when
+        given; returns the batch's task losses."""
         batch = batch.to(self.ctx.device, non_blocking=True)
         _, (task_losses, output) = self.model(batch)
         self.metrics.update(output.predictions, batch.labels, source=batch.source)
+        if predictions is not None:
+            predictions.write(batch.labels, output.predictions)
         return task_losses
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate(self, split: str, predictions: PredictionWriter | None = None) -> dict[str, float]:
+        """The metrics of ``split``; with ``predictions``, this rank's scores go there too (its reader must
+        read ``PREDICTION_ID_COLUMNS``, as ``evaluate_checkpoint``'s does)."""
         start = time.perf_counter()
         with self.eval_mode():
             self.metrics.reset()
             reader = self.eval_readers[split]
             reader.set_epoch(0)  # from its first batch, whatever an earlier (maybe interrupted) pass left
             for batch in self._batches(reader):
-                self.eval_step(batch)
+                self.eval_step(batch, predictions)
             metrics = self.metrics.compute()
         self.eval_seconds += time.perf_counter() - start
         return metrics
 
-    def evaluate_checkpoint(self, path: str | Path) -> dict:
+    def evaluate_checkpoint(self, path: str | Path, predictions: bool = False) -> dict:
         """A committed checkpoint's model on ``data.eval_split``, on this job's ranks, without training
         (launch/evaluate.py): the metrics a training run reports for it, at any world size (the tables are
         resharded on load). Refused as ``checkpoint.init_from`` refuses: another id space, model shape or
-        computing setting. Writes ``<run_dir>/evaluation.json`` and TensorBoard's ``final/<split>/``."""
+        computing setting. Writes ``<run_dir>/evaluation.json`` and TensorBoard's ``final/<split>/``; with
+        ``predictions``, every rank also writes its impressions' scores to
+        ``<run_dir>/predictions/rank-<r>.parquet`` (``dist_mtl.predictions``: together, each impression of
+        the split once, ``index`` its position in the split), after the folder's earlier rank files are
+        removed, since they may be of another world size."""
         path = Path(path)
         if not is_committed(path):
             raise _not_committed(str(path))
@@ -534,7 +550,21 @@ class Trainer:
         self._load_other_run(path)
         step = self.checkpoints.last_load.step
         split = self.cfg.data.eval_split
-        metrics = self.evaluate(split)
+        writer = None
+        if predictions:
+            folder = self.run_dir / PREDICTIONS_DIR
+            if self.ctx.is_main:
+                folder.mkdir(parents=True, exist_ok=True)
+                for old in folder.glob(RANK_FILE_GLOB):
+                    old.unlink()
+            dist.barrier()
+            # This split's reader again, with the ids a score file needs; training batches never carry them.
+            self.eval_readers[split] = self._reader(split, self.cfg.data.eval_batch_size, shuffle=False,
+                                                    group_column=self.metrics.group_column,
+                                                    ids=PREDICTION_ID_COLUMNS)
+            writer = PredictionWriter(folder / rank_file_name(self.ctx.rank), [t.name for t in self.cfg.tasks])
+        with writer if writer is not None else contextlib.nullcontext():
+            metrics = self.evaluate(split, writer)
         self._print(f"{split} (model of {path}, step {step}): {self._fmt(metrics)}")
         self.logger.log(metrics, step, prefix=f"final/{split}/")
         report = {
@@ -545,6 +575,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "device": str(self.ctx.device),
             "metrics": metrics,
+            "predictions": self._predictions_report(writer) if writer is not None else None,
             "eval_seconds": self.eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "peak_memory_mb": peak_memory_by_rank(self.ctx.device, self.ctx.world_size),
@@ -555,6 +586,15 @@ class Trainer:
             (self.run_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=str))
         self.logger.close()
         return report
+
+    def _predictions_report(self, writer: PredictionWriter) -> dict:
+        """The score files of every rank (``evaluate_checkpoint``), each committed before this returns."""
+        rows = torch.tensor([writer.rows], dtype=torch.int64, device=self.ctx.device)
+        gathered = [torch.zeros_like(rows) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, rows)
+        return {"dir": str(writer.path.parent), "columns": writer.columns,
+                "files": [rank_file_name(r) for r in range(self.ctx.world_size)],
+                "rows_by_rank": [int(r) for r in gathered], "rows": int(sum(int(r) for r in gathered))}
 
     def _evaluate_and_track(self, epoch: int) -> bool:
         """Evaluate on the validation split, keep the best model; True when early stopping says stop."""

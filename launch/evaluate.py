@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a split, on N ranks, without training:
 
     torchrun --nproc_per_node=N launch/evaluate.py --checkpoint runs/x/best/step-00000148 --out runs/x_eval \
-        [--split test] [--config CONFIG] [key=value ...]
+        [--split test] [--predictions] [--config CONFIG] [key=value ...]
 
 The model is the checkpoint's (its tables resharded for this job's ranks), the config the run's
 (``<run_dir>/config.toml`` beside the checkpoint's folder unless ``--config`` names another; ``key=value``
@@ -9,8 +9,11 @@ overrides apply on top, e.g. ``data.path="data_out/day2"`` for a later day conve
 ``--id-maps-from``), the split ``--split`` (default: the config's ``data.eval_split``). Prints the metrics
 training reports (ESMM: CTR and CTCVR AUC over all impressions, CVR AUC over clicked ones; the group AUC
 with ``train.group_auc=true``) and writes them to ``<out>/evaluation.json`` (see
-``Trainer.evaluate_checkpoint``). ``launch/predict.py`` scores a split with an export in one process and
-keeps every score; this evaluates on the job's ranks and devices and keeps the metrics only.
+``Trainer.evaluate_checkpoint``). ``--predictions`` also keeps every score: each rank writes its
+impressions' to ``<out>/predictions/rank-<r>.parquet``, in the columns of ``launch/predict.py``'s file
+(``index``, the impression's position in the split, ``sample_id``, ``p_<task>``), so that
+``pyarrow.parquet.read_table("<out>/predictions").sort_by("index")`` is what predict.py writes of an
+export of the same checkpoint in one process.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True,
                         help="directory of this evaluation (must not hold checkpoints)")
     parser.add_argument("--split", help="split to evaluate (default: the config's data.eval_split)")
+    parser.add_argument("--predictions", action="store_true",
+                        help="also write every impression's scores, one Parquet file per rank under <out>/predictions")
     parser.add_argument("--config", type=Path,
                         help="job config (default: the config.toml of the checkpoint's run directory)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (TOML values)")
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ctx = init_distributed(cfg.sharding.device)
     try:
-        return Trainer(cfg, ctx).evaluate_checkpoint(args.checkpoint)
+        return Trainer(cfg, ctx).evaluate_checkpoint(args.checkpoint, predictions=args.predictions)
     except (ConfigError, CheckpointMismatchError, DatasetError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
     finally:

@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from data_helpers import write_random_dataset
 from script_helpers import load_script
 
 from dist_mtl.config import load_config
+from dist_mtl.export import export_model, predict_split
 from dist_mtl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +84,28 @@ def test_data_in_other_id_maps_and_a_folder_that_is_no_checkpoint_are_refused(tr
                        "--out", str(trained.root / "eval_nothing")])
     assert exit_.value.code == 1
     assert "is not a committed checkpoint" in capsys.readouterr().err
+
+
+def test_predictions_of_two_ranks_are_the_scores_predict_gives_an_export_of_the_checkpoint(trained):
+    out = trained.root / "eval_predictions"
+    stale = out / "predictions" / "rank-00007.parquet"  # an earlier evaluation's, on more ranks
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not this evaluation's")
+    done = _torchrun("--checkpoint", trained.best, "--out", out, "--predictions")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "evaluation.json").read_text())["predictions"]
+    assert report["files"] == ["rank-00000.parquet", "rank-00001.parquet"] and not stale.exists()
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == report["files"]  # no temporary left
+    got = pq.read_table(out / "predictions").sort_by("index")
+    n = json.loads((trained.data / "metadata.json").read_text())["splits"]["test"]["num_impressions"]
+    assert report["rows"] == got.num_rows == n and sum(report["rows_by_rank"]) == n and min(report["rows_by_rank"]) > 0
+    assert got.column_names == report["columns"] == ["index", "sample_id", "p_ctr", "p_cvr", "p_ctcvr"]
+
+    cfg = load_config(trained.best.parent.parent / "config.toml")
+    export = export_model(trained.root / "export_for_predictions", cfg, checkpoint=trained.best)
+    predict_split(export, trained.data, "test", trained.root / "predict.parquet", metrics=False)
+    want = pq.read_table(trained.root / "predict.parquet")
+    assert got.column("index").to_pylist() == want.column("index").to_pylist() == list(range(n))
+    assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
+    for column in ("p_ctr", "p_cvr", "p_ctcvr"):
+        np.testing.assert_allclose(got.column(column).to_numpy(), want.column(column).to_numpy(), atol=1e-6)

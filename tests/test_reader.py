@@ -622,6 +622,12 @@ def test_interleaved_users_in_a_block_are_regrouped_in_file_order(small):
     rows = pf.read_row_group(0, columns=["user", "sample_id"]).to_pydict()
     order = sorted(range(block0), key=lambda i: (rows["user"][i], i))  # stable by user
     assert head == [rows["sample_id"][i] for i in order]
+    # impression_row still names each impression's row in the file, not its place in the stream.
+    reader = ParquetGroupReader(small, "train", 16, shuffle=False,
+                                extra_columns=("sample_id", schema.IMPRESSION_ROW_COLUMN))
+    rows_of = {s: r for b in reader
+               for s, r in zip(b.labels["sample_id"].tolist(), b.labels[schema.IMPRESSION_ROW_COLUMN].tolist())}
+    assert [rows_of[s] for s in rows["sample_id"]] == list(range(block0))
 
 
 def test_null_list_reads_as_empty_and_null_id_is_an_error(small):
@@ -699,6 +705,30 @@ def _stored_user_rows(root) -> dict[int, int]:
                 out[sample_id] = first + user
             first += upf.metadata.row_group(rg).num_rows
     return out
+
+
+def _stored_impression_rows(root) -> dict[int, int]:
+    """sample_id -> its impression's position among the split's impressions, from the files."""
+    meta = schema.DatasetMetadata.load(root)
+    ids = [s for part in meta.split("train").parts
+           for s in pq.read_table(root / part.impressions, columns=[schema.SAMPLE_ID_COLUMN]).column(0).to_pylist()]
+    return {s: row for row, s in enumerate(ids)}
+
+
+@pytest.mark.parametrize("shuffle,num_workers", [(False, 0), (True, 2)])
+def test_impression_row_names_each_impressions_position_in_storage_order(dataset, shuffle, num_workers):
+    want = _stored_impression_rows(dataset)
+    got = {}
+    for rank in range(2):
+        reader = _reader(dataset, rank=rank, world_size=2, shuffle=shuffle, seed=4,
+                         extra_columns=("sample_id", schema.IMPRESSION_ROW_COLUMN))
+        for batch in make_dataloader(reader, num_workers=num_workers):
+            rows = batch.labels[schema.IMPRESSION_ROW_COLUMN]
+            assert rows.dtype == torch.int64
+            ids = batch.labels["sample_id"].tolist()
+            assert not got.keys() & set(ids)  # each impression once over both ranks
+            got.update(zip(ids, rows.tolist()))
+    assert got == want and len(want) > 700
 
 
 @pytest.mark.parametrize("shuffle,num_workers", [(False, 0), (True, 0), (True, 2)])

@@ -105,6 +105,7 @@ class _Block:
     num_users: int
     num_impressions: int
     first_user_row: int  # the split's user rows stored before this block's
+    first_impression_row: int  # the split's impressions stored before this block's
 
 
 @dataclass
@@ -349,8 +350,9 @@ class _WindowLoader:
         user_columns = [self._field(user_tables, f, "users", where, user_unit) for f in schema.USER_FIELDS]
         item_columns = [self._field(impression_tables, f, "impressions", where, item_unit)
                         for f in schema.ITEM_FIELDS]
-        labels = {name: self._user_rows(user_of_impression, blocks, user_starts) if name == schema.USER_ROW_COLUMN
-                  else self._label(impression_tables, name, where) for name in spec.label_columns}
+        labels = {name: self._made_column(name, user_of_impression, blocks, user_starts)
+                  if name in schema.READER_MADE_COLUMNS else self._label(impression_tables, name, where)
+                  for name in spec.label_columns}
 
         user_order = self._user_order(window, num_users)
         impression_order = self._impression_order(user_of_impression, counts, user_order)
@@ -366,11 +368,19 @@ class _WindowLoader:
                        source=f"epoch {self._epoch} window {window} [{parts}]")
 
     @staticmethod
-    def _user_rows(user_of_impression: np.ndarray, blocks: list[_Block], user_starts: np.ndarray) -> np.ndarray:
-        """Each impression's user row in the split's storage order (``user_of_impression`` counts the
-        window's blocks' users in window order)."""
-        shift = np.array([b.first_user_row for b in blocks], dtype=np.int64) - user_starts[:-1]
-        return user_of_impression + np.repeat(shift, [b.num_impressions for b in blocks])
+    def _made_column(name: str, user_of_impression: np.ndarray, blocks: list[_Block],
+                     user_starts: np.ndarray) -> np.ndarray:
+        """A reader-made column of the window's impressions in file order: each impression's user row
+        (``user_of_impression`` counts the window's blocks' users in window order) or its own row, both
+        positions in the split's storage order."""
+        impressions = [b.num_impressions for b in blocks]
+        if name == schema.USER_ROW_COLUMN:
+            shift = np.array([b.first_user_row for b in blocks], dtype=np.int64) - user_starts[:-1]
+            return user_of_impression + np.repeat(shift, impressions)
+        # impression_row: the window's impressions are its blocks' rows, block after block.
+        shift = np.array([b.first_impression_row for b in blocks], dtype=np.int64) - _offsets(
+            np.array(impressions, dtype=np.int64))[:-1]
+        return np.arange(len(user_of_impression), dtype=np.int64) + np.repeat(shift, impressions)
 
     def _user_order(self, window: int, num_users: int) -> np.ndarray | None:
         if not self._spec.shuffle:
@@ -580,7 +590,9 @@ class ParquetGroupReader(IterableDataset):
 
     ``extra_columns`` are impression columns listed in metadata.json's ``extra_columns`` (float32 in
     ``batch.labels``), ``"sample_id"`` (int64, exact) for prediction output and coverage checks, or
-    ``"user_row"`` (int64; ``schema.USER_ROW_COLUMN``), made by the reader, for per-user metrics.
+    ``"user_row"`` (int64; ``schema.USER_ROW_COLUMN``), made by the reader, for per-user metrics, or
+    ``"impression_row"`` (int64; ``schema.IMPRESSION_ROW_COLUMN``), made by the reader, the impression's
+    position in the split's storage order, for scores written by several ranks.
     ``weight_transform`` applies to multi-valued weights: "log1p" (count weights) or "none".
     """
 
@@ -631,9 +643,11 @@ class ParquetGroupReader(IterableDataset):
         info = self.metadata.split(split)
         table = info.block_table()
         first_user_rows = np.cumsum([0] + [users for _, _, users, _ in table[:-1]]).tolist()
+        first_impression_rows = np.cumsum([0] + [impressions for _, _, _, impressions in table[:-1]]).tolist()
         self._blocks = [
-            _Block(info.parts[p].users, info.parts[p].impressions, rg, users, impressions, first)
-            for (p, rg, users, impressions), first in zip(table, first_user_rows)
+            _Block(info.parts[p].users, info.parts[p].impressions, rg, users, impressions, first_user, first_row)
+            for (p, rg, users, impressions), first_user, first_row
+            in zip(table, first_user_rows, first_impression_rows)
         ]
         row_groups_per_file: dict[str, int] = {}
         for part in info.parts:
@@ -643,7 +657,7 @@ class ParquetGroupReader(IterableDataset):
                 row_groups_per_file[rel] = len(part.blocks)
         users_types = schema.users_schema()
         impressions_types = schema.impressions_schema(self.metadata.extra_columns)
-        stored_labels = [c for c in self.label_columns if c != schema.USER_ROW_COLUMN]
+        stored_labels = [c for c in self.label_columns if c not in schema.READER_MADE_COLUMNS]
         impression_columns = [schema.USER_COLUMN, *_field_columns(schema.ITEM_FIELDS), *stored_labels]
         self._spec = _ReadSpec(
             root=self.root,

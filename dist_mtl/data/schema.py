@@ -38,8 +38,13 @@ SAMPLE_ID_COLUMN = "sample_id"
 #: Not stored: the reader makes it on request, the position of an impression's user row among its split's
 #: user rows in storage order (one per common_feature_index in raw Ali-CCP). Per-user metrics group by it.
 USER_ROW_COLUMN = "user_row"
+#: Not stored either: the reader makes it on request, the position of an impression among its split's
+#: impressions in storage order, so that scores written by several ranks line up with the split's rows.
+IMPRESSION_ROW_COLUMN = "impression_row"
+#: Columns the reader makes rather than reads.
+READER_MADE_COLUMNS = (USER_ROW_COLUMN, IMPRESSION_ROW_COLUMN)
 #: Label columns the reader gives as exact int64 rather than float32.
-ID_LABEL_COLUMNS = (SAMPLE_ID_COLUMN, USER_ROW_COLUMN)
+ID_LABEL_COLUMNS = (SAMPLE_ID_COLUMN, *READER_MADE_COLUMNS)
 LABEL_COLUMNS = ("click", "buy")
 RESERVED_INDEX = 0
 
