@@ -65,7 +65,7 @@ from dist_mtl.metrics import TaskMetrics
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.models.embeddings import ITEM_KEYS, USER_KEYS, table_name
 from dist_mtl.predictions import PREDICTION_ID_COLUMNS, PredictionWriter
-from dist_mtl.tasks import check_task_columns, task_columns
+from dist_mtl.tasks import check_downsampled_split, check_task_columns, task_columns
 
 EXPORT_FORMAT_VERSION = 1
 STATE_FILE = "model.pt"
@@ -444,7 +444,9 @@ def predict_split(
     group_column = USER_ROW_COLUMN if metrics and group_auc else None
     if metrics:
         try:
-            check_task_columns(tasks, DatasetMetadata.load(data_root), weights=False)
+            data_meta = DatasetMetadata.load(data_root)
+            check_task_columns(tasks, data_meta, weights=False)
+            check_downsampled_split(tasks, split, data_meta.split(split), training=False)
         except ValueError as e:
             raise ExportError(f"dataset {data_root} cannot evaluate the exported model {model_dir}: {e}; "
                               f"--no-metrics scores it without evaluating") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from dist_mtl.data.schema import LABEL_COLUMNS, DatasetMetadata, SplitInfo
+from dist_mtl.data.schema import LABEL_COLUMNS, SAMPLE_WEIGHT_COLUMN, DatasetMetadata, SplitInfo
 
 TASK_TYPES = ("binary", "regression")
 #: The metrics that can rank models of a task type (early stopping, the best model), each with whether a
@@ -99,9 +99,34 @@ def label_rate(task: TaskConfig, split: SplitInfo) -> float | None:
     counts do not say (regression, extra label columns, rows other than "all" or "click", empty split)."""
     if task.type != "binary":
         return None
-    denominator = {"all": split.num_impressions, "click": split.num_clicks}.get(task.rows)
+    # A split of kept negatives (convert --keep-negatives) stands for the whole: each stored non-clicked
+    # row for 1 / negative_keep_rate impressions, as its sample_weight says.
+    impressions = split.num_clicks + (split.num_impressions - split.num_clicks) / split.negative_keep_rate
+    denominator = {"all": impressions, "click": split.num_clicks}.get(task.rows)
     # "buy" is click-and-buy (the converter drops click=0/buy=1 rows), so buys / clicks is the CVR.
     numerator = {"click": split.num_clicks, "buy": split.num_buys}.get(task.label)
     if denominator is None or numerator is None or denominator <= 0:
         return None
     return numerator / denominator
+
+
+def check_downsampled_split(tasks: Sequence[TaskConfig], name: str, split: SplitInfo, training: bool) -> None:
+    """Raise ValueError where a split whose non-clicked impressions were downsampled (``split
+    .negative_keep_rate`` < 1) would be misused: trained on by a binary task over all impressions that does
+    not weight its loss by SAMPLE_WEIGHT_COLUMN (it would learn a click rate 1 / rate times too high), or
+    evaluated at all (its AUCs and log-losses would not be those of the impressions it stands for)."""
+    rate = split.negative_keep_rate
+    if rate >= 1.0:
+        return
+    kept = f"split '{name}' keeps a share {rate:g} of its non-clicked impressions (launch/convert.py --keep-negatives)"
+    if not training:
+        raise ValueError(f"{kept}: its metrics would not be those of the impressions it stands for; evaluate on "
+                         f"a split converted whole")
+    for t in tasks:
+        if t.type == "binary" and t.rows == "all" and t.loss_weight > 0 and t.weight_column != SAMPLE_WEIGHT_COLUMN:
+            raise ValueError(
+                f"{kept}: task '{t.name}' trains on all of its rows without weight_column = "
+                f"\"{SAMPLE_WEIGHT_COLUMN}\", so it would learn rates {1 / rate:g} times too high; set it on every "
+                f"task over all impressions, e.g. tasks=[{{name=\"ctr\", label=\"click\", "
+                f"weight_column=\"{SAMPLE_WEIGHT_COLUMN}\"}}, ...]"
+            )

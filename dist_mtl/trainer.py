@@ -57,7 +57,7 @@ from dist_mtl.predictions import (
     rank_file_name,
 )
 from dist_mtl.profiling import StepProfiler, peak_memory_by_rank, peak_memory_mb
-from dist_mtl.tasks import RANKING_METRICS, check_task_columns, label_rate, task_columns
+from dist_mtl.tasks import RANKING_METRICS, check_downsampled_split, check_task_columns, label_rate, task_columns
 
 
 def _not_committed(what: str) -> ConfigError:
@@ -152,6 +152,9 @@ class Trainer:
                 raise ConfigError(f"data.{key} = {split!r}: {cfg.data.path} has no such split (it has "
                                   f"{sorted(self.metadata.splits)})")
         check_task_columns(cfg.tasks, self.metadata)
+        check_downsampled_split(cfg.tasks, cfg.data.train_split, self.metadata.split(cfg.data.train_split), True)
+        for split in {cfg.data.val_split, cfg.data.eval_split} - {""}:
+            check_downsampled_split(cfg.tasks, split, self.metadata.split(split), training=False)
 
         torch.manual_seed(cfg.train.seed)
         step = build_train_step(cfg, self.metadata)

@@ -2,6 +2,7 @@
 
     python launch/convert.py raw --raw-dir D --out O [--min-count N] [--skip-bad-rows] [--splits train,test]
     python launch/convert.py raw --raw-dir D --out O --id-maps-from DATASET --splits day8   (another dataset's id maps)
+    python launch/convert.py raw --raw-dir D --out O --keep-negatives 0.1   (train: every click, 10% of the rest)
     python launch/convert.py rechub --train F --val F --test F --out O [--skip-bad-rows]
 
 Prints progress (rows/s, ETA of the file being read from its size) and a summary with skipped counts.
@@ -103,6 +104,11 @@ def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
             f"{s.num_buys:,} buys, {s.num_blocks} blocks"
         )
         lines.append(f"    skipped: {_counts(s.skipped) or 'none'}")
+        if s.negative_keep_rate < 1.0:
+            dropped = (meta.notes.get("splits", {}).get(name, {}).get("negative_downsampling", {})
+                       if isinstance(meta.notes, dict) else {}).get("non_clicked_dropped", 0)
+            lines.append(f"    non-clicked impressions kept: a share {s.negative_keep_rate:g} ({dropped:,} dropped), "
+                         f"each weighted {1 / s.negative_keep_rate:g} in sample_weight")
         # Features dropped inside kept rows (recorded in metadata.json's notes): shown so that a field
         # lost to, say, a changed field id is seen at once.
         notes = meta.notes.get("splits", {}).get(name, {}) if isinstance(meta.notes, dict) else {}
@@ -141,6 +147,13 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
                           "them on train: new raw files in the id space a model was trained on")
     raw.add_argument("--work-dir", help="where staged files go (default: inside --out)")
     raw.add_argument("--block-impressions", type=_positive_int, default=65536, help="impressions per Parquet block")
+    raw.add_argument("--keep-negatives", type=float, default=1.0, metavar="SHARE",
+                     help="keep this share of the non-clicked impressions of --downsample (every clicked one is "
+                          "kept), each weighted 1/SHARE in a sample_weight column; train with weight_column="
+                          "\"sample_weight\" on the tasks over all impressions (default 1: keep all)")
+    raw.add_argument("--downsample", default="train", metavar="SPLITS",
+                     help="comma-separated splits --keep-negatives applies to (default: train)")
+    raw.add_argument("--negative-seed", type=int, default=0, help="seed of the kept negatives' choice")
     rechub = commands.add_parser("rechub", help="torch-rechub preprocessed CSV (one file per split)")
     rechub.add_argument("--train", required=True)
     rechub.add_argument("--val")
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
                 work_dir=args.work_dir,
                 progress=ProgressPrinter(sys.stdout),
                 id_maps_from=args.id_maps_from,
+                keep_negatives=args.keep_negatives,
+                downsampled_splits=[s.strip() for s in args.downsample.split(",") if s.strip()],
+                negative_seed=args.negative_seed,
             )
         else:
             paths = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}

@@ -12,7 +12,8 @@ Per split:
    field over these rows, once per common-features row (the same user row serves ~58 impressions but
    counts once).
 2. ``sample_skeleton_<split>.csv`` is parsed; each row's key is resolved to its staged user row, rows
-   with click=0 and buy=1 are dropped and counted. Train only (ditto): item-side ids are counted over
+   with click=0 and buy=1 are dropped and counted, and with ``keep_negatives`` < 1 the non-clicked rows
+   a hash of their sample id does not keep (``keeps_negative``) are dropped and counted too. Train only (ditto): item-side ids are counted over
    the kept skeleton rows, which are staged (Arrow IPC) because the vocabularies exist only once the
    whole train skeleton has been counted; other splits are written while they are parsed.
 3. Impressions are cut into user groups (runs of consecutive rows with the same key; a key that comes
@@ -64,6 +65,7 @@ from dist_mtl.data.raw import (
 from dist_mtl.data.schema import (
     ALI_CCP_FIELDS,
     ITEM_FIELDS,
+    SAMPLE_WEIGHT_COLUMN,
     USER_COLUMN,
     USER_FIELDS,
     USER_KEY_COLUMN,
@@ -84,6 +86,10 @@ class ConvertError(ValueError):
 
 TRAIN_SPLIT = "train"
 CLICK0_BUY1 = "click0_buy1"
+NEGATIVE_DOWNSAMPLING_NOTE = (
+    "non-clicked impressions kept by a hash of sample_id and seed against keep_rate (convert.keeps_negative); "
+    "each kept one has sample_weight 1/keep_rate, every clicked one 1; num_impressions counts the stored rows"
+)
 NO_COMMON_FEATURES = "no_common_features"
 USER_ROW_SKIPPED = "user_row_skipped"
 DUPLICATE_KEY = "duplicate_common_feature_index"
@@ -397,6 +403,19 @@ def encode_parsed(block: ParsedBlock, fields: Sequence[FieldSpec], id_maps: IdMa
     return _encode_fields(staged, fields, id_maps, tally)
 
 
+def keeps_negative(sample_ids: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Which impressions a negative share ``rate`` keeps if they are not clicked: a hash of each sample id
+    (splitmix64 of id and seed) against the rate, so the choice is the same whatever the text blocks, the
+    split's order or the machine, and rerunning a conversion writes the same rows."""
+    with np.errstate(over="ignore"):
+        z = sample_ids.astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < rate
+
+
 class _GroupWriter:
     """Cuts resolved impressions into user groups and writes them as blocks of whole groups.
 
@@ -410,8 +429,12 @@ class _GroupWriter:
         users: StagedUsers,
         id_maps: IdMaps,
         block_impressions: int,
+        negative_weight: float | None = None,
     ):
+        """``negative_weight``: write SAMPLE_WEIGHT_COLUMN, this for non-clicked impressions and 1 for
+        clicked ones (None: the dataset has no such column)."""
         self._writer = writer
+        self._negative_weight = negative_weight
         self._users = users
         self._id_maps = id_maps
         self.ids = IdTally()
@@ -476,6 +499,9 @@ class _GroupWriter:
             "click": impressions.column("click"),
             "buy": impressions.column("buy"),
         }
+        if self._negative_weight is not None:
+            clicked = impressions.column("click").to_numpy() == 1
+            items[SAMPLE_WEIGHT_COLUMN] = pa.array(np.where(clicked, 1.0, self._negative_weight).astype(np.float32))
         items.update(_encode_fields(impressions, ITEM_FIELDS, self._id_maps, self.ids))
         self._writer.add(pa.table(users), pa.table(items))
         self.impressions += impressions.num_rows
@@ -492,6 +518,7 @@ class _SplitStats:
     repeated_fields: Counter
     single_valued_weights: Counter
     examples: list
+    negatives_dropped: int = 0
 
     @classmethod
     def empty(cls) -> "_SplitStats":
@@ -515,8 +542,10 @@ class _RawConverter:
         skip_bad_rows: bool,
         block_bytes: int,
         progress: ProgressCallback | None,
+        negative_seed: int = 0,
     ):
         self.raw_dir = raw_dir
+        self.negative_seed = negative_seed
         self.staging = staging
         self.skip_bad_rows = skip_bad_rows
         self.block_bytes = block_bytes
@@ -592,15 +621,17 @@ class _RawConverter:
                 counter.add(spec.name, _raw_ids(dropped.column(spec.name), spec), sign=-1)
 
     def resolved_impressions(
-        self, split: str, users: StagedUsers, stats: _SplitStats, counter: IdCounter | None
+        self, split: str, users: StagedUsers, stats: _SplitStats, counter: IdCounter | None,
+        negative_keep_rate: float = 1.0,
     ) -> Iterator[pa.RecordBatch]:
-        """Skeleton rows with their staged user row, bad joins and click=0/buy=1 rows removed."""
+        """Skeleton rows with their staged user row, bad joins and click=0/buy=1 rows removed, and the
+        non-clicked rows that ``negative_keep_rate`` (< 1) does not keep (``keeps_negative``)."""
         reader = self._reader(split, SKELETON)
         rows = 0
         self._report(split, "impressions", 0, None, reader)
         for block in reader.blocks():
             stats.absorb(block)
-            batch = self._resolve(block, users, stats, reader.path)
+            batch = self._resolve(block, users, stats, reader.path, negative_keep_rate)
             if counter is not None:
                 for spec in ITEM_FIELDS:
                     counter.add(spec.name, _raw_ids(batch.column(spec.name), spec))
@@ -609,7 +640,8 @@ class _RawConverter:
             self._report(split, "impressions", rows, None, reader)
         self.source_files.append(reader.source_record())
 
-    def _resolve(self, block: ParsedBlock, users: StagedUsers, stats: _SplitStats, path: Path) -> pa.RecordBatch:
+    def _resolve(self, block: ParsedBlock, users: StagedUsers, stats: _SplitStats, path: Path,
+                 negative_keep_rate: float) -> pa.RecordBatch:
         user = users.resolve(block.keys)
         missing = user < 0
         if missing.any():
@@ -625,6 +657,11 @@ class _RawConverter:
         click0_buy1 = (block.click == 0) & (block.buy == 1) & ~missing
         stats.skipped[CLICK0_BUY1] += int(np.count_nonzero(click0_buy1))
         keep = ~(missing | click0_buy1)
+        if negative_keep_rate < 1.0:
+            dropped = keep & (block.click == 0) & ~keeps_negative(block.sample_id, negative_keep_rate,
+                                                                  self.negative_seed)
+            stats.negatives_dropped += int(np.count_nonzero(dropped))
+            keep &= ~dropped
         if not keep.all():
             # numpy, not RecordBatch.filter: filtering Arrow list columns costs ~20x more here.
             block, user = block.rows(keep), user[keep]
@@ -679,6 +716,9 @@ def convert_raw(
     progress: ProgressCallback | None = None,
     read_block_bytes: int = DEFAULT_BLOCK_BYTES,
     id_maps_from: str | os.PathLike | None = None,
+    keep_negatives: float = 1.0,
+    downsampled_splits: Sequence[str] = (TRAIN_SPLIT,),
+    negative_seed: int = 0,
 ) -> DatasetMetadata:
     """Convert ``<raw_dir>/{sample_skeleton,common_features}_<split>.csv`` into a dataset at ``out_dir``.
 
@@ -692,6 +732,14 @@ def convert_raw(
     per reason in each split's ``skipped`` (keys starting with "common_features." count user rows, the
     others impressions). Staged files go to a fresh directory under ``work_dir`` (default ``out_dir``)
     that is removed at the end. ``read_block_bytes`` is the size of the text blocks parsed at a time.
+
+    ``keep_negatives`` < 1 keeps that share of the non-clicked impressions of ``downsampled_splits`` (the
+    train split by default; never evaluate on such a split), chosen by a hash of the sample id and
+    ``negative_seed`` (``keeps_negative``), and keeps every clicked one (so every purchase). Every split
+    then gets a SAMPLE_WEIGHT_COLUMN: 1 / keep_negatives for a kept non-clicked impression of a
+    downsampled split, 1 for the rest; training tasks over all impressions weight their loss by it
+    (``weight_column``), which keeps the loss, and the click and purchase rates the model learns, those
+    of the whole split. The split's ``negative_keep_rate`` records the share, its notes the rows dropped.
     Arguments that cannot work raise ConvertError.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -702,6 +750,13 @@ def convert_raw(
         raise ConvertError(f"min_count must be >= 1, got {min_count}")
     if block_impressions < 1 or read_block_bytes < 1:
         raise ConvertError("block_impressions and read_block_bytes must be positive")
+    if not 0.0 < keep_negatives <= 1.0:
+        raise ConvertError(f"keep_negatives is the share of non-clicked impressions kept, in (0, 1]; got "
+                           f"{keep_negatives}")
+    if keep_negatives < 1.0 and not set(downsampled_splits) & set(splits):
+        raise ConvertError(f"keep_negatives {keep_negatives} applies to the splits {list(downsampled_splits)}, "
+                           f"none of which is converted (splits {splits})")
+    downsampled = set(downsampled_splits) if keep_negatives < 1.0 else set()
     given_maps: IdMaps | None = None
     if id_maps_from is not None:
         if out_dir.resolve() == Path(id_maps_from).resolve():
@@ -722,13 +777,14 @@ def convert_raw(
         min_count = 1 if min_count is None else min_count
     _check_inputs(raw_dir, splits)
 
-    writer = DatasetWriter(out_dir, block_impressions=block_impressions)
+    writer = DatasetWriter(out_dir, block_impressions=block_impressions,
+                           extra_columns={SAMPLE_WEIGHT_COLUMN: "float"} if downsampled else None)
     staging_parent = Path(work_dir) if work_dir is not None else out_dir
     staging_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-staging-", dir=staging_parent))
     open_split: SplitWriter | None = None
     try:
-        converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress)
+        converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress, negative_seed)
         infos: dict[str, SplitInfo] = {}
         split_notes: dict[str, dict] = {}
         id_maps = given_maps
@@ -737,7 +793,10 @@ def convert_raw(
             stats = _SplitStats.empty()
             counter = IdCounter() if split == TRAIN_SPLIT and given_maps is None else None
             users = converter.stage_users(split, stats, counter)
-            impressions = converter.resolved_impressions(split, users, stats, counter)
+            rate = keep_negatives if split in downsampled else 1.0
+            # The ids only dropped impressions hold get no rows; the user rows' ids were counted before
+            # the impressions were read, so a user left without impressions still has its ids' rows.
+            impressions = converter.resolved_impressions(split, users, stats, counter, rate)
             if counter is not None:
                 with closing(impressions):
                     staged_path, staged_rows = converter.staged_impressions(split, impressions)
@@ -746,13 +805,15 @@ def convert_raw(
                 impressions = converter.read_staged(split, staged_path, staged_rows)
             split_writer = open_split = writer.split(split)
             assert id_maps is not None  # built on train, which goes first, or given
-            groups = _GroupWriter(split_writer, users, id_maps, block_impressions)
+            groups = _GroupWriter(split_writer, users, id_maps, block_impressions,
+                                  negative_weight=1.0 / rate if downsampled else None)
             # closing: an error here also stops the background reader of the file being parsed.
             with closing(impressions):
                 for batch in impressions:
                     groups.push(batch)
             groups.finish()
             infos[split] = split_writer.close(skipped=dict(sorted(stats.skipped.items())))
+            infos[split].negative_keep_rate = rate
             open_split = None
             if infos[split].num_impressions == 0:
                 skipped = ", ".join(f"{k}={v:,}" for k, v in sorted(stats.skipped.items()) if v) or "none"
@@ -771,6 +832,10 @@ def convert_raw(
                 "user_rows_without_impressions": groups.unreferenced_users,
                 "skipped_examples": stats.examples,
             }
+            if rate < 1.0:
+                split_notes[split]["negative_downsampling"] = {
+                    "keep_rate": rate, "seed": negative_seed, "non_clicked_dropped": stats.negatives_dropped,
+                    "note": NEGATIVE_DOWNSAMPLING_NOTE}
             for staged in staging.glob(f"{split}-*"):
                 staged.unlink()
         assert id_maps is not None

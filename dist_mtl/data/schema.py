@@ -43,6 +43,9 @@ USER_ROW_COLUMN = "user_row"
 IMPRESSION_ROW_COLUMN = "impression_row"
 #: Columns the reader makes rather than reads.
 READER_MADE_COLUMNS = (USER_ROW_COLUMN, IMPRESSION_ROW_COLUMN)
+#: Stored where the converter kept a share of the non-clicked impressions (``--keep-negatives``): each
+#: impression's importance weight, 1 / (kept share) for a kept non-clicked one, 1 otherwise.
+SAMPLE_WEIGHT_COLUMN = "sample_weight"
 #: Label columns the reader gives as exact int64 rather than float32.
 ID_LABEL_COLUMNS = (SAMPLE_ID_COLUMN, *READER_MADE_COLUMNS)
 LABEL_COLUMNS = ("click", "buy")
@@ -160,6 +163,9 @@ class SplitInfo:
     num_clicks: int = 0
     num_buys: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    # The share of the non-clicked impressions the converter kept (``--keep-negatives``); each stored one
+    # stands for 1 / rate, which its SAMPLE_WEIGHT_COLUMN says. 1.0: every impression is stored.
+    negative_keep_rate: float = 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -266,6 +272,12 @@ class DatasetMetadata:
                     impressions += block[1]
             for key in ("num_impressions", "num_users", "num_clicks", "num_buys"):
                 count(getattr(split, key), f"splits['{name}'].{key}")
+            rate = split.negative_keep_rate
+            if type(rate) not in (int, float) or not 0.0 < rate <= 1.0:
+                raise bad(f"splits['{name}'].negative_keep_rate", f"{rate!r} is not a number in (0, 1]")
+            if rate < 1.0 and SAMPLE_WEIGHT_COLUMN not in self.extra_columns:
+                raise bad(f"splits['{name}']", f"keeps a share {rate} of its negatives but the dataset has no "
+                                               f"'{SAMPLE_WEIGHT_COLUMN}' column to weight them")
             if (split.num_impressions, split.num_users) != (impressions, users):
                 raise bad(
                     f"splits['{name}']",
