@@ -194,6 +194,9 @@ class DatasetMetadata:
         record = asdict(self)
         if record["id_maps"] is None:
             del record["id_maps"]  # the file of a dataset without maps stays readable by older versions
+        for split in record["splits"].values():
+            if split["negative_keep_rate"] == 1.0:
+                del split["negative_keep_rate"]  # likewise for a split converted whole
         return json.dumps(record, indent=1, sort_keys=True)
 
     @classmethod
