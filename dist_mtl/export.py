@@ -428,10 +428,10 @@ def predict_split(
     Written to a temporary name and renamed, so a file at ``out_path`` is always complete. Returns row
     count, seconds, impressions per second and, with ``metrics``, ``metrics``: every task's metrics on its
     rows as the trainer computes them (CTR and CTCVR AUC over all impressions, CVR AUC over clicked ones
-    for ESMM), from the export's task config;
-    ``group_auc`` adds each binary task's group AUC over user rows (None: as the export's training did,
-    ``train.group_auc``). ``progress(impressions scored, impressions in the split)`` is called after each
-    batch.
+    for ESMM), from the export's task config; ``group_auc`` adds each binary task's group AUC over user
+    rows (None: as the export's training did, ``train.group_auc``). ``progress(impressions scored,
+    impressions in the split)`` is called after each batch. A split whose negatives were downsampled
+    (convert --keep-negatives) is scored with ``metrics=False`` only.
     """
     from dist_mtl.data.reader import ParquetGroupReader
 

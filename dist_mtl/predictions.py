@@ -23,15 +23,13 @@ from dist_mtl.data.schema import IMPRESSION_ROW_COLUMN, SAMPLE_ID_COLUMN
 INDEX_COLUMN = "index"
 #: The label columns a reader must give for a PredictionWriter's batches.
 PREDICTION_ID_COLUMNS = (SAMPLE_ID_COLUMN, IMPRESSION_ROW_COLUMN)
+#: Where ``Trainer.evaluate_checkpoint`` puts each rank's file, under its run directory.
+PREDICTIONS_DIR = "predictions"
+RANK_FILE_GLOB = "rank-*.parquet"
 
 
 def prediction_columns(task_names: Sequence[str]) -> list[str]:
     return [f"p_{name}" for name in task_names]
-
-
-#: Where ``Trainer.evaluate_checkpoint`` puts each rank's file, under its run directory.
-PREDICTIONS_DIR = "predictions"
-RANK_FILE_GLOB = "rank-*.parquet"
 
 
 def rank_file_name(rank: int) -> str:

@@ -13,9 +13,10 @@ Per split:
    counts once).
 2. ``sample_skeleton_<split>.csv`` is parsed; each row's key is resolved to its staged user row, rows
    with click=0 and buy=1 are dropped and counted, and with ``keep_negatives`` < 1 the non-clicked rows
-   a hash of their sample id does not keep (``keeps_negative``) are dropped and counted too. Train only (ditto): item-side ids are counted over
-   the kept skeleton rows, which are staged (Arrow IPC) because the vocabularies exist only once the
-   whole train skeleton has been counted; other splits are written while they are parsed.
+   a hash of their sample id does not keep (``keeps_negative``) are dropped and counted too. Train only
+   (ditto): item-side ids are counted over the kept skeleton rows, which are staged (Arrow IPC) because
+   the vocabularies exist only once the whole train skeleton has been counted; other splits are written
+   while they are parsed.
 3. Impressions are cut into user groups (runs of consecutive rows with the same key; a key that comes
    back later, non-consecutively, starts a new group whose user row is stored again, and is counted),
    encoded and written through ``DatasetWriter`` in blocks of whole groups, each block's users fetched
