@@ -461,7 +461,7 @@ def init_embedding_tables(dmp: nn.Module, seed: int, field_scale: Mapping[str, f
 
     field_scale = field_scale or {}
     for key, value in dmp.state_dict().items():
-        if "embedding_bags" not in key or not key.endswith(".weight"):
+        if not is_table_weight(key):
             continue
         rows, cols = (value.size() if isinstance(value, ShardedTensor) else value.shape)
         full = initial_table(seed, key, rows, cols, field_scale.get(table_of_weight(key).removeprefix("t_"), 1.0))

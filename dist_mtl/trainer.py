@@ -152,7 +152,8 @@ class Trainer:
                 raise ConfigError(f"data.{key} = {split!r}: {cfg.data.path} has no such split (it has "
                                   f"{sorted(self.metadata.splits)})")
         check_task_columns(cfg.tasks, self.metadata)
-        check_downsampled_split(cfg.tasks, cfg.data.train_split, self.metadata.split(cfg.data.train_split), True)
+        check_downsampled_split(cfg.tasks, cfg.data.train_split, self.metadata.split(cfg.data.train_split),
+                                training=True)
         for split in {cfg.data.val_split, cfg.data.eval_split} - {""}:
             check_downsampled_split(cfg.tasks, split, self.metadata.split(split), training=False)
 
@@ -595,9 +596,10 @@ class Trainer:
         rows = torch.tensor([writer.rows], dtype=torch.int64, device=self.ctx.device)
         gathered = [torch.zeros_like(rows) for _ in range(self.ctx.world_size)]
         dist.all_gather(gathered, rows)
+        rows_by_rank = [int(r) for r in gathered]
         return {"dir": str(writer.path.parent), "columns": writer.columns,
                 "files": [rank_file_name(r) for r in range(self.ctx.world_size)],
-                "rows_by_rank": [int(r) for r in gathered], "rows": int(sum(int(r) for r in gathered))}
+                "rows_by_rank": rows_by_rank, "rows": sum(rows_by_rank)}
 
     def _evaluate_and_track(self, epoch: int) -> bool:
         """Evaluate on the validation split, keep the best model; True when early stopping says stop."""
