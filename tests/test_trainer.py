@@ -156,6 +156,21 @@ def test_a_split_the_dataset_lacks_is_refused_before_training(dataset, tmp_path,
         Trainer(small_config(dataset, tmp_path / "run", f'data.{key}="valid"'))
 
 
+def test_train_script_ends_a_refused_config_with_one_line(dataset, tmp_path, capsys):
+    # The refusals above reach a user of launch/train.py as its usage error, not under a traceback.
+    from script_helpers import load_script
+
+    train_cli = load_script("launch/train.py")
+    args = ["--config", str(tmp_path / "job.toml")]
+    (tmp_path / "job.toml").write_text(small_config(dataset, tmp_path / "run", 'data.val_split="valid"').to_toml())
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert re.fullmatch(r"\S+: error: data\.val_split = 'valid': .* has no such split \(it has "
+                        r"\['test', 'train'\]\)\n", err)
+
+
 @pytest.mark.parametrize("key", ["eval_split", "train_split"])
 def test_an_empty_split_name_is_refused(dataset, tmp_path, key):
     with pytest.raises(ConfigError, match=rf"data\.{key} must name a split of the dataset, got ''"):
