@@ -225,3 +225,55 @@ class MultiTaskLoss(torch.nn.Module):
         if row_weight is not None:
             per_row = per_row * row_weight
         return per_row.sum(), num_rows
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step's task loss was not finite; the message names the step, the rank, the losses and the batch."""
+
+
+class NonFiniteLossWatch:
+    """Finds the first training step whose task losses are not all finite, without a host sync per step.
+
+    Reading a loss on the host every step would make every CUDA step wait for the GPU. ``watch`` records the
+    first bad step on the device instead, and ``raise_if_any``, called at logging steps and at the end of a
+    segment, reads it: the error still names the first bad step, its losses and its batch.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self._first_step: torch.Tensor | None = None  # -1 until a step is not finite
+        self._losses: dict[str, torch.Tensor] = {}  # that step's task losses
+        self._sources: dict[int, str] = {}  # the batch source of every step since the last check
+
+    def watch(self, step: int, task_losses: Mapping[str, torch.Tensor], source: str) -> None:
+        losses = {k: v.detach().reshape(()) for k, v in task_losses.items()}
+        if self._first_step is None:
+            self._first_step = torch.full((), -1, dtype=torch.int64, device=next(iter(losses.values())).device)
+            self._losses = {k: torch.zeros_like(v) for k, v in losses.items()}
+        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
+        first_here = ~finite & (self._first_step < 0)
+        self._first_step = torch.where(first_here, step, self._first_step)
+        self._losses = {k: torch.where(first_here, v, self._losses[k]) for k, v in losses.items()}
+        self._sources[step] = source
+
+    def raise_if_any(self) -> None:
+        """Collective (every rank calls it at the same steps): a non-finite loss on any rank stops every
+        rank with a NonFiniteLossError, the rank that saw it first naming its step, losses and batch.
+        Raising on that rank alone would leave the others to fail inside their next collective, with an
+        error that does not say why."""
+        world, none = self.world_size, torch.iinfo(torch.int64).max
+        local = -1 if self._first_step is None else int(self._first_step)
+        # One MIN over (step, rank) pairs encoded as step * world + rank; a rank without one sends `none`.
+        code = torch.tensor([local * world + self.rank if local >= 0 else none], dtype=torch.int64,
+                            device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        first = int(code)
+        if first != none:
+            step, rank = divmod(first, world)
+            if rank == self.rank:
+                bad = {k: float(v) for k, v in self._losses.items()}
+                raise NonFiniteLossError(f"non-finite loss at step {step} on rank {rank} (task losses {bad}) on "
+                                         f"batch from {self._sources.get(step, 'an unrecorded batch')}")
+            raise NonFiniteLossError(f"non-finite loss at step {step} on rank {rank} (that rank's error names "
+                                     f"its losses and batch)")
+        self._sources.clear()

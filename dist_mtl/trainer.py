@@ -36,7 +36,7 @@ from dist_mtl.checkpoint import (
 from dist_mtl.config import ConfigError, JobConfig, computation_mismatches
 from dist_mtl.data.batch import GroupedBatch
 from dist_mtl.data.reader import ParquetGroupReader, feature_loads, make_dataloader
-from dist_mtl.data.schema import USER_ROW_COLUMN, DatasetMetadata
+from dist_mtl.data.schema import USER_ROW_COLUMN, DatasetError, DatasetMetadata
 from dist_mtl.distributed import (
     DistContext,
     dense_grad_clipping,
@@ -45,7 +45,7 @@ from dist_mtl.distributed import (
     init_embedding_tables,
     shard_model,
 )
-from dist_mtl.losses import ModelOutput, MultiTaskLoss
+from dist_mtl.losses import ModelOutput, MultiTaskLoss, NonFiniteLossWatch
 from dist_mtl.lr_schedule import DenseLRSchedule
 from dist_mtl.metrics import MetricsLogger, TaskMetrics
 from dist_mtl.models import MultiTaskModel
@@ -65,8 +65,14 @@ def _not_committed(what: str) -> ConfigError:
                        f"and {SIDE_FILE})")
 
 
+#: What the trainer raises for input that does not fit (a split, a task's column, a checkpoint, a data
+#: file); the launchers report these in one line, anything else with its traceback.
+INPUT_ERRORS = (ConfigError, CheckpointMismatchError, DatasetError)
+
+
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step and the batch."""
+    """Training cannot go on (a run directory without the best model its state names); a non-finite loss
+    raises ``losses.NonFiniteLossError``."""
 
 
 class TrainStep(nn.Module):
@@ -186,11 +192,7 @@ class Trainer:
         # best of that checkpoint's state stays): a job resumed after a crash finds the best of the state
         # it resumes, not only a newer best of the trajectory it abandoned.
         self.best_checkpoint = CheckpointManager(self.run_dir / "best", keep=None)
-        # Device-side record of the first non-finite step (see _watch_finite) and the batch source of
-        # every step since the last host check.
-        self._first_nonfinite: torch.Tensor | None = None
-        self._nonfinite_losses: dict[str, torch.Tensor] = {}
-        self._unchecked_sources: dict[int, str] = {}
+        self.nonfinite = NonFiniteLossWatch(self.ctx.rank, self.ctx.world_size, self.ctx.device)
         # Training state: everything a checkpoint holds besides model and optimizers.
         self.global_step = 0
         self.epoch = 0
@@ -242,45 +244,6 @@ class Trainer:
         loss.backward()  # also steps the embedding tables (optimizer fused into the backward)
         self.optimizer.step()
         return task_losses
-
-    def _watch_finite(self, task_losses: dict[str, torch.Tensor], source: str) -> None:
-        """Record, on the device, the first step whose task losses are not all finite.
-
-        Reading a loss on the host every step would make every CUDA step wait for the GPU; the flag is
-        read in ``_raise_if_nonfinite`` at logging steps and at the end of a segment instead, and the
-        error still names the first bad step, its losses and its batch.
-        """
-        losses = {k: v.detach().reshape(()) for k, v in task_losses.items()}
-        if self._first_nonfinite is None:
-            self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=next(iter(losses.values())).device)
-            self._nonfinite_losses = {k: torch.zeros_like(v) for k, v in losses.items()}
-        finite = torch.stack([torch.isfinite(v) for v in losses.values()]).all()
-        first_here = ~finite & (self._first_nonfinite < 0)
-        self._first_nonfinite = torch.where(first_here, self.global_step, self._first_nonfinite)
-        self._nonfinite_losses = {k: torch.where(first_here, v, self._nonfinite_losses[k]) for k, v in losses.items()}
-        self._unchecked_sources[self.global_step] = source
-
-    def _raise_if_nonfinite(self) -> None:
-        """Collective (every rank calls it at the same steps): a non-finite loss on any rank stops every
-        rank with a TrainingError, the rank that saw it first naming its step, losses and batch. Raising
-        on that rank alone would leave the others to fail inside their next collective, with an error
-        that does not say why."""
-        world, none = self.ctx.world_size, torch.iinfo(torch.int64).max
-        local = -1 if self._first_nonfinite is None else int(self._first_nonfinite)
-        # One MIN over (step, rank) pairs encoded as step * world + rank; a rank without one sends `none`.
-        code = torch.tensor([local * world + self.ctx.rank if local >= 0 else none],
-                            dtype=torch.int64, device=self.ctx.device)
-        dist.all_reduce(code, op=dist.ReduceOp.MIN)
-        first = int(code)
-        if first != none:
-            step, rank = divmod(first, world)
-            if rank == self.ctx.rank:
-                bad = {k: float(v) for k, v in self._nonfinite_losses.items()}
-                raise TrainingError(f"non-finite loss at step {step} on rank {rank} (task losses {bad}) on "
-                                    f"batch from {self._unchecked_sources.get(step, 'an unrecorded batch')}")
-            raise TrainingError(f"non-finite loss at step {step} on rank {rank} (that rank's error names "
-                                f"its losses and batch)")
-        self._unchecked_sources.clear()
 
     def _dense_epochs(self) -> int:
         return self.cfg.optimizer.dense_epochs or self.cfg.train.epochs
@@ -348,7 +311,7 @@ class Trainer:
         for task_losses in self._segment_steps(segment):
             num_impressions, source = segment.trained()
             self.global_step += 1
-            self._watch_finite(task_losses, source)
+            self.nonfinite.watch(self.global_step, task_losses, source)
             self.train_seconds += time.perf_counter() - step_start
             local_samples += num_impressions
             self.batches_in_epoch += 1
@@ -357,7 +320,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if self.global_step % log_every == 0:
-                self._raise_if_nonfinite()
+                self.nonfinite.raise_if_any()
                 losses = self._job_losses(task_losses)
                 rate = window_samples / max(time.perf_counter() - t0, 1e-9)
                 logged = {**losses, "samples_per_s": rate, "lr/dense": self.optimizer.param_groups[0]["lr"],
@@ -370,7 +333,7 @@ class Trainer:
                 t0, window_samples = time.perf_counter(), 0
             self.profiler.step(self.global_step)
             step_start = time.perf_counter()
-        self._raise_if_nonfinite()
+        self.nonfinite.raise_if_any()
         # Exact count across ranks, once per segment (every rank ends its segment at the same step).
         count = torch.tensor([local_samples], dtype=torch.int64, device=self.ctx.device)
         dist.all_reduce(count)

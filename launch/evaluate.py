@@ -54,16 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.profile.steps = 0
 
     quiet_library_noise()
-    from dist_mtl.checkpoint import CheckpointMismatchError
-    from dist_mtl.config import ConfigError
-    from dist_mtl.data.schema import DatasetError
     from dist_mtl.distributed import init_distributed, shutdown_distributed
-    from dist_mtl.trainer import Trainer
+    from dist_mtl.trainer import INPUT_ERRORS, Trainer
 
     ctx = init_distributed(cfg.sharding.device)
     try:
         return Trainer(cfg, ctx).evaluate_checkpoint(args.checkpoint, predictions=args.predictions)
-    except (ConfigError, CheckpointMismatchError, DatasetError) as e:
+    except INPUT_ERRORS as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")  # the message names the problem; no traceback
     finally:
         shutdown_distributed()

@@ -66,19 +66,16 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     quiet_library_noise()
-    from dist_mtl.checkpoint import CheckpointMismatchError
-    from dist_mtl.data.schema import DatasetError
     from dist_mtl.distributed import init_distributed, shutdown_distributed
-    from dist_mtl.trainer import Trainer
+    from dist_mtl.trainer import INPUT_ERRORS, Trainer
 
     ctx = init_distributed(cfg.sharding.device)
     try:
         if ctx.is_main:
             print("resolved config:\n" + cfg.to_toml(), flush=True)
         return Trainer(cfg, ctx).train()
-    except (ConfigError, CheckpointMismatchError, DatasetError) as e:
-        # What the user gave does not fit (a split, a task's column, a checkpoint, a data file): the
-        # message names it and its remedy, and a traceback would only bury it, as in evaluate.py.
+    except INPUT_ERRORS as e:
+        # The message names what does not fit and its remedy; a traceback would only bury it.
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:
         shutdown_distributed()

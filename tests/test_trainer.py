@@ -8,7 +8,6 @@ import socket
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from training_paths import train_checking_path
 
 from dist_mtl.config import ConfigError, load_config
 from dist_mtl.data.schema import DatasetError
-from dist_mtl.trainer import Trainer, TrainingError
+from dist_mtl.losses import NonFiniteLossError, NonFiniteLossWatch
+from dist_mtl.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_diverging_loss_stops_with_the_step_and_the_batch_source(tmp_path):
                              "model.expert_dims=[16]", "train.progress_bar=false", 'train.early_stop_metric="price/mse"',
                              'tasks=[{name = "price", label = "price", type = "regression"}]',
                              'optimizer.dense="sgd"', "optimizer.dense_lr=1e12"])
-    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+ .* on batch from .*impressions-\d+\.parquet") as err:
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+ .* on batch from .*impressions-\d+\.parquet") as err:
         Trainer(cfg).train()
     step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     assert 1 <= step <= 3, str(err.value)
@@ -208,19 +208,20 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out_dir: str) -> No
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
-        # Only rank 1 saw a non-finite loss (at step 7); rank 0's losses were all finite.
-        seen = rank == 1
-        fake = SimpleNamespace(
-            ctx=SimpleNamespace(rank=rank, world_size=world_size, device=torch.device("cpu")),
-            _first_nonfinite=torch.tensor(7 if seen else -1),
-            _nonfinite_losses={"ctr": torch.tensor(math.nan if seen else 0.0)},
-            _unchecked_sources={7: "impressions-00001.parquet"},
-        )
-        try:
-            Trainer._raise_if_nonfinite(fake)
-            message = "no error"
-        except TrainingError as e:
-            message = str(e)
+        watch = NonFiniteLossWatch(rank, world_size, torch.device("cpu"))
+        messages = []
+        # Steps 0-4 finite everywhere; then only rank 1 sees a non-finite loss, at step 7 and again at 8.
+        for steps in (range(0, 5), range(5, 10)):
+            for step in steps:
+                bad = rank == 1 and step in (7, 8)
+                watch.watch(step, {"ctr": torch.tensor(math.nan if bad else 0.5), "cvr": torch.tensor(0.25)},
+                            f"impressions-{step:05d}.parquet")
+            try:
+                watch.raise_if_any()
+                messages.append("no error")
+            except NonFiniteLossError as e:
+                messages.append(str(e))
+        message = "\n".join(messages)
         dist.barrier()  # the check left no rank behind in a collective
         Path(out_dir, f"rank{rank}.txt").write_text(message)
     finally:
@@ -233,9 +234,9 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_with_a_message(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_nonfinite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (Path(tmp_path, f"rank{r}.txt").read_text() for r in range(2))
-    assert rank1 == ("non-finite loss at step 7 on rank 1 (task losses {'ctr': nan}) on batch from "
-                     "impressions-00001.parquet")
-    assert rank0 == "non-finite loss at step 7 on rank 1 (that rank's error names its losses and batch)"
+    assert rank1 == ("no error\nnon-finite loss at step 7 on rank 1 (task losses {'ctr': nan, 'cvr': 0.25}) on "
+                     "batch from impressions-00007.parquet")
+    assert rank0 == "no error\nnon-finite loss at step 7 on rank 1 (that rank's error names its losses and batch)"
 
 
 def test_early_stopping_on_an_error_metric_prefers_lower_values(dataset, tmp_path, monkeypatch):

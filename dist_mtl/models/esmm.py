@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_mtl.losses import ModelOutput
-from dist_mtl.models.layers import HeadRows, MultiTaskHead, Tower, UserItemFactors  # noqa: F401 (re-exported)
+from dist_mtl.models.layers import HeadRows, MultiTaskHead, Tower
 from dist_mtl.tasks import TaskConfig
 
 ESMM_TASKS = ("ctr", "cvr", "ctcvr")
