@@ -39,7 +39,7 @@ class DataConfig:
     """Split trained on."""
     val_split: str = ""
     """Split for periodic evaluation and early stopping; "" uses eval_split (the ESMM paper's data has
-    only train and test)."""
+    only train and test; ``launch/convert.py raw --validation-share`` holds a "val" split out of train)."""
     eval_split: str = "test"
     """Split of the final evaluation."""
     batch_size: int = 4096

@@ -3,6 +3,7 @@
     python launch/convert.py raw --raw-dir D --out O [--min-count N] [--skip-bad-rows] [--splits train,test]
     python launch/convert.py raw --raw-dir D --out O --id-maps-from DATASET --splits day8   (another dataset's id maps)
     python launch/convert.py raw --raw-dir D --out O --keep-negatives 0.1   (train: every click, 10% of the rest)
+    python launch/convert.py raw --raw-dir D --out O --validation-share 0.05   (a "val" split held out of train)
     python launch/convert.py rechub --train F --val F --test F --out O [--skip-bad-rows]
 
 Prints progress (rows/s, ETA of the file being read from its size) and a summary with skipped counts.
@@ -112,6 +113,12 @@ def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
         # Features dropped inside kept rows (recorded in metadata.json's notes): shown so that a field
         # lost to, say, a changed field id is seen at once.
         notes = meta.notes.get("splits", {}).get(name, {}) if isinstance(meta.notes, dict) else {}
+        held = notes.get("validation_holdout") or notes.get("held_out_of")
+        if held:
+            other = held["split"]
+            lines.append(f"    {'held out as' if 'validation_holdout' in notes else 'held out of'} '{other}': "
+                         f"{held['user_rows']:,} user rows with {held['impressions']:,} impressions (a share "
+                         f"{held['share']:g} of the user rows, seed {held['seed']})")
         for key, label in _DROPPED_FEATURE_NOTES:
             dropped = _counts(notes.get(key) or {})
             if dropped:
@@ -154,6 +161,11 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
     raw.add_argument("--downsample", default="train", metavar="SPLITS",
                      help="comma-separated splits --keep-negatives applies to (default: train)")
     raw.add_argument("--negative-seed", type=int, default=0, help="seed of the kept negatives' choice")
+    raw.add_argument("--validation-share", type=float, default=0.0, metavar="SHARE",
+                     help="hold this share of the train split's user rows (each with all its impressions) out "
+                          "as the split \"val\", for early stopping and the best model without the test split: "
+                          "train with data.val_split=\"val\" (default 0: none)")
+    raw.add_argument("--validation-seed", type=int, default=0, help="seed of the held-out user rows' choice")
     rechub = commands.add_parser("rechub", help="torch-rechub preprocessed CSV (one file per split)")
     rechub.add_argument("--train", required=True)
     rechub.add_argument("--val")
@@ -185,6 +197,8 @@ def main(argv: list[str] | None = None) -> DatasetMetadata:
                 keep_negatives=args.keep_negatives,
                 downsampled_splits=[s.strip() for s in args.downsample.split(",") if s.strip()],
                 negative_seed=args.negative_seed,
+                validation_share=args.validation_share,
+                validation_seed=args.validation_seed,
             )
         else:
             paths = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}

@@ -10,13 +10,14 @@ Per split:
    (int64 ids, a list per field) under the work directory, and a sorted index of its
    ``common_feature_index`` keys. Train only (when the maps are built): user-side ids are counted per
    field over these rows, once per common-features row (the same user row serves ~58 impressions but
-   counts once).
+   counts once), except over the rows a validation holdout takes (``holds_out``).
 2. ``sample_skeleton_<split>.csv`` is parsed; each row's key is resolved to its staged user row, rows
    with click=0 and buy=1 are dropped and counted, and with ``keep_negatives`` < 1 the non-clicked rows
    a hash of their sample id does not keep (``keeps_negative``) are dropped and counted too. Train only
    (ditto): item-side ids are counted over the kept skeleton rows, which are staged (Arrow IPC) because
    the vocabularies exist only once the whole train skeleton has been counted; other splits are written
-   while they are parsed.
+   while they are parsed. With a validation holdout, the train rows of held-out user rows are staged
+   apart and written as the validation split once the train split is.
 3. Impressions are cut into user groups (runs of consecutive rows with the same key; a key that comes
    back later, non-consecutively, starts a new group whose user row is stored again, and is counted),
    encoded and written through ``DatasetWriter`` in blocks of whole groups, each block's users fetched
@@ -38,12 +39,13 @@ complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -86,6 +88,13 @@ class ConvertError(ValueError):
 
 
 TRAIN_SPLIT = "train"
+#: The split a validation holdout writes: the name torch-rechub's files give theirs (convert.py rechub --val).
+VALIDATION_SPLIT = "val"
+HOLDOUT_NOTE = (
+    "user rows (common_feature_index keys) held out of the train split by a hash of the key and seed against "
+    "share (convert.holds_out), each with all its impressions, and written as the validation split; their "
+    "ids are not counted for the id maps (the validation split is unseen data, as the test split is)"
+)
 CLICK0_BUY1 = "click0_buy1"
 NEGATIVE_DOWNSAMPLING_NOTE = (
     "non-clicked impressions kept by a hash of sample_id and seed against keep_rate (convert.keeps_negative); "
@@ -322,6 +331,7 @@ class StagedUsers:
         self.batch_starts = batch_starts  # first row of every record batch, plus the row count
         self.index = index  # key -> row, duplicates removed
         self.skipped = skipped  # keys of common-features rows skipped as bad
+        self.held_out: np.ndarray | None = None  # per staged row: held out for validation (None: no holdout)
 
     @property
     def num_rows(self) -> int:
@@ -417,6 +427,24 @@ def keeps_negative(sample_ids: np.ndarray, rate: float, seed: int) -> np.ndarray
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < rate
 
 
+def holds_out(keys: pa.Array, share: float, seed: int) -> np.ndarray:
+    """Which user rows (by ``common_feature_index`` key) a validation ``share`` holds out of the train split:
+    a keyed hash of each key against the share, so the choice depends on the key alone (not the file's
+    order, the text blocks or the machine), and a user row goes, with every impression of it, to one split.
+
+    Whole user rows, not impressions: a held-out impression whose user row also served training impressions
+    would store that row in both splits, ~58 impressions' worth of user features for each one held out.
+    BLAKE2 per key in Python (once per user row: 0.5 s for 730k keys, a full split's), since numpy has no
+    string hash and Python's own ``hash`` changes from process to process."""
+    salt = (seed % 2**64).to_bytes(16, "little")
+    hashes = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(key, digest_size=8, salt=salt).digest(), "little")
+         for key in keys.cast(pa.binary()).to_pylist()),
+        dtype=np.uint64, count=len(keys),
+    )
+    return (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-53 < share
+
+
 class _GroupWriter:
     """Cuts resolved impressions into user groups and writes them as blocks of whole groups.
 
@@ -450,6 +478,11 @@ class _GroupWriter:
     def unreferenced_users(self) -> int:
         # Indexed rows only: a duplicate key's row stays staged but is already counted as skipped.
         return len(self._users.index) - int(np.count_nonzero(self._used))
+
+    @property
+    def used(self) -> np.ndarray:
+        """Per staged user row: whether a written group refers to it."""
+        return self._used
 
     def push(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -544,9 +577,11 @@ class _RawConverter:
         block_bytes: int,
         progress: ProgressCallback | None,
         negative_seed: int = 0,
+        validation_seed: int = 0,
     ):
         self.raw_dir = raw_dir
         self.negative_seed = negative_seed
+        self.validation_seed = validation_seed
         self.staging = staging
         self.skip_bad_rows = skip_bad_rows
         self.block_bytes = block_bytes
@@ -573,10 +608,13 @@ class _RawConverter:
             kind.path(self.raw_dir, split), kind, skip_bad_rows=self.skip_bad_rows, block_bytes=self.block_bytes
         )
 
-    def stage_users(self, split: str, stats: _SplitStats, counter: IdCounter | None) -> StagedUsers:
+    def stage_users(self, split: str, stats: _SplitStats, counter: IdCounter | None,
+                    validation_share: float = 0.0) -> StagedUsers:
+        """The split's user rows staged; with ``validation_share`` > 0, each row marked held out or not
+        (``holds_out``), and the held-out rows' ids not counted."""
         reader = self._reader(split, COMMON)
         path = self.staging / f"{split}-users.arrow"
-        starts, keys, skipped_keys, rows = [0], [], [], 0
+        starts, keys, skipped_keys, rows, held_parts = [0], [], [], 0, []
         self._report(split, "user rows", 0, None, reader)
         with pa.ipc.new_file(str(path), STAGED_USERS_SCHEMA) as sink:
             for block in reader.blocks():
@@ -588,15 +626,22 @@ class _RawConverter:
                     keys.append(block.keys)
                     rows += block.num_rows
                     starts.append(rows)
+                    held = holds_out(block.keys, validation_share, self.validation_seed) if validation_share else None
+                    if held is not None:
+                        held_parts.append(held)
                     if counter is not None:
                         for spec in USER_FIELDS:
-                            counter.add(spec.name, block.features[spec.name].ids)
+                            lists = block.features[spec.name]
+                            ids = lists.ids if held is None else lists.ids[~np.repeat(held, np.diff(lists.offsets))]
+                            counter.add(spec.name, ids)
                 self._report(split, "user rows", rows, None, reader)
         self.source_files.append(reader.source_record())
         all_keys = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
         index = KeyIndex(all_keys, np.arange(rows))
         skipped = KeyIndex(pa.array(skipped_keys, pa.string()), np.arange(len(skipped_keys)))
         users = StagedUsers(path, reader.path, np.array(starts, np.int64), index, skipped)
+        if validation_share:
+            users.held_out = np.concatenate(held_parts) if held_parts else np.zeros(0, bool)
         again, first = index.duplicates()
         if len(again):
             self._drop_duplicates(users, again, first, stats, counter)
@@ -617,22 +662,28 @@ class _RawConverter:
         stats.skipped[COMMON_PREFIX + DUPLICATE_KEY] += len(again)
         users.index = users.index.without_rows(again)
         if counter is not None:
-            dropped = users.take(again)
+            # A duplicate has its first row's key, so the same holdout: only counted rows are uncounted.
+            dropped = users.take(again if users.held_out is None else again[~users.held_out[again]])
             for spec in USER_FIELDS:
                 counter.add(spec.name, _raw_ids(dropped.column(spec.name), spec), sign=-1)
 
     def resolved_impressions(
         self, split: str, users: StagedUsers, stats: _SplitStats, counter: IdCounter | None,
-        negative_keep_rate: float = 1.0,
+        negative_keep_rate: float = 1.0, held_out: Callable[[pa.RecordBatch], None] | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Skeleton rows with their staged user row, bad joins and click=0/buy=1 rows removed, and the
-        non-clicked rows that ``negative_keep_rate`` (< 1) does not keep (``keeps_negative``)."""
+        non-clicked rows that ``negative_keep_rate`` (< 1) does not keep (``keeps_negative``). The rows
+        of user rows held out for validation (``users.held_out``) go to ``held_out`` instead, all of them
+        (a validation split is not downsampled), and are not counted."""
         reader = self._reader(split, SKELETON)
         rows = 0
         self._report(split, "impressions", 0, None, reader)
         for block in reader.blocks():
             stats.absorb(block)
-            batch = self._resolve(block, users, stats, reader.path, negative_keep_rate)
+            batch, held_batch = self._resolve(block, users, stats, reader.path, negative_keep_rate)
+            if held_batch is not None:
+                assert held_out is not None, "users are marked held out, but nothing takes their impressions"
+                held_out(held_batch)
             if counter is not None:
                 for spec in ITEM_FIELDS:
                     counter.add(spec.name, _raw_ids(batch.column(spec.name), spec))
@@ -642,7 +693,9 @@ class _RawConverter:
         self.source_files.append(reader.source_record())
 
     def _resolve(self, block: ParsedBlock, users: StagedUsers, stats: _SplitStats, path: Path,
-                 negative_keep_rate: float) -> pa.RecordBatch:
+                 negative_keep_rate: float) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
+        """The block's kept rows staged, and those of held-out user rows apart (None: no holdout, or none
+        in this block)."""
         user = users.resolve(block.keys)
         missing = user < 0
         if missing.any():
@@ -658,22 +711,18 @@ class _RawConverter:
         click0_buy1 = (block.click == 0) & (block.buy == 1) & ~missing
         stats.skipped[CLICK0_BUY1] += int(np.count_nonzero(click0_buy1))
         keep = ~(missing | click0_buy1)
+        held = None
+        if users.held_out is not None:
+            held = keep.copy()
+            held[keep] = users.held_out[user[keep]]
+            keep &= ~held
         if negative_keep_rate < 1.0:
             dropped = keep & (block.click == 0) & ~keeps_negative(block.sample_id, negative_keep_rate,
                                                                   self.negative_seed)
             stats.negatives_dropped += int(np.count_nonzero(dropped))
             keep &= ~dropped
-        if not keep.all():
-            # numpy, not RecordBatch.filter: filtering Arrow list columns costs ~20x more here.
-            block, user = block.rows(keep), user[keep]
-        columns = [
-            pa.array(block.lines),
-            pa.array(block.sample_id),
-            pa.array(block.click),
-            pa.array(block.buy),
-            pa.array(user),
-        ] + _staged_columns(block, ITEM_FIELDS)
-        return pa.record_batch(columns, schema=STAGED_IMPRESSIONS_SCHEMA)
+        held_batch = _staged_impressions(block, user, held) if held is not None and held.any() else None
+        return _staged_impressions(block, user, keep), held_batch
 
     def staged_impressions(self, split: str, batches: Iterator[pa.RecordBatch]) -> tuple[Path, int]:
         path = self.staging / f"{split}-impressions.arrow"
@@ -695,6 +744,54 @@ class _RawConverter:
                 rows += batch.num_rows
                 yield batch
                 self._report(split, "write", rows, total, None)
+
+
+class _StagedSink:
+    """An Arrow IPC file of staged impressions, written batch by batch, that counts its rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = 0
+        self._sink = pa.ipc.new_file(str(path), STAGED_IMPRESSIONS_SCHEMA)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._sink.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def __enter__(self) -> "_StagedSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sink.close()
+
+
+def _split_notes(stats: "_SplitStats", groups: _GroupWriter) -> dict:
+    return {
+        "ignored_unknown_field_features": dict(sorted(stats.unknown_fields.items())),
+        "ignored_other_side_field_features": dict(sorted(stats.misplaced_fields.items())),
+        "repeated_single_valued_features_dropped": dict(sorted(stats.repeated_fields.items())),
+        "single_valued_values_other_than_1_dropped": dict(sorted(stats.single_valued_weights.items())),
+        "ids_encoded": dict(groups.ids.encoded),
+        "ids_outside_id_maps": {k: v for k, v in groups.ids.outside.items() if v},
+        "user_group_reappearances": groups.reappearances,
+        "user_rows_without_impressions": groups.unreferenced_users,
+        "skipped_examples": stats.examples,
+    }
+
+
+def _staged_impressions(block: ParsedBlock, user: np.ndarray, rows: np.ndarray) -> pa.RecordBatch:
+    """The ``rows`` (bool per row) of a skeleton block with their staged user rows, as staged."""
+    if not rows.all():
+        # numpy, not RecordBatch.filter: filtering Arrow list columns costs ~20x more here.
+        block, user = block.rows(rows), user[rows]
+    columns = [
+        pa.array(block.lines),
+        pa.array(block.sample_id),
+        pa.array(block.click),
+        pa.array(block.buy),
+        pa.array(user),
+    ] + _staged_columns(block, ITEM_FIELDS)
+    return pa.record_batch(columns, schema=STAGED_IMPRESSIONS_SCHEMA)
 
 
 def _check_inputs(raw_dir: Path, splits: Sequence[str]) -> None:
@@ -720,6 +817,8 @@ def convert_raw(
     keep_negatives: float = 1.0,
     downsampled_splits: Sequence[str] = (TRAIN_SPLIT,),
     negative_seed: int = 0,
+    validation_share: float = 0.0,
+    validation_seed: int = 0,
 ) -> DatasetMetadata:
     """Convert ``<raw_dir>/{sample_skeleton,common_features}_<split>.csv`` into a dataset at ``out_dir``.
 
@@ -741,7 +840,12 @@ def convert_raw(
     downsampled split, 1 for the rest; training tasks over all impressions weight their loss by it
     (``weight_column``), which keeps the loss, and the click and purchase rates the model learns, those
     of the whole split. The split's ``negative_keep_rate`` records the share, its notes the rows dropped.
-    Arguments that cannot work raise ConvertError.
+
+    ``validation_share`` > 0 holds that share of the train split's user rows out, each with all its
+    impressions (``holds_out``: a hash of the key and ``validation_seed``), and writes them as the split
+    VALIDATION_SPLIT ("val", for ``data.val_split``), so that early stopping and the best model are chosen
+    without the test split. Its ids are not counted for the id maps, and it is never downsampled. Both
+    splits' notes say what was held out. Arguments that cannot work raise ConvertError.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     splits = list(dict.fromkeys(splits))
@@ -758,6 +862,15 @@ def convert_raw(
         raise ConvertError(f"keep_negatives {keep_negatives} applies to the splits {list(downsampled_splits)}, "
                            f"none of which is converted (splits {splits})")
     downsampled = set(downsampled_splits) if keep_negatives < 1.0 else set()
+    if not 0.0 <= validation_share < 1.0:
+        raise ConvertError(f"validation_share is the share of the train split's user rows held out, in [0, 1); "
+                           f"got {validation_share}")
+    if validation_share and TRAIN_SPLIT not in splits:
+        raise ConvertError(f"validation_share {validation_share} holds out part of the '{TRAIN_SPLIT}' split, "
+                           f"which is not converted (splits {splits})")
+    if validation_share and VALIDATION_SPLIT in splits:
+        raise ConvertError(f"validation_share {validation_share} writes the split '{VALIDATION_SPLIT}', which "
+                           f"the raw files to convert have already (splits {splits}): convert one or the other")
     given_maps: IdMaps | None = None
     if id_maps_from is not None:
         if out_dir.resolve() == Path(id_maps_from).resolve():
@@ -785,7 +898,8 @@ def convert_raw(
     staging = Path(tempfile.mkdtemp(prefix=".convert-staging-", dir=staging_parent))
     open_split: SplitWriter | None = None
     try:
-        converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress, negative_seed)
+        converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress, negative_seed,
+                                  validation_seed)
         infos: dict[str, SplitInfo] = {}
         split_notes: dict[str, dict] = {}
         id_maps = given_maps
@@ -793,26 +907,31 @@ def convert_raw(
         for split in splits:
             stats = _SplitStats.empty()
             counter = IdCounter() if split == TRAIN_SPLIT and given_maps is None else None
-            users = converter.stage_users(split, stats, counter)
+            holdout = validation_share if split == TRAIN_SPLIT else 0.0
+            users = converter.stage_users(split, stats, counter, holdout)
             rate = keep_negatives if split in downsampled else 1.0
-            # The ids only dropped impressions hold get no rows; the user rows' ids were counted before
-            # the impressions were read, so a user left without impressions still has its ids' rows.
-            impressions = converter.resolved_impressions(split, users, stats, counter, rate)
-            if counter is not None:
+            with ExitStack() as held_stack:
+                held = held_stack.enter_context(_StagedSink(staging / f"{VALIDATION_SPLIT}-impressions.arrow")) \
+                    if holdout else None
+                # The ids only dropped impressions hold get no rows; the user rows' ids were counted before
+                # the impressions were read, so a user left without impressions still has its ids' rows.
+                impressions = converter.resolved_impressions(split, users, stats, counter, rate,
+                                                             held.write if held else None)
+                if counter is not None:
+                    with closing(impressions):
+                        staged_path, staged_rows = converter.staged_impressions(split, impressions)
+                    id_maps = build_id_maps(counter, min_count)
+                    distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
+                    impressions = converter.read_staged(split, staged_path, staged_rows)
+                split_writer = open_split = writer.split(split)
+                assert id_maps is not None  # built on train, which goes first, or given
+                groups = _GroupWriter(split_writer, users, id_maps, block_impressions,
+                                      negative_weight=1.0 / rate if downsampled else None)
+                # closing: an error here also stops the background reader of the file being parsed.
                 with closing(impressions):
-                    staged_path, staged_rows = converter.staged_impressions(split, impressions)
-                id_maps = build_id_maps(counter, min_count)
-                distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
-                impressions = converter.read_staged(split, staged_path, staged_rows)
-            split_writer = open_split = writer.split(split)
-            assert id_maps is not None  # built on train, which goes first, or given
-            groups = _GroupWriter(split_writer, users, id_maps, block_impressions,
-                                  negative_weight=1.0 / rate if downsampled else None)
-            # closing: an error here also stops the background reader of the file being parsed.
-            with closing(impressions):
-                for batch in impressions:
-                    groups.push(batch)
-            groups.finish()
+                    for batch in impressions:
+                        groups.push(batch)
+                groups.finish()
             infos[split] = split_writer.close(skipped=dict(sorted(stats.skipped.items())))
             infos[split].negative_keep_rate = rate
             open_split = None
@@ -822,21 +941,36 @@ def convert_raw(
                     SKELETON.path(raw_dir, split), None, "file",
                     f"no impressions to write for split '{split}' (rows skipped: {skipped})",
                 )
-            split_notes[split] = {
-                "ignored_unknown_field_features": dict(sorted(stats.unknown_fields.items())),
-                "ignored_other_side_field_features": dict(sorted(stats.misplaced_fields.items())),
-                "repeated_single_valued_features_dropped": dict(sorted(stats.repeated_fields.items())),
-                "single_valued_values_other_than_1_dropped": dict(sorted(stats.single_valued_weights.items())),
-                "ids_encoded": dict(groups.ids.encoded),
-                "ids_outside_id_maps": {k: v for k, v in groups.ids.outside.items() if v},
-                "user_group_reappearances": groups.reappearances,
-                "user_rows_without_impressions": groups.unreferenced_users,
-                "skipped_examples": stats.examples,
-            }
+            split_notes[split] = _split_notes(stats, groups)
             if rate < 1.0:
                 split_notes[split]["negative_downsampling"] = {
                     "keep_rate": rate, "seed": negative_seed, "non_clicked_dropped": stats.negatives_dropped,
                     "note": NEGATIVE_DOWNSAMPLING_NOTE}
+            if holdout:
+                val_writer = open_split = writer.split(VALIDATION_SPLIT)
+                val_groups = _GroupWriter(val_writer, users, id_maps, block_impressions,
+                                          negative_weight=1.0 if downsampled else None)
+                with closing(converter.read_staged(VALIDATION_SPLIT, held.path, held.rows)) as held_batches:
+                    for batch in held_batches:
+                        val_groups.push(batch)
+                val_groups.finish()
+                infos[VALIDATION_SPLIT] = val_writer.close(skipped={})
+                open_split = None
+                if infos[VALIDATION_SPLIT].num_impressions == 0:
+                    raise ConvertError(
+                        f"validation_share {validation_share} held out no impression of the train split's "
+                        f"{len(users.index):,} user rows ({int(users.held_out.sum()):,} held out): raise the share")
+                # A user row the other split stores is not "without impressions": only those neither holds.
+                neither = len(users.index) - int(np.count_nonzero(groups.used | val_groups.used))
+                split_notes[split]["user_rows_without_impressions"] = neither
+                split_notes[VALIDATION_SPLIT] = _split_notes(_SplitStats.empty(), val_groups)
+                split_notes[VALIDATION_SPLIT]["user_rows_without_impressions"] = neither
+                held_out = {"share": validation_share, "seed": validation_seed,
+                            "user_rows": int(np.count_nonzero(val_groups.used)),
+                            "impressions": infos[VALIDATION_SPLIT].num_impressions, "note": HOLDOUT_NOTE}
+                split_notes[split]["validation_holdout"] = {"split": VALIDATION_SPLIT, **held_out}
+                split_notes[VALIDATION_SPLIT]["held_out_of"] = {"split": split, **held_out}
+                held.path.unlink()
             for staged in staging.glob(f"{split}-*"):
                 staged.unlink()
         assert id_maps is not None
