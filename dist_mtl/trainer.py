@@ -394,6 +394,7 @@ class Trainer:
             "eval_seconds": self.eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "eval_split": cfg.data.eval_split,
+            "selection_split": cfg.data.val_split or cfg.data.eval_split,  # early stopping's and the best model's
             "metrics": final,
             "history": self.history,
             "profile": self.profiler.report,
@@ -767,11 +768,21 @@ class Trainer:
         return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def _header(self, steps_per_epoch: int) -> str:
-        return (
+        header = (
             f"dist_mtl: {self.cfg.model.head} on {self.cfg.data.path} | world {self.ctx.world_size} "
             f"({self.ctx.backend}, {self.ctx.device.type}) | batch {self.cfg.data.batch_size}/rank | "
             f"{steps_per_epoch} steps/epoch\nsharding plan:\n{self.plan}"
         )
+        t = self.cfg.train
+        if not self.cfg.data.val_split and (t.epochs > 1 or t.eval_every_steps):
+            # Several evaluations choose the reported model, so the eval split's figures would be those of
+            # the model that scored best on them: say so once, with the remedy.
+            split = self.cfg.data.eval_split
+            header += (f"\nnote: data.val_split is unset, so early stopping and the best model are chosen on "
+                       f"'{split}', whose final figures are then the chosen model's best; hold a split out of "
+                       f"train (launch/convert.py raw --validation-share) and set data.val_split for figures "
+                       f"that did not choose the model")
+        return header
 
     @staticmethod
     def _fmt(metrics: dict[str, float]) -> str:

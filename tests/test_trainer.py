@@ -35,9 +35,12 @@ def small_config(dataset, run_dir, *extra):
                               "train.progress_bar=false", "train.log_every_steps=2", *extra])
 
 
-def test_train_writes_config_summary_and_tensorboard(dataset, tmp_path):
+def test_train_writes_config_summary_and_tensorboard(dataset, tmp_path, capsys):
     cfg = small_config(dataset, tmp_path / "run", "train.epochs=2")
     summary = Trainer(cfg).train()
+    # Two evaluations chose the reported model on the test split itself: the job says so.
+    assert summary["selection_split"] == "test"
+    assert "note: data.val_split is unset, so early stopping and the best model are chosen on 'test'" in capsys.readouterr().out
     run = tmp_path / "run"
     assert tomllib.loads((run / "config.toml").read_text())["data"]["batch_size"] == 64
     on_disk = json.loads((run / "summary.json").read_text())

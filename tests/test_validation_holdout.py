@@ -100,7 +100,7 @@ def test_the_choice_depends_on_the_key_and_seed_only():
     assert np.array_equal(held & holds_out(keys, 0.2, seed=0), held)  # a larger share holds out more of the same
 
 
-def test_downsampled_training_stops_early_on_the_whole_validation_split(raw, tmp_path):
+def test_downsampled_training_stops_early_on_the_whole_validation_split(raw, tmp_path, capsys):
     meta = convert_raw(raw / "raw", tmp_path / "data", keep_negatives=0.25, validation_share=SHARE,
                        validation_seed=SEED)
     val = meta.split(VALIDATION_SPLIT)
@@ -114,6 +114,7 @@ def test_downsampled_training_stops_early_on_the_whole_validation_split(raw, tmp
     finally:
         shutdown_distributed()
     assert [h["split"] for h in summary["history"]] == [VALIDATION_SPLIT] * 2
+    assert summary["selection_split"] == VALIDATION_SPLIT and "data.val_split is unset" not in capsys.readouterr().out
     assert summary["eval_split"] == "test" and 0.0 < summary["metrics"]["ctr/auc"] < 1.0
 
 
