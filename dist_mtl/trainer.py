@@ -779,9 +779,9 @@ class Trainer:
             # the model that scored best on them: say so once, with the remedy.
             split = self.cfg.data.eval_split
             header += (f"\nnote: data.val_split is unset, so early stopping and the best model are chosen on "
-                       f"'{split}', whose final figures are then the chosen model's best; hold a split out of "
-                       f"train (launch/convert.py raw --validation-share) and set data.val_split for figures "
-                       f"that did not choose the model")
+                       f"'{split}', and the final '{split}' figures are those of the model that scored best "
+                       f"there; for figures that did not choose the model, hold a split out of train "
+                       f"(launch/convert.py raw --validation-share) and set data.val_split")
         return header
 
     @staticmethod
