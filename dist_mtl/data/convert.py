@@ -725,13 +725,10 @@ class _RawConverter:
         return _staged_impressions(block, user, keep), held_batch
 
     def staged_impressions(self, split: str, batches: Iterator[pa.RecordBatch]) -> tuple[Path, int]:
-        path = self.staging / f"{split}-impressions.arrow"
-        rows = 0
-        with pa.ipc.new_file(str(path), STAGED_IMPRESSIONS_SCHEMA) as sink:
+        with _StagedSink(self.staging / f"{split}-impressions.arrow") as sink:
             for batch in batches:
-                sink.write_batch(batch)
-                rows += batch.num_rows
-        return path, rows
+                sink.write(batch)
+        return sink.path, sink.rows
 
     def read_staged(self, split: str, path: Path, total: int) -> Iterator[pa.RecordBatch]:
         # Read into memory batch by batch (not memory-mapped): a sequential pass must not stay resident.
@@ -765,7 +762,26 @@ class _StagedSink:
         self._sink.close()
 
 
-def _split_notes(stats: "_SplitStats", groups: _GroupWriter) -> dict:
+def _write_groups(writer: DatasetWriter, split: str, users: StagedUsers, id_maps: IdMaps, block_impressions: int,
+                  negative_weight: float | None, batches: Iterator[pa.RecordBatch],
+                  stats: _SplitStats) -> tuple[SplitInfo, _GroupWriter]:
+    """Writes ``batches`` (staged impressions, in order) as ``split``, in blocks of whole user groups, and
+    closes it with ``stats``' skipped counts (complete once the batches are)."""
+    split_writer = writer.split(split)
+    try:
+        groups = _GroupWriter(split_writer, users, id_maps, block_impressions, negative_weight)
+        # closing: an error here also stops the background reader of the file being parsed.
+        with closing(batches):
+            for batch in batches:
+                groups.push(batch)
+        groups.finish()
+    except BaseException:
+        split_writer.abort()  # close its part files now, not at garbage collection
+        raise
+    return split_writer.close(skipped=dict(sorted(stats.skipped.items()))), groups
+
+
+def _split_notes(stats: _SplitStats, groups: _GroupWriter, user_rows_without_impressions: int) -> dict:
     return {
         "ignored_unknown_field_features": dict(sorted(stats.unknown_fields.items())),
         "ignored_other_side_field_features": dict(sorted(stats.misplaced_fields.items())),
@@ -774,7 +790,7 @@ def _split_notes(stats: "_SplitStats", groups: _GroupWriter) -> dict:
         "ids_encoded": dict(groups.ids.encoded),
         "ids_outside_id_maps": {k: v for k, v in groups.ids.outside.items() if v},
         "user_group_reappearances": groups.reappearances,
-        "user_rows_without_impressions": groups.unreferenced_users,
+        "user_rows_without_impressions": user_rows_without_impressions,
         "skipped_examples": stats.examples,
     }
 
@@ -896,7 +912,6 @@ def convert_raw(
     staging_parent = Path(work_dir) if work_dir is not None else out_dir
     staging_parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-staging-", dir=staging_parent))
-    open_split: SplitWriter | None = None
     try:
         converter = _RawConverter(raw_dir, staging, skip_bad_rows, read_block_bytes, progress, negative_seed,
                                   validation_seed)
@@ -923,54 +938,40 @@ def convert_raw(
                     id_maps = build_id_maps(counter, min_count)
                     distinct_train_ids = {f.name: len(counter.counts(f.name)[0]) for f in ALI_CCP_FIELDS}
                     impressions = converter.read_staged(split, staged_path, staged_rows)
-                split_writer = open_split = writer.split(split)
                 assert id_maps is not None  # built on train, which goes first, or given
-                groups = _GroupWriter(split_writer, users, id_maps, block_impressions,
-                                      negative_weight=1.0 / rate if downsampled else None)
-                # closing: an error here also stops the background reader of the file being parsed.
-                with closing(impressions):
-                    for batch in impressions:
-                        groups.push(batch)
-                groups.finish()
-            infos[split] = split_writer.close(skipped=dict(sorted(stats.skipped.items())))
+                infos[split], groups = _write_groups(writer, split, users, id_maps, block_impressions,
+                                                     1.0 / rate if downsampled else None, impressions, stats)
             infos[split].negative_keep_rate = rate
-            open_split = None
             if infos[split].num_impressions == 0:
                 skipped = ", ".join(f"{k}={v:,}" for k, v in sorted(stats.skipped.items()) if v) or "none"
                 raise RawFormatError(
                     SKELETON.path(raw_dir, split), None, "file",
                     f"no impressions to write for split '{split}' (rows skipped: {skipped})",
                 )
-            split_notes[split] = _split_notes(stats, groups)
-            if rate < 1.0:
-                split_notes[split]["negative_downsampling"] = {
-                    "keep_rate": rate, "seed": negative_seed, "non_clicked_dropped": stats.negatives_dropped,
-                    "note": NEGATIVE_DOWNSAMPLING_NOTE}
+            unreferenced = groups.unreferenced_users
             if holdout:
-                val_writer = open_split = writer.split(VALIDATION_SPLIT)
-                val_groups = _GroupWriter(val_writer, users, id_maps, block_impressions,
-                                          negative_weight=1.0 if downsampled else None)
-                with closing(converter.read_staged(VALIDATION_SPLIT, held.path, held.rows)) as held_batches:
-                    for batch in held_batches:
-                        val_groups.push(batch)
-                val_groups.finish()
-                infos[VALIDATION_SPLIT] = val_writer.close(skipped={})
-                open_split = None
+                infos[VALIDATION_SPLIT], val_groups = _write_groups(
+                    writer, VALIDATION_SPLIT, users, id_maps, block_impressions, 1.0 if downsampled else None,
+                    converter.read_staged(VALIDATION_SPLIT, held.path, held.rows), _SplitStats.empty())
                 if infos[VALIDATION_SPLIT].num_impressions == 0:
                     raise ConvertError(
                         f"validation_share {validation_share} held out no impression of the train split's "
                         f"{len(users.index):,} user rows ({int(users.held_out.sum()):,} held out): raise the share")
                 # A user row the other split stores is not "without impressions": only those neither holds.
-                neither = len(users.index) - int(np.count_nonzero(groups.used | val_groups.used))
-                split_notes[split]["user_rows_without_impressions"] = neither
-                split_notes[VALIDATION_SPLIT] = _split_notes(_SplitStats.empty(), val_groups)
-                split_notes[VALIDATION_SPLIT]["user_rows_without_impressions"] = neither
+                unreferenced = len(users.index) - int(np.count_nonzero(groups.used | val_groups.used))
                 held_out = {"share": validation_share, "seed": validation_seed,
                             "user_rows": int(np.count_nonzero(val_groups.used)),
                             "impressions": infos[VALIDATION_SPLIT].num_impressions, "note": HOLDOUT_NOTE}
-                split_notes[split]["validation_holdout"] = {"split": VALIDATION_SPLIT, **held_out}
-                split_notes[VALIDATION_SPLIT]["held_out_of"] = {"split": split, **held_out}
+                split_notes[VALIDATION_SPLIT] = {**_split_notes(_SplitStats.empty(), val_groups, unreferenced),
+                                                 "held_out_of": {"split": split, **held_out}}
                 held.path.unlink()
+            split_notes[split] = _split_notes(stats, groups, unreferenced)
+            if rate < 1.0:
+                split_notes[split]["negative_downsampling"] = {
+                    "keep_rate": rate, "seed": negative_seed, "non_clicked_dropped": stats.negatives_dropped,
+                    "note": NEGATIVE_DOWNSAMPLING_NOTE}
+            if holdout:
+                split_notes[split]["validation_holdout"] = {"split": VALIDATION_SPLIT, **held_out}
             for staged in staging.glob(f"{split}-*"):
                 staged.unlink()
         assert id_maps is not None
@@ -989,6 +990,4 @@ def convert_raw(
             id_maps=id_maps.write(out_dir),
         )
     finally:
-        if open_split is not None:  # an error mid-split: close its part files now, not at garbage collection
-            open_split.abort()
         shutil.rmtree(staging, ignore_errors=True)
