@@ -181,10 +181,11 @@ class Trainer:
         # first epoch rather than after it.
         # Only the evaluation reads user_row (the group AUC's groups); training batches stay as they were.
         group_column = USER_ROW_COLUMN if cfg.train.group_auc else None
+        # The split that evaluations during training read: early stopping's and the best model's.
+        self.selection_split = cfg.data.val_split or cfg.data.eval_split
         self.eval_readers = {split: self._reader(split, cfg.data.eval_batch_size, shuffle=False,
                                                  group_column=group_column)
-                             for split in dict.fromkeys((cfg.data.val_split or cfg.data.eval_split,
-                                                         cfg.data.eval_split))}
+                             for split in dict.fromkeys((self.selection_split, cfg.data.eval_split))}
         self.metrics = TaskMetrics(cfg.tasks, device=self.ctx.device, group_column=group_column)
         self.logger = MetricsLogger(self.run_dir / "tensorboard", self.ctx.rank)
         self.profiler = StepProfiler(cfg.profile, self.run_dir / "profile", self.ctx.rank, self.ctx.device)
@@ -394,7 +395,7 @@ class Trainer:
             "eval_seconds": self.eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "eval_split": cfg.data.eval_split,
-            "selection_split": cfg.data.val_split or cfg.data.eval_split,  # early stopping's and the best model's
+            "selection_split": self.selection_split,
             "metrics": final,
             "history": self.history,
             "profile": self.profiler.report,
@@ -568,7 +569,7 @@ class Trainer:
     def _evaluate_and_track(self, epoch: int) -> bool:
         """Evaluate on the validation split, keep the best model; True when early stopping says stop."""
         best_value, best_step, bad_evals = self.best
-        split = self.cfg.data.val_split or self.cfg.data.eval_split
+        split = self.selection_split
         metrics = self.evaluate(split)
         self.history.append({"step": self.global_step, "epoch": epoch, "split": split, **metrics})
         self.logger.log(metrics, self.global_step, prefix=f"eval/{split}/")
