@@ -105,20 +105,19 @@ def summary(meta: DatasetMetadata, out_dir: str, seconds: float) -> str:
             f"{s.num_buys:,} buys, {s.num_blocks} blocks"
         )
         lines.append(f"    skipped: {_counts(s.skipped) or 'none'}")
+        notes = meta.notes.get("splits", {}).get(name, {}) if isinstance(meta.notes, dict) else {}
         if s.negative_keep_rate < 1.0:
-            dropped = (meta.notes.get("splits", {}).get(name, {}).get("negative_downsampling", {})
-                       if isinstance(meta.notes, dict) else {}).get("non_clicked_dropped", 0)
+            dropped = notes.get("negative_downsampling", {}).get("non_clicked_dropped", 0)
             lines.append(f"    non-clicked impressions kept: a share {s.negative_keep_rate:g} ({dropped:,} dropped), "
                          f"each weighted {1 / s.negative_keep_rate:g} in sample_weight")
-        # Features dropped inside kept rows (recorded in metadata.json's notes): shown so that a field
-        # lost to, say, a changed field id is seen at once.
-        notes = meta.notes.get("splits", {}).get(name, {}) if isinstance(meta.notes, dict) else {}
         held = notes.get("validation_holdout") or notes.get("held_out_of")
         if held:
             other = held["split"]
             lines.append(f"    {'held out as' if 'validation_holdout' in notes else 'held out of'} '{other}': "
                          f"{held['user_rows']:,} user rows with {held['impressions']:,} impressions (a share "
                          f"{held['share']:g} of the user rows, seed {held['seed']})")
+        # Features dropped inside kept rows (recorded in metadata.json's notes): shown so that a field
+        # lost to, say, a changed field id is seen at once.
         for key, label in _DROPPED_FEATURE_NOTES:
             dropped = _counts(notes.get(key) or {})
             if dropped:
